@@ -1,0 +1,109 @@
+"""``atlas-shards``: thin commands over the API functions.
+
+Heavy imports live inside the commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+def _numbers(kind: type, text: str | None) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(kind(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@click.group()
+def main() -> None:
+    """Stroke-lesion data: phantom releases, Zarr ingestion, EDA."""
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layout", type=click.Choice(["r1.1", "r1.2", "r2.0", "native"]), default="r2.0", show_default=True)
+@click.option("--subjects", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mismatched-masks", type=click.IntRange(min=0), default=0, help="Scans whose mask grid differs from the T1.")
+@click.option("--truncated", type=click.IntRange(min=0), default=0, help="Scans whose T1 file is cut short.")
+@click.option("--empty-masks", type=click.IntRange(min=0), default=0, help="Scans whose lesion masks are all zero.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+def synth(out_dir, layout, subjects, seed, mismatched_masks, truncated, empty_masks, workers) -> None:
+    """Write a phantom ATLAS release (from the MNI152 template) to OUT_DIR."""
+    from atlas_shards.synth import TRUTH_FILE, synthesize_release
+
+    try:
+        truth = synthesize_release(
+            out_dir, layout, subjects, seed=seed, mismatched_masks=mismatched_masks,
+            truncated=truncated, empty_masks=empty_masks, workers=workers,
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {len(truth['scans'])} {layout} phantom scans under {out_dir} (truth: {out_dir}/{TRUTH_FILE})")
+
+
+@main.command()
+@click.argument("release_dir", type=click.Path())
+@click.argument("store", type=click.Path())
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--split", "split_counts", metavar="TRAIN,VAL,TEST", help="Exact subject counts, e.g. 100,25,25.")
+@click.option("--split-fractions", metavar="TRAIN,VAL,TEST", help="Subject fractions, e.g. 0.67,0.17,0.16.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subject split.")
+@click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True,
+              help="Which scans to take when a release holds both standard-space and native scans.")
+def ingest(release_dir, store, workers, split_counts, split_fractions, seed, space) -> None:
+    """Validate an ATLAS release and write it as a canonical Zarr STORE."""
+    from atlas_shards.discover import DiscoveryError
+    from atlas_shards.ingest import IngestError, ingest as run_ingest
+    from atlas_shards.split import SplitError
+    from atlas_shards.store import StoreError
+
+    if split_counts and split_fractions:
+        raise click.UsageError("give --split or --split-fractions, not both")
+    try:
+        s = run_ingest(
+            release_dir, store, workers=workers, split_counts=_numbers(int, split_counts),
+            split_fractions=_numbers(float, split_fractions), seed=seed, space=space,
+        )
+    except (DiscoveryError, IngestError, StoreError, SplitError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{s.layout} release: {s.found} scans found, {s.ingested} ingested ({s.repaired} repaired, "
+        f"{s.resumed} already in the store, {s.unlabelled} unlabelled), {s.excluded} excluded"
+    )
+    for scan_id, reason in s.excluded_reasons:
+        click.echo(f"  excluded {scan_id}: {reason}")
+    for note in s.notes:
+        click.echo(f"  {note}")
+    click.echo("split (subjects): " + ", ".join(f"{k} {len(v)}" for k, v in s.split.items() if v))
+    click.echo(f"store: {s.store}  report: {s.store / 'ingest-report.csv'}")
+    if s.ingested == 0:
+        raise click.ClickException(f"no scan of {release_dir} could be ingested; see {s.store / 'ingest-report.csv'}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def eda(store, out_dir) -> None:
+    """Exploratory figures and eda.json from an ingested STORE."""
+    from atlas_shards.eda import run_eda
+    from atlas_shards.store import StoreError
+
+    try:
+        summary = run_eda(store, out_dir)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{summary['n_scans']} labelled scans, lesion voxel fraction {summary['lesion_voxel_fraction']:.4%} "
+        f"of all voxels ({summary['lesion_brain_fraction']:.3%} of brain)"
+    )
+    for name in summary["figures"]:
+        click.echo(f"  {out_dir}/{name}")
+    click.echo(f"  {out_dir}/eda.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Atomic file output: a reader never sees a partial file under a final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place on success.
+
+    The temporary file lives in the same directory so the rename is atomic on
+    POSIX. On any exception the temporary file is removed and ``final`` is left
+    exactly as it was.
+
+    Args:
+        final: the path the complete file should end up at.
+        suffix: extension for the temporary name, for writers that infer the
+            format from it (matplotlib's ``savefig``, nibabel's ``save``).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{suffix}", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # mkstemp creates 0600; shards and reports are meant to be shared/served.
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``final`` atomically."""
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(final: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``final`` atomically."""
+    atomic_write_bytes(final, text.encode("utf-8"))
