@@ -1,0 +1,68 @@
+"""The atlas-shards commands end to end through click: synth -> ingest -> eda."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from atlas_shards.cli import main
+
+
+@pytest.mark.parametrize("cmd", ["synth", "ingest", "eda"])
+def test_help(cmd):
+    result = CliRunner().invoke(main, [cmd, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_help_is_instant_no_heavy_imports():
+    code = "import sys; from atlas_shards.cli import main; print(any(m in sys.modules for m in ('zarr','nilearn','scipy','matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.slow
+def test_synth_ingest_eda(tmp_path):
+    runner = CliRunner()
+    release, store, figs = tmp_path / "rel", tmp_path / "store.zarr", tmp_path / "eda"
+    r = runner.invoke(main, ["synth", str(release), "--layout", "r1.2", "--subjects", "4", "--seed", "2",
+                             "--truncated", "1", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["ingest", str(release), str(store), "--split-fractions", "0.5,0.25,0.25"])
+    assert r.exit_code == 0, r.output
+    assert "r1.2 release: 5 scans found, 4 ingested" in r.output and "unreadable or truncated" in r.output
+    r = runner.invoke(main, ["eda", str(store), str(figs)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((figs / "eda.json").read_text())
+    assert summary["n_scans"] == 4 and 0 < summary["lesion_voxel_fraction"] < 0.1
+    assert set(summary["per_split"]) == {"train", "val", "test"}
+    for name in summary["figures"]:
+        assert (figs / name).stat().st_size > 1000
+    assert len(summary["figures"]) == 4
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    r = runner.invoke(main, ["ingest", str(tmp_path / "empty"), str(tmp_path / "s.zarr")])
+    assert r.exit_code != 0 and "no NIfTI scans found" in r.output
+    r = runner.invoke(main, ["ingest", str(tmp_path / "nope"), str(tmp_path / "s.zarr")])
+    assert r.exit_code != 0 and "not a directory" in r.output
+    r = runner.invoke(main, ["ingest", str(tmp_path), str(tmp_path / "s.zarr"), "--split", "1,2", "--split-fractions", "1,1,1"])
+    assert r.exit_code != 0 and "not both" in r.output
+    r = runner.invoke(main, ["eda", str(tmp_path / "empty"), str(tmp_path / "out")])
+    assert r.exit_code != 0 and "not a Zarr store" in r.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_ingest_with_nothing_usable_fails(tmp_path):
+    scan = tmp_path / "rel" / "scan1"
+    scan.mkdir(parents=True)
+    (scan / "scan1_t1w.nii.gz").write_bytes(b"garbage")
+    (scan / "scan1_LesionSmooth.nii.gz").write_bytes(b"garbage")
+    r = CliRunner().invoke(main, ["ingest", str(tmp_path / "rel"), str(tmp_path / "s.zarr")])
+    assert r.exit_code != 0 and "no scan" in r.output and "could be ingested" in r.output
+    assert "unreadable or truncated" in (tmp_path / "s.zarr" / "ingest-report.csv").read_text()
