@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo-out
 WORKERS ?= 2
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +34,6 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+bench: $(STAMP)
+	$(PY) bench/bench_synth_ingest.py --subjects 8 --workers $(WORKERS)

@@ -44,6 +44,8 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
         StoreError: the path exists but is not one of our stores.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: exists and is not a directory (not a Zarr store)")
     if mode == "r" or (path.exists() and any(path.iterdir())):
         if not (path / "zarr.json").is_file():
             raise StoreError(f"{path}: not a Zarr store (no zarr.json)")
@@ -54,8 +56,10 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
         fmt = group.attrs.get("format")
         if fmt is not None and fmt != FORMAT:
             raise StoreError(f"{path}: store format {fmt!r}, expected {FORMAT!r}")
-        if mode == "r" and fmt is None:
+        if fmt is None and (mode == "r" or any(True for _ in group.keys())):
             raise StoreError(f"{path}: Zarr group without the {FORMAT} attributes (not an ingested store)")
+        if fmt is None:
+            group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
         return group
     group = zarr.open_group(path, mode="a")
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})

@@ -190,3 +190,13 @@ def test_store_of_another_release_is_refused(r11, tmp_path):
     with pytest.raises(IngestError, match="store was built from"):
         ingest(tmp_path, store_path, progress=False)
     assert (store_path / "ingest-report.csv").read_bytes() == before
+
+
+def test_foreign_zarr_and_files_are_not_stores(tmp_path):
+    foreign = zarr.open_group(tmp_path / "foreign.zarr", mode="w")
+    foreign.create_array("x", shape=(2,), dtype="uint8")
+    with pytest.raises(StoreError, match="not an ingested store"):
+        store.open_store(tmp_path / "foreign.zarr", mode="a")
+    (tmp_path / "file.zarr").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        store.open_store(tmp_path / "file.zarr", mode="a")
