@@ -222,18 +222,22 @@ def render_subject(
     return image.astype(np.float32), warped
 
 
-def _deformation(rng: np.random.Generator, anatomy: Anatomy) -> np.ndarray:
-    """Sampling coordinates (3, I, J, K): affine jitter about the brain centre
-    plus a smooth displacement drawn independently for each hemisphere."""
-    shape = anatomy.shape
-    angles = np.deg2rad(rng.uniform(-3, 3, size=3))
+def rotation(angles: np.ndarray) -> np.ndarray:
+    """3x3 rotation about x, then y, then z (radians)."""
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
-    rot = (
+    return (
         np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
         @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
         @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
     )
+
+
+def _deformation(rng: np.random.Generator, anatomy: Anatomy) -> np.ndarray:
+    """Sampling coordinates (3, I, J, K): affine jitter about the brain centre
+    plus a smooth displacement drawn independently for each hemisphere."""
+    shape = anatomy.shape
+    rot = rotation(np.deg2rad(rng.uniform(-3, 3, size=3)))
     mat = (rot * rng.uniform(0.96, 1.04, size=3)).astype(np.float32)
     centre = np.array(shape, dtype=np.float32) / 2
     shift = rng.uniform(-2.5, 2.5, size=3).astype(np.float32)
@@ -278,14 +282,7 @@ def to_native(
     and facts for the truth file (axis codes, where the midline lands).
     """
     shape, voxel, codes = NATIVE_PROTOCOLS[protocol]
-    angles = np.deg2rad(rng.uniform([-6, -2, -3], [6, 2, 3]))  # pitch, roll, yaw
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rot = (
-        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    )
+    rot = rotation(np.deg2rad(rng.uniform([-6, -2, -3], [6, 2, 3])))  # pitch, roll, yaw
     offset = rng.uniform([-20, 0, -40], [20, 40, 10])  # scanner origin is not the AC
     dirs = np.array([_AXIS_DIRECTIONS[c] for c in codes], dtype=float).T  # columns
     native = np.eye(4)
