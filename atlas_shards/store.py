@@ -58,10 +58,10 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
             raise StoreError(f"{path}: store format {fmt!r}, expected {FORMAT!r}")
         if fmt is None and (mode == "r" or any(True for _ in group.keys())):
             raise StoreError(f"{path}: Zarr group without the {FORMAT} attributes (not an ingested store)")
-        if fmt is None:
-            group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
-        return group
-    group = zarr.open_group(path, mode="a")
+        if fmt is not None:
+            return group
+    else:
+        group = zarr.open_group(path, mode="a")
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
     return group
 
