@@ -19,7 +19,7 @@ def _numbers(kind: type, text: str | None) -> tuple | None:
 
 @click.group()
 def main() -> None:
-    """Stroke-lesion data: phantom releases, Zarr ingestion, EDA."""
+    """Stroke-lesion data: phantom releases, Zarr ingestion, EDA, patch-pair shards."""
 
 
 @main.command()
@@ -103,6 +103,70 @@ def eda(store, out_dir) -> None:
     for name in summary["figures"]:
         click.echo(f"  {out_dir}/{name}")
     click.echo(f"  {out_dir}/eda.json")
+
+
+@main.command()
+@click.argument("store", type=click.Path())
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
+@click.option("--patch", type=int, default=25, show_default=True, help="Cube edge in voxels (odd).")
+@click.option("--target-lesion-fraction", type=float, default=None,
+              help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]")
+@click.option("--background-rate", type=float, default=None, help="Explicit background sampling rate (paper: 0.01).")
+@click.option("--lesion-rate", type=float, default=1.0, show_default=True, help="Share of lesion voxels sampled.")
+@click.option("--natural", "natural_rate", type=float, default=None, metavar="RATE",
+              help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).")
+@click.option("--norm", type=click.Choice(["histeq", "zscore"]), default="histeq", show_default=True)
+@click.option("--samples-per-record", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--shard-size-mb", type=float, default=128.0, show_default=True)
+@click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, disk) and stop.")
+def build(store, out_dir, split, patch, target_lesion_fraction, background_rate, lesion_rate, natural_rate, norm,
+          samples_per_record, shard_size_mb, num_shards, workers, seed, dry_run) -> None:
+    """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
+    from atlas_shards.build import BuildConfig, BuildError, build as run_build
+    from shards.manifest import ManifestError, summarise
+
+    if natural_rate is not None and (target_lesion_fraction is not None or background_rate is not None):
+        raise click.UsageError("--natural samples without balancing: do not combine it with the balancing rates")
+    if target_lesion_fraction is not None and background_rate is not None:
+        raise click.UsageError("give --target-lesion-fraction or --background-rate, not both")
+    if target_lesion_fraction is None and background_rate is None:
+        target_lesion_fraction = 0.437
+    config = BuildConfig(
+        split=split, patch=patch, mode="natural" if natural_rate is not None else "balanced",
+        target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
+        lesion_rate=lesion_rate, background_rate=background_rate, natural_rate=natural_rate, norm=norm,
+        samples_per_record=samples_per_record, shard_size_mb=shard_size_mb, num_shards=num_shards, seed=seed,
+    )
+    try:
+        result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)
+    except (BuildError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not dry_run:
+        click.echo(summarise(result, out_dir))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--verify", is_flag=True, help="Re-read every shard: sizes, sha256, record/sample/lesion counts.")
+def inspect(out_dir, verify) -> None:
+    """Print the manifest of a shard directory (and check it with --verify)."""
+    from shards.manifest import ManifestError, read_manifest, summarise, verify as run_verify
+
+    try:
+        click.echo(summarise(read_manifest(out_dir), out_dir))
+        if verify:
+            problems = run_verify(out_dir)
+            for problem in problems:
+                click.echo(f"  PROBLEM {problem}")
+            if problems:
+                raise click.ClickException(f"{out_dir}: {len(problems)} problem(s) found")
+            click.echo("verify: every shard matches the manifest (size, sha256, records, samples, lesion samples)")
+    except ManifestError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

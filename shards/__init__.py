@@ -1,8 +1,15 @@
 """The shard contract shared by the sharder, the trainer and the evaluator.
 
-For now it holds the file-writing discipline every stage follows (write to a
-temporary name, rename into place); the sample schema and the streaming reader
-join it with the shard builder.
+- ``shards.schema``: record keys, dtypes, shapes and schema version;
+- ``shards.norm`` and ``shards.patches``: the normalisation and pair cutting
+  that the build and the evaluator both use;
+- ``shards.manifest``: ``manifest.json`` read/write/verify;
+- ``shards.sources`` and ``shards.reader``: the streaming reader;
+- ``shards.views``: model-specific views of a batch;
+- ``shards.atomic``: output written to a temporary name, renamed into place.
+
+This package imports none of ``atlas_shards``, ``trainer`` or ``evaluate``.
+Heavy modules (the reader needs torch) are imported from their submodules.
 """
 
 from shards.atomic import atomic_path, atomic_write_bytes, atomic_write_text

@@ -35,3 +35,46 @@ def native(tmp_path_factory):
 def r20(tmp_path_factory):
     """ATLAS v2.0 phantom (Training, Testing, macOS debris, metadata CSV), ingested in one process."""
     return _ingested(tmp_path_factory, "r2.0", 5, workers=1)
+
+
+def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool = False, seed: int = 0,
+                     split: dict | None = None):
+    """A small store written through the store API: ellipsoid brains, one-sided lesions.
+
+    The mirror plane is the centre of the first axis (mirror_index (X-1)/2). With
+    ``symmetric`` every T1 is exactly left-right symmetric about it.
+    """
+    import numpy as np
+
+    from atlas_shards import store
+
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    r = ((grid - centre[:, None, None, None]) / (np.array(shape)[:, None, None, None] * 0.42)) ** 2
+    brain = (r.sum(0) <= 1).astype(np.uint8)
+    root = store.open_store(path, "a")
+    scans = {}
+    for i in range(n_scans):
+        t1 = rng.normal(100, 20, shape).astype(np.float32) + 50 * brain
+        if symmetric:
+            t1 = (t1 + t1[::-1]) / 2
+        lesion = np.zeros(shape, np.uint8)
+        cx = int(centre[0] + 4 + i % 3)
+        lesion[cx - 2 : cx + 2 + i % 2, 10:15, 9:13] = 1
+        lesion &= brain
+        scan_id = f"sub-{i:03d}_ses-1"
+        scans[scan_id] = f"sub-{i:03d}"
+        attrs = {"scan_id": scan_id, "mirror_index": float(centre[0]), "lesion_voxels": int(lesion.sum()),
+                 "brain_voxels": int(brain.sum()), "labelled": True, "complete": True}
+        store.write_scan(path, scan_id, {"t1": t1, "lesion": lesion, "brain": brain}, attrs)
+    subjects = sorted(scans.values())
+    split = split or {"train": subjects[: n_scans - 2], "val": subjects[n_scans - 2 : n_scans - 1],
+                      "test": subjects[n_scans - 1 :], "unassigned": []}
+    root.attrs.update({"scans": scans, "subjects": subjects, "split": split, "layout": "tiny", "space": ["mni"]})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    return write_tiny_store(tmp_path_factory.mktemp("tiny") / "store.zarr")

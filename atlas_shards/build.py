@@ -1,0 +1,418 @@
+"""``atlas-shards build``: a store split -> balanced patch-pair WebDataset shards.
+
+Three passes, each resumable, memory bounded by one scan or one shard:
+
+1. *plan* (parent): count lesion and background voxels of every scan of the
+   split, derive the sampling rates and each scan's exact sample counts, the
+   number of shards, and where each scan's samples go. Sample j of a scan
+   (after a seeded shuffle) goes to shard (offset + j) mod S, where offset is
+   the number of samples of the scans before it: every scan is spread over
+   every shard and shard sizes differ by at most one.
+2. *spill* (parallel over scans): normalise the volume, cut the pairs, and
+   write them to ``OUT/.build/spill/`` grouped by destination shard.
+3. *shard* (parallel over shards): gather the shard's slice of every scan's
+   spill, shuffle it (seeded per shard), write records of K samples to a tar
+   under a temporary name and rename it.
+
+The same store, configuration and seed give byte-identical shards and
+manifest, whatever the number of workers and however often the build was
+interrupted. ``manifest.json`` is written last; ``.build/`` is then removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import zlib
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from atlas_shards import store as zstore
+from shards import atomic_write_text
+from shards.manifest import read_manifest, write_manifest
+from shards.norm import METHODS, dequantisation, normalise
+from shards.patches import PairCutter
+from shards.schema import MANIFEST, PATCH, SCHEMA, SCHEMA_VERSION, X_DTYPE, bytes_per_sample, encode_record, record_key
+from shards.tario import write_shard
+
+BUILD_DIR = ".build"
+SPLITS = ("train", "val", "test")
+CHUNK = 2048  # samples cut and written at a time (64 MB at P=25)
+
+
+class BuildError(Exception):
+    """The build cannot start or finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to sample and how to store it. ``mode`` is ``balanced`` or ``natural``."""
+
+    split: str = "train"
+    patch: int = PATCH
+    mode: str = "balanced"
+    target_lesion_fraction: float | None = 0.437
+    lesion_rate: float = 1.0
+    background_rate: float | None = None
+    natural_rate: float | None = None
+    norm: str = "histeq"
+    samples_per_record: int = 256
+    shard_size_mb: float = 128.0
+    num_shards: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.split not in SPLITS:
+            raise BuildError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.patch < 1 or self.patch % 2 == 0:
+            raise BuildError(f"--patch must be a positive odd number, got {self.patch}")
+        if self.norm not in METHODS:
+            raise BuildError(f"--norm must be one of {', '.join(METHODS)}")
+        if self.mode == "natural":
+            if not self.natural_rate or not 0 < self.natural_rate <= 1:
+                raise BuildError(f"--natural RATE must be in (0, 1], got {self.natural_rate}")
+        elif self.mode == "balanced":
+            if (self.target_lesion_fraction is None) == (self.background_rate is None):
+                raise BuildError("give either a target lesion fraction or a background rate, not both")
+            if self.target_lesion_fraction is not None and not 0 < self.target_lesion_fraction < 1:
+                raise BuildError(f"--target-lesion-fraction must be in (0, 1), got {self.target_lesion_fraction}")
+            for name in ("lesion_rate", "background_rate"):
+                rate = getattr(self, name)
+                if rate is not None and not 0 <= rate <= 1:
+                    raise BuildError(f"--{name.replace('_', '-')} must be in [0, 1], got {rate}")
+        else:
+            raise BuildError(f"unknown mode {self.mode!r}")
+        if self.samples_per_record < 1 or self.shard_size_mb <= 0 or (self.num_shards is not None and self.num_shards < 1):
+            raise BuildError("--samples-per-record, --shard-size-mb and --num-shards must be positive")
+
+
+def build(
+    store_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: BuildConfig,
+    workers: int = 1,
+    progress: bool = True,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build the shards of ``config.split`` from the store into ``out_dir``; return the manifest.
+
+    With ``dry_run`` only the plan is computed and returned (nothing written).
+    """
+    config.check()
+    store_path, out_dir = Path(store_path).resolve(), Path(out_dir).resolve()
+    if out_dir == store_path or store_path in out_dir.parents:
+        raise BuildError(f"{out_dir}: the shard directory must not be inside the store {store_path}")
+    try:
+        root = zstore.open_store(store_path, "r")
+    except zstore.StoreError as exc:
+        raise BuildError(str(exc)) from None
+    scans = _split_scans(root, config.split, store_path)
+    counts = _map(_count_scan, [(str(store_path), s) for s in scans], workers)
+    plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans})
+    log(_describe_plan(plan, config, out_dir))
+    if dry_run:
+        return plan
+    done = _existing(out_dir, plan)
+    if done is not None:
+        log(f"{out_dir}: already built with this configuration; nothing to do")
+        shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)  # killed after the manifest landed
+        return done
+    work = out_dir / BUILD_DIR
+    _prepare(out_dir, work, plan)
+    spill = work / "spill"
+    todo = [i for i, s in enumerate(plan["scans"]) if not (spill / f"{i:06d}.done").exists()]
+    jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
+    total = sum(plan["scans"][i]["samples"] for i in todo)
+    _run(_spill_scan, jobs, workers, progress, "cut pairs", total, unit="sample", weight=lambda r: r["samples"])
+    shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(plan["num_shards"])]
+    shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
+    _run(_write_one_shard, shard_jobs, workers, progress, "write shards", len(shard_jobs), unit="shard")
+    shards = [json.loads((work / "shards" / f"{k:06d}.json").read_text()) for k in range(plan["num_shards"])]
+    spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
+    manifest = _manifest(plan, config, shards, spilled, store_path, root)
+    write_manifest(out_dir, manifest)
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _split_scans(root, split: str, store_path: Path) -> list[str]:
+    subjects = set(root.attrs.get("split", {}).get(split, []))
+    scans = sorted(s for s, subj in root.attrs.get("scans", {}).items() if subj in subjects)
+    if not scans:
+        raise BuildError(f"{store_path}: split {split!r} has no labelled scans")
+    missing = [s for s in scans if s not in root]
+    if missing:
+        raise BuildError(f"{store_path}: scans listed in the split are missing from the store: {', '.join(missing[:5])}")
+    return scans
+
+
+def _count_scan(args: tuple[str, str]) -> dict:
+    """Worker: lesion, background (brain, not lesion) and candidate voxel counts of one scan."""
+    store_path, scan_id = args
+    data = zstore.read_scan(zstore.open_store(store_path, "r"), scan_id, ("lesion", "brain"))
+    lesion, brain = data["lesion"] > 0, data["brain"] > 0
+    n_lesion = int(lesion.sum())
+    return {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
+
+
+def make_plan(config: BuildConfig, scans: list[str], counts: list[dict], subjects: dict[str, str]) -> dict:
+    """Sampling rates, per-scan sample counts, shard count and offsets (pure, deterministic)."""
+    notes = []
+    lesion_rate, background_rate = config.lesion_rate, config.background_rate
+    if config.mode == "natural":
+        lesion_rate = background_rate = config.natural_rate
+    elif config.target_lesion_fraction is not None:
+        f = config.target_lesion_fraction
+        total_l = sum(c["lesion"] for c in counts)
+        total_b = sum(c["background"] for c in counts)
+        background_rate = lesion_rate * total_l * (1 - f) / (f * total_b) if total_b else 0.0
+        if background_rate > 1:
+            notes.append(
+                f"target lesion fraction {f} is not reachable: there are too few background voxels; "
+                "keeping every background voxel"
+            )
+            background_rate = 1.0
+    entries, offset = [], 0
+    for scan_id, c in zip(scans, counts):
+        if config.mode == "natural":
+            n_les, n_bg, n = 0, 0, int(round(config.natural_rate * c["natural"]))
+        else:
+            n_les, n_bg = int(round(lesion_rate * c["lesion"])), int(round(background_rate * c["background"]))
+            n = n_les + n_bg
+        entries.append(
+            {
+                "scan_id": scan_id,
+                "subject_id": subjects[scan_id],
+                "lesion_voxels": c["lesion"],
+                "background_voxels": c["background"],
+                "candidate_voxels": c["natural"] if config.mode == "natural" else c["lesion"] + c["background"],
+                "samples": n,
+                "lesion_draws": n_les,
+                "background_draws": n_bg,
+                "offset": offset,
+            }
+        )
+        offset += n
+    if offset == 0:
+        raise BuildError("the sampling rates select no voxels at all; raise the rates")
+    per_sample = bytes_per_sample(config.patch)
+    num_shards = config.num_shards or max(1, math.ceil(offset * per_sample / (config.shard_size_mb * 2**20)))
+    num_shards = min(num_shards, offset)
+    plan = {
+        "scans": entries,
+        "samples": offset,
+        "num_shards": num_shards,
+        "lesion_rate": lesion_rate,
+        "background_rate": background_rate,
+        "notes": notes,
+    }
+    key = json.dumps({"config": asdict(config), "plan": plan}, sort_keys=True)
+    plan["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return plan
+
+
+def _describe_plan(plan: dict, config: BuildConfig, out_dir: Path) -> str:
+    lines = [
+        f"build {config.split} ({config.mode}, norm {config.norm}, seed {config.seed}) -> {out_dir}",
+        f"  {len(plan['scans'])} scans; lesion rate {plan['lesion_rate']:.4g}, background rate {plan['background_rate']:.4g}",
+        f"  {plan['samples']} samples in {plan['num_shards']} shards, about "
+        f"{plan['samples'] * bytes_per_sample(config.patch) / 2**30:.2f} GiB (and as much again while building)",
+    ]
+    if config.mode == "balanced":
+        les = sum(s["lesion_draws"] for s in plan["scans"])
+        lines.append(f"  expected lesion fraction {les / plan['samples']:.4f}")
+    return "\n".join(lines + [f"  note: {n}" for n in plan["notes"]])
+
+
+def _existing(out_dir: Path, plan: dict) -> dict | None:
+    """The manifest of a finished identical build, None if none; refuse a different one."""
+    if not (out_dir / MANIFEST).exists():
+        return None
+    manifest = read_manifest(out_dir)
+    if manifest.get("plan_id") != plan["plan_id"]:
+        raise BuildError(
+            f"{out_dir}: already holds shards of another build (split {manifest['config'].get('split')!r}, "
+            f"plan {manifest.get('plan_id')}); build into an empty directory or remove it"
+        )
+    return manifest
+
+
+def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
+    """Start or resume ``.build``; a different plan's leftovers are discarded."""
+    plan_file = work / "plan.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()).get("plan_id") != plan["plan_id"]:
+        shutil.rmtree(work)
+    if not plan_file.exists():
+        for stale in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            stale.unlink()  # shards of an unfinished build (no manifest): never a finished one
+        (work / "spill").mkdir(parents=True, exist_ok=True)
+        (work / "shards").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))
+
+
+def _map(fn, jobs: list, workers: int) -> list:
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, jobs))
+    return [fn(j) for j in jobs]
+
+
+def _run(fn, jobs: list, workers: int, progress: bool, desc: str, total: int, unit: str, weight=lambda r: 1) -> None:
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                for result in pool.map(fn, jobs):
+                    bar.update(weight(result))
+        else:
+            for job in jobs:
+                bar.update(weight(fn(job)))
+
+
+def _spill_scan(args: tuple) -> dict:
+    """Worker: sample one scan, cut its pairs, write them grouped by shard; returns its counts."""
+    store_path, spill, index, entry, num_shards, cfg = args
+    config = BuildConfig(**cfg)
+    scan_id, n = entry["scan_id"], entry["samples"]
+    root = zstore.open_store(store_path, "r")
+    data = zstore.read_scan(root, scan_id)
+    mirror = float(root[scan_id].attrs["mirror_index"])
+    lesion, brain = data["lesion"] > 0, data["brain"] > 0
+    rng = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode())])
+    if config.mode == "natural":
+        chosen = rng.choice(np.flatnonzero(brain | lesion), n, replace=False)
+    else:
+        chosen = np.concatenate(
+            [
+                rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False),
+                rng.choice(np.flatnonzero(brain & ~lesion), entry["background_draws"], replace=False),
+            ]
+        )
+    chosen = chosen[rng.permutation(n)]
+    shard_of = (entry["offset"] + np.arange(n)) % num_shards
+    order = np.argsort(shard_of, kind="stable")
+    chosen = chosen[order]
+    labels = lesion.ravel()[chosen].astype(np.uint8)
+    locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(np.int16)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(shard_of, minlength=num_shards))])
+    del lesion, brain
+    cutter = PairCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch)
+    p = config.patch
+    base = Path(spill) / f"{index:06d}"
+    # x goes straight to disk chunk by chunk: a scan's samples can be GBs.
+    x_path = Path(f"{base}.x.npy")
+    with open(x_path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (n, 2, p, p, p)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, n, CHUNK):
+            f.write(cutter(locs[start : start + CHUNK]).tobytes())
+    np.save(f"{base}.y.npy", labels)
+    np.save(f"{base}.loc.npy", locs)
+    np.save(f"{base}.offsets.npy", offsets)
+    done = {"samples": int(n), "lesion_samples": int(labels.sum())}
+    atomic_write_text(f"{base}.done", json.dumps(done))  # last: the scan's spill is whole
+    return done
+
+
+def _write_one_shard(args: tuple) -> None:
+    """Worker: gather shard k from every scan's spill, shuffle, write the tar, record its counts."""
+    out_dir, k, plan, cfg = args
+    config = BuildConfig(**cfg)
+    work = Path(out_dir) / BUILD_DIR
+    xs, ys, locs, scan_index = [], [], [], []
+    for i in range(len(plan["scans"])):
+        base = work / "spill" / f"{i:06d}"
+        a, b = (int(v) for v in np.load(f"{base}.offsets.npy")[k : k + 2])
+        if b == a:
+            continue
+        xs.append(np.array(np.load(f"{base}.x.npy", mmap_mode="r")[a:b]))
+        ys.append(np.array(np.load(f"{base}.y.npy", mmap_mode="r")[a:b]))
+        locs.append(np.array(np.load(f"{base}.loc.npy", mmap_mode="r")[a:b]))
+        scan_index.append(np.full(b - a, i, dtype=np.int32))
+    x, y, loc, sidx = (np.concatenate(v) for v in (xs, ys, locs, scan_index))
+    del xs
+    perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(y))
+    names = [s["scan_id"] for s in plan["scans"]]
+    size = config.samples_per_record
+
+    def records() -> Iterable[tuple[str, dict[str, bytes]]]:
+        for r, start in enumerate(range(0, len(perm), size)):
+            sel = perm[start : start + size]
+            yield record_key(k, r), encode_record(x[sel], y[sel], loc[sel], [names[j] for j in sidx[sel]])
+
+    name = shard_name(config.split, k)
+    sha = write_shard(Path(out_dir) / name, records())
+    info = {
+        "name": name,
+        "samples": int(len(y)),
+        "lesion_samples": int(y.sum()),
+        "records": math.ceil(len(y) / size),
+        "bytes": (Path(out_dir) / name).stat().st_size,
+        "sha256": sha,
+    }
+    atomic_write_text(work / "shards" / f"{k:06d}.json", json.dumps(info))
+
+
+def shard_name(split: str, k: int) -> str:
+    return f"{split}-{k:06d}.tar"
+
+
+def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list[dict], store_path: Path, root) -> dict:
+    samples = sum(s["samples"] for s in shards)
+    lesion = sum(s["lesion_samples"] for s in shards)
+    p = config.patch
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "plan_id": plan["plan_id"],
+        "config": {
+            **asdict(config),
+            "lesion_rate": plan["lesion_rate"],
+            "background_rate": plan["background_rate"],
+        },
+        "norm": {"method": config.norm, **dequantisation(config.norm)},
+        "sample": {
+            "x": {"dtype": "uint8", "shape": [2, p, p, p], "channels": ["voxel cube", "mirror cube (flipped)"]},
+            "y": {"dtype": "uint8", "shape": [], "values": {"0": "not lesion", "1": "lesion"}},
+            "loc": {"dtype": "int16", "shape": [3], "space": "store canonical RAS voxel indices"},
+            "scan": {"dtype": "str"},
+            "outside_volume": 0,
+            "samples_per_record": config.samples_per_record,
+        },
+        "store": {"path": str(store_path), "layout": root.attrs.get("layout"), "space": root.attrs.get("space")},
+        "scans": [
+            {
+                "scan_id": s["scan_id"],
+                "subject_id": s["subject_id"],
+                "samples": s["samples"],
+                "lesion_samples": done["lesion_samples"],
+                "lesion_voxels": s["lesion_voxels"],
+                "background_voxels": s["background_voxels"],
+            }
+            for s, done in zip(plan["scans"], spilled)
+        ],
+        "subjects": sorted({s["subject_id"] for s in plan["scans"]}),
+        "shards": shards,
+        "notes": plan["notes"],
+        "totals": {
+            "samples": samples,
+            "lesion_samples": lesion,
+            "lesion_fraction": lesion / samples if samples else 0.0,
+            "shards": len(shards),
+            "bytes": sum(s["bytes"] for s in shards),
+            "bytes_per_sample": sum(s["bytes"] for s in shards) / samples if samples else 0.0,
+        },
+    }

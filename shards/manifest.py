@@ -1,0 +1,123 @@
+"""``manifest.json``: what a shard directory holds, and how to check it.
+
+Keys (schema version 1)::
+
+    schema, schema_version   "atlas-patch-pairs", 1
+    config                   the full build configuration (split, patch,
+                             mode, rates, norm, samples_per_record, seed...)
+    norm                     {"method", "offset", "scale"}: model input is
+                             (x - offset) * scale
+    sample                   field names, dtypes and shapes
+    store                    where the samples came from
+    scans                    [{scan_id, subject_id, samples, lesion_samples,
+                               lesion_voxels, background_voxels}]
+    shards                   [{name, samples, lesion_samples, records,
+                               bytes, sha256}]
+    totals                   {samples, lesion_samples, lesion_fraction,
+                              shards, bytes}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.request
+from pathlib import Path
+
+from shards.atomic import atomic_write_text
+from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION, decode_record
+from shards.tario import iter_grouped, sha256_file
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable, or of another schema."""
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
+    """Read a manifest from a directory, a file path or an ``http(s)://`` URL."""
+    where = str(where)
+    try:
+        if where.startswith(("http://", "https://")):
+            with urllib.request.urlopen(where, timeout=timeout) as resp:
+                text = resp.read().decode()
+        else:
+            path = Path(where)
+            text = (path / MANIFEST if path.is_dir() else path).read_text()
+        manifest = json.loads(text)
+    except FileNotFoundError:
+        raise ManifestError(f"{where}: no {MANIFEST} (not a shard directory, or the build has not finished)") from None
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{where}: cannot read the shard manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise ManifestError(f"{where}: not an {SCHEMA} manifest")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; rebuild the shards"
+        )
+    return manifest
+
+
+def count_shard(path: str | os.PathLike, patch: int | None = None) -> dict:
+    """Records, samples and lesion samples in one shard file, decoding every record."""
+    records = samples = lesion = 0
+    with open(path, "rb") as f:
+        for _, fields in iter_grouped(f):
+            rec = decode_record(fields, patch)
+            records += 1
+            samples += len(rec["y"])
+            lesion += int(rec["y"].sum())
+    return {"records": records, "samples": samples, "lesion_samples": lesion}
+
+
+def verify(out_dir: str | os.PathLike) -> list[str]:
+    """Check every shard against the manifest; return the problems found (empty when sound)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    patch = manifest["config"]["patch"]
+    problems = []
+    for shard in manifest["shards"]:
+        path = out_dir / shard["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
+        if sha256_file(path) != shard["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest")
+        try:
+            counts = count_shard(path, patch)
+        except Exception as exc:  # tarfile, record and I/O errors alike
+            problems.append(f"{path}: unreadable: {type(exc).__name__}: {exc}")
+            continue
+        for key in ("records", "samples", "lesion_samples"):
+            if counts[key] != shard[key]:
+                problems.append(f"{path}: {counts[key]} {key.replace('_', ' ')}, manifest says {shard[key]}")
+    total = sum(s["samples"] for s in manifest["shards"])
+    if total != manifest["totals"]["samples"]:
+        problems.append(f"{out_dir}: shards hold {total} samples, totals say {manifest['totals']['samples']}")
+    return problems
+
+
+def summarise(manifest: dict, where: str | os.PathLike = "") -> str:
+    """A few human lines: what the shards hold and how they were built."""
+    c, t = manifest["config"], manifest["totals"]
+    sizes = [s["samples"] for s in manifest["shards"]]
+    mode = f"natural rate {c['natural_rate']}" if c["mode"] == "natural" else (
+        f"balanced: lesion rate {c['lesion_rate']:.4g}, background rate {c['background_rate']:.4g}"
+    )
+    lines = [
+        f"{where}: {manifest['schema']} v{manifest['schema_version']}, split {c['split']}, {mode}",
+        f"  {t['samples']} samples ({t['lesion_samples']} lesion, fraction {t['lesion_fraction']:.4f}) "
+        f"from {len(manifest['scans'])} scans of {len(manifest['subjects'])} subjects",
+        f"  {t['shards']} shards of {min(sizes)}-{max(sizes)} samples, {t['bytes'] / 2**20:.1f} MiB, "
+        f"{t['bytes_per_sample']:.0f} bytes/sample; {c['samples_per_record']} samples/record",
+        f"  patch {c['patch']}, norm {manifest['norm']['method']} (input = (x - {manifest['norm']['offset']:g}) "
+        f"* {manifest['norm']['scale']:.6g}), seed {c['seed']}",
+    ]
+    return "\n".join(lines + [f"  note: {n}" for n in manifest.get("notes", [])])

@@ -1,0 +1,339 @@
+"""The streaming reader: shards -> shuffled batches of patch pairs as tensors.
+
+A pipeline of small generator stages (after WebDataset's style):
+``read_records`` (open each shard, parse the tar, decode and validate
+records, skip and count corrupt ones) -> ``Cursor`` (take exactly m samples
+across record boundaries) -> ``batch_samples`` (a vectorised shuffle pool) ->
+tensors. ``ShardStream`` splits shards over DDP ranks and DataLoader workers
+and, under DDP, gives every rank the same number of batches per epoch.
+
+Usage::
+
+    ds = ShardStream("http://host/shards/", batch_size=256, seed=0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    for epoch in range(n):
+        ds.set_epoch(epoch)
+        for batch in loader:   # x (B,2,25,25,25) uint8, y (B,) int64, loc (B,3), scan [B]
+            ...
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shards.schema import RecordError, decode_record
+from shards.sources import Shard, ShardSourceError, open_shard, resolve
+from shards.tario import iter_grouped
+
+log = logging.getLogger("shards")
+Handler = Callable[[Exception, str], None]
+# What a damaged shard or a dropped connection raises while being read.
+STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, http.client.HTTPException, RecordError)
+
+
+def warn_and_continue(exc: Exception, where: str) -> None:
+    """Error policy: log one warning naming the shard, skip, go on."""
+    log.warning("%s: skipped (%s: %s)", where, type(exc).__name__, exc)
+
+
+def reraise(exc: Exception, where: str) -> None:
+    """Error policy: stop at the first damaged record."""
+    raise ShardSourceError(f"{where}: {type(exc).__name__}: {exc}") from exc
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size): torchrun's environment first, then torch.distributed."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def worker_split() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker, (0, 1) outside one."""
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+@dataclass
+class Stats:
+    """Counters a stage updates while the stream runs."""
+
+    records: int = 0
+    skipped: int = 0
+
+
+def read_records(
+    shards: Iterable[Shard],
+    keep: tuple[int, int] | None = None,
+    handler: Handler = warn_and_continue,
+    stats: Stats | None = None,
+    timeout: float = 30.0,
+    retries: int = 3,
+) -> Iterator[dict]:
+    """Decoded records of each shard in turn; corrupt ones are skipped and counted.
+
+    Args:
+        keep: ``(i, n)`` keeps only records whose index in the shard is i mod n
+            (used when there are fewer shards than readers).
+        handler: called once per damaged shard; raise in it to stop.
+
+    Raises:
+        ShardSourceError: a shard cannot be opened at all (bounded time).
+    """
+    stats = stats if stats is not None else Stats()
+    for shard in shards:
+        index, seen, warned = -1, 0, False
+        stream = open_shard(shard.url, timeout=timeout, retries=retries)
+        try:
+            for key, fields in iter_grouped(stream):
+                index += 1
+                if keep is not None and index % keep[1] != keep[0]:
+                    continue
+                seen += 1
+                try:
+                    record = decode_record(fields)
+                except RecordError as exc:
+                    stats.skipped += 1
+                    if not warned:
+                        handler(exc, f"{shard.url} (record {key})")
+                        warned = True
+                    continue
+                stats.records += 1
+                yield record
+        except STREAM_ERRORS as exc:
+            expected = _kept(shard.records, keep)
+            stats.skipped += max(1, expected - seen) if expected is not None else 1
+            handler(exc, f"{shard.url} (truncated or unreadable after {index + 1} records)")
+        finally:
+            stream.close()
+
+
+def _kept(records: int | None, keep: tuple[int, int] | None) -> int | None:
+    if records is None or keep is None:
+        return records
+    i, n = keep
+    return len(range(i, records, n))
+
+
+class Cursor:
+    """Takes exactly ``m`` samples at a time from a stream of records."""
+
+    def __init__(self, records: Iterable[dict]):
+        self._it, self._cur, self._pos = iter(records), None, 0
+
+    def take(self, m: int) -> dict | None:
+        """Up to ``m`` samples (fewer only at the end); None when nothing is left."""
+        pieces, need = [], m
+        while need > 0:
+            if self._cur is None or self._pos >= len(self._cur["y"]):
+                self._cur, self._pos = next(self._it, None), 0
+                if self._cur is None:
+                    break
+            n = min(need, len(self._cur["y"]) - self._pos)
+            s = slice(self._pos, self._pos + n)
+            pieces.append({k: v[s] for k, v in self._cur.items()})
+            self._pos += n
+            need -= n
+        if not pieces:
+            return None
+        return {
+            "x": np.concatenate([p["x"] for p in pieces]),
+            "y": np.concatenate([p["y"] for p in pieces]),
+            "loc": np.concatenate([p["loc"] for p in pieces]),
+            "scan": np.array([s for p in pieces for s in p["scan"]], dtype=object),
+        }
+
+
+def _gather(pool: dict, idx: np.ndarray) -> dict:
+    return {k: v[idx] for k, v in pool.items()}
+
+
+def batch_samples(
+    cursor: Cursor, batch_size: int, shuffle: int, rng: np.random.Generator, drop_last: bool
+) -> Iterator[dict]:
+    """Batches of ``batch_size`` samples (numpy), shuffled through a pool of ``shuffle`` samples.
+
+    Each step draws a batch at random from the pool and refills the freed slots
+    from the stream, all as whole-array copies (no per-sample Python).
+    """
+    if shuffle <= 0:
+        while (batch := cursor.take(batch_size)) is not None:
+            if len(batch["y"]) < batch_size and drop_last:
+                return
+            yield batch
+        return
+    cap = max(shuffle, batch_size)
+    pool = cursor.take(cap)
+    if pool is None:
+        return
+    if len(pool["y"]) == cap:
+        while True:
+            idx = rng.choice(cap, batch_size, replace=False)
+            yield _gather(pool, idx)
+            incoming = cursor.take(batch_size)
+            m = 0 if incoming is None else len(incoming["y"])
+            for k in pool:
+                if m:
+                    pool[k][idx[:m]] = incoming[k]
+            if m < batch_size:  # stream ended: drop the slots that were not refilled
+                pool = _gather(pool, np.setdiff1d(np.arange(cap), idx[m:]))
+                break
+    rest = _gather(pool, rng.permutation(len(pool["y"])))
+    for start in range(0, len(rest["y"]), batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in rest.items()}
+        if len(batch["y"]) < batch_size and drop_last:
+            return
+        yield batch
+
+
+def to_tensors(batch: dict) -> dict:
+    """numpy batch -> ``x (B,2,P,P,P) uint8``, ``y (B,) int64``, ``loc (B,3) int64`` tensors, ``scan`` list."""
+    x = batch["x"] if batch["x"].flags.writeable else batch["x"].copy()
+    return {
+        "x": torch.from_numpy(np.ascontiguousarray(x)),
+        "y": torch.from_numpy(batch["y"].astype(np.int64)),
+        "loc": torch.from_numpy(batch["loc"].astype(np.int64)),
+        "scan": list(batch["scan"]),
+    }
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches streamed from shards, split over DDP ranks and DataLoader workers.
+
+    Args:
+        source: a shard spec (see ``shards.sources``).
+        batch_size: samples per batch; use ``DataLoader(..., batch_size=None)``.
+        shuffle: shuffle pool size in samples (0: stream order). Shards are
+            already shuffled at build time; the pool mixes records further.
+        seed: seeds shard order (same on every rank) and the pools.
+        batches_per_epoch: per rank. By default, under DDP (world size > 1)
+            it is ``total samples // (world * batch_size)`` from the manifest:
+            every rank yields exactly that many full batches, cycling over its
+            shards when they run short (no DDP hang). In one process the
+            default is one pass over the data, the last batch possibly short
+            unless ``drop_last``.
+        rank, world_size: override the detection (tests, custom launchers).
+        handler: error policy for damaged shards (``warn_and_continue``, ``reraise``).
+        timeout, retries: per HTTP connection; an unreachable shard raises
+            ``ShardSourceError`` within about ``retries * (timeout + 2)`` s.
+
+    Each batch also carries ``skipped``: records skipped by this reader since
+    its previous batch (sum them for the run's total).
+    """
+
+    def __init__(
+        self,
+        source,
+        batch_size: int,
+        shuffle: int = 1024,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        handler: Handler = warn_and_continue,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError("batch_size must be positive")
+        self.shards, self.manifest = resolve(source, timeout=min(timeout, 10.0))
+        if not self.shards:
+            raise ShardSourceError(f"{source}: no shards")
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.drop_last, self.handler, self.timeout, self.retries = drop_last, handler, timeout, retries
+        self._rank, self._world = rank, world_size
+        self.epoch = 0
+        rank_, world = self.rank_world()
+        if batches_per_epoch is None and world > 1:
+            total = self.total_samples
+            if total is None:
+                raise ShardSourceError(
+                    f"{source}: shard sample counts are unknown (no manifest beside the shards); "
+                    "give batches_per_epoch so every rank runs the same number of steps"
+                )
+            batches_per_epoch = total // (world * batch_size)
+            if batches_per_epoch == 0:
+                raise ShardSourceError(f"{source}: {total} samples are fewer than one batch per rank")
+        self.batches_per_epoch = batches_per_epoch
+
+    @property
+    def total_samples(self) -> int | None:
+        counts = [s.samples for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None and self._world is not None:
+            return self._rank, self._world
+        return rank_world()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle the shard order for a new epoch (call it before iterating)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.batches_per_epoch is not None:
+            return self.batches_per_epoch
+        total = self.total_samples
+        if total is None:
+            raise TypeError("length unknown: no manifest")
+        full, rest = divmod(total, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def assignment(self, rank: int, world: int, worker: int, workers: int) -> tuple[list[Shard], tuple[int, int] | None, int | None]:
+        """This reader's shards, record filter and batch quota (pure: tested directly)."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        shards = [self.shards[i] for i in order]
+        group, members = 0, 1  # readers that share the same shards, split by record
+        if len(shards) >= world:
+            shards = shards[rank::world]
+        else:
+            group, members = rank, world
+        if len(shards) >= workers:
+            shards = shards[worker::workers]
+        else:
+            group, members = group * workers + worker, members * workers
+        quota = None
+        if self.batches_per_epoch is not None:
+            quota = self.batches_per_epoch // workers + (worker < self.batches_per_epoch % workers)
+        return shards, ((group, members) if members > 1 else None), quota
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world = self.rank_world()
+        worker, workers = worker_split()
+        shards, keep, quota = self.assignment(rank, world, worker, workers)
+        stats = Stats()
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        records = self._cycle(shards, keep, stats, rng) if quota is not None else read_records(
+            shards, keep, self.handler, stats, self.timeout, self.retries
+        )
+        drop_last = self.drop_last or quota is not None
+        reported = 0
+        for i, batch in enumerate(batch_samples(Cursor(records), self.batch_size, self.shuffle, rng, drop_last)):
+            if quota is not None and i >= quota:
+                return
+            out = to_tensors(batch)
+            out["skipped"], reported = stats.skipped - reported, stats.skipped
+            yield out
+
+    def _cycle(self, shards: list[Shard], keep, stats: Stats, rng: np.random.Generator) -> Iterator[dict]:
+        """Pass over ``shards`` again and again (reshuffled) until the consumer stops."""
+        if not shards:
+            return
+        while True:
+            before = stats.records
+            yield from read_records(shards, keep, self.handler, stats, self.timeout, self.retries)
+            if stats.records == before:
+                raise ShardSourceError(f"no readable records in {len(shards)} shard(s), e.g. {shards[0].url}")
+            shards = [shards[i] for i in rng.permutation(len(shards))]
