@@ -97,11 +97,16 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, str, bytes]]:
 def iter_grouped(stream: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive members by key: ``(key, {field: bytes})`` per record."""
     key, fields = None, {}
-    for k, field, data in iter_members(stream):
-        if k != key and fields:
+    try:
+        for k, field, data in iter_members(stream):
+            if k != key and fields:
+                yield key, fields
+                fields = {}
+            key = k
+            fields[field] = data
+    except Exception:  # not GeneratorExit: a consumer that stops early is no damage
+        if fields:  # the record before the damage may be whole: let the decoder judge
             yield key, fields
-            fields = {}
-        key = k
-        fields[field] = data
+        raise
     if fields:
         yield key, fields

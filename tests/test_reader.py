@@ -1,0 +1,179 @@
+"""The streaming reader: batches, shuffling, rank/worker splits, damaged shards, sources."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from atlas_shards.build import BuildConfig, build
+from shards.reader import Cursor, ShardStream, batch_samples, read_records, reraise
+from shards.sources import ShardSourceError, resolve
+from shards.views import axial_slice, concat_pair, dequantise, single_cube
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tiny_store, tmp_path_factory):
+    """5 shards (odd, to exercise uneven rank splits) of 16-sample records."""
+    out = tmp_path_factory.mktemp("reader") / "train"
+    build(tiny_store, out, BuildConfig(split="train", num_shards=5, samples_per_record=16), progress=False,
+          log=lambda m: None)
+    return out
+
+
+def _ids(batches) -> list[tuple]:
+    return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]
+
+
+def test_one_pass_yields_every_sample_once_as_tensors(shard_dir):
+    ds = ShardStream(str(shard_dir), batch_size=50, shuffle=100, seed=1)
+    batches = list(ds)
+    total = ds.manifest["totals"]["samples"]
+    assert len(batches) == len(ds) == -(-total // 50)
+    ids = _ids(batches)
+    assert len(ids) == len(set(ids)) == total
+    b = batches[0]
+    assert b["x"].dtype == torch.uint8 and b["x"].shape == (50, 2, 25, 25, 25)
+    assert b["y"].dtype == torch.int64 and b["loc"].shape == (50, 3) and len(b["scan"]) == 50
+    assert sum(int(b["y"].sum()) for b in batches) == ds.manifest["totals"]["lesion_samples"]
+    assert all(b["skipped"] == 0 for b in batches)
+
+
+def test_shuffle_is_seeded_and_changes_with_the_epoch(shard_dir):
+    a = _ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
+    assert a == _ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
+    ds = ShardStream(str(shard_dir), batch_size=32, seed=3)
+    ds.set_epoch(1)
+    b = _ids(ds)
+    assert a != b and sorted(a) == sorted(b)
+    assert a != _ids(ShardStream(str(shard_dir), batch_size=32, seed=3, shuffle=0))
+
+
+def test_pool_batches_are_a_permutation_of_the_stream():
+    recs = [{"x": np.arange(i * 10, i * 10 + 10, dtype=np.uint8).reshape(10, 1), "y": np.zeros(10, np.uint8),
+             "loc": np.zeros((10, 3), np.int16), "scan": ["s"] * 10} for i in range(7)]
+    out = list(batch_samples(Cursor(recs), 8, 20, np.random.default_rng(0), drop_last=False))
+    values = np.concatenate([b["x"].ravel() for b in out])
+    assert sorted(values.tolist()) == list(range(70)) and values.tolist() != list(range(70))
+    assert [len(b["y"]) for b in out] == [8] * 8 + [6]
+    dropped = list(batch_samples(Cursor(recs), 8, 0, np.random.default_rng(0), drop_last=True))
+    assert np.concatenate([b["x"].ravel() for b in dropped]).tolist() == list(range(64))
+
+
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_ranks_get_disjoint_data_and_equal_batch_counts(shard_dir, world):
+    streams = [ShardStream(str(shard_dir), batch_size=20, rank=r, world_size=world) for r in range(world)]
+    per_rank = [list(s) for s in streams]
+    expected = streams[0].manifest["totals"]["samples"] // (world * 20)
+    assert [len(b) for b in per_rank] == [expected] * world
+    assert all(len(b["y"]) == 20 for batches in per_rank for b in batches)
+    assigned = [set(s.url for s in st.assignment(r, world, 0, 1)[0]) for r, st in enumerate(streams)]
+    if world <= 5:  # whole shards per rank, no shard on two ranks
+        assert all(not (assigned[i] & assigned[j]) for i in range(world) for j in range(i))
+    else:  # fewer shards than ranks: split by record, still disjoint
+        firsts = [set(_ids(b[:1])) for b in per_rank]
+        assert len(set().union(*firsts)) == sum(len(f) for f in firsts)
+
+
+def test_dataloader_workers_split_the_shards(shard_dir):
+    ds = ShardStream(str(shard_dir), batch_size=25, seed=0)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    ids = _ids(batches)
+    assert len(ids) == len(set(ids)) == ds.manifest["totals"]["samples"]
+    quota = ShardStream(str(shard_dir), batch_size=25, batches_per_epoch=11)
+    assert len(list(torch.utils.data.DataLoader(quota, batch_size=None, num_workers=2))) == 11
+
+
+def _damaged_copy(shard_dir, tmp_path):
+    copy = tmp_path / "damaged"
+    shutil.copytree(shard_dir, copy)
+    names = sorted(p.name for p in copy.glob("*.tar"))
+    truncated, corrupt = copy / names[1], copy / names[3]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2 + 123])
+    data = bytearray(corrupt.read_bytes())
+    at = data.index(b"\x93NUMPY")  # first x.npy header: damage its magic
+    data[at : at + 6] = b"GARBAG"
+    corrupt.write_bytes(bytes(data))
+    return copy, names
+
+
+def test_damaged_shards_are_skipped_counted_and_named_once(shard_dir, tmp_path, caplog):
+    copy, names = _damaged_copy(shard_dir, tmp_path)
+    ds = ShardStream(str(copy), batch_size=16, shuffle=0)
+    with caplog.at_level(logging.WARNING, logger="shards"):
+        batches = list(ds)
+    delivered = set(_ids(batches))
+    whole = {}
+    for shard in resolve(str(shard_dir))[0]:  # the pristine shards: which records came through whole
+        recs = [set(_ids([r])) for r in read_records([shard])]
+        assert all(r <= delivered or not (r & delivered) for r in recs)
+        whole[shard.url.rsplit("/", 1)[1]] = sum(r <= delivered for r in recs)
+    assert whole == {n: 10 if n == names[3] else 5 if n == names[1] else 11 for n in names}
+    assert sum(b["skipped"] for b in batches) == 7  # 6 records cut off, 1 corrupt
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and any(names[1] in w for w in warned) and any(names[3] in w for w in warned)
+    with pytest.raises(ShardSourceError, match=names[3]):
+        list(ShardStream(str(copy / names[3]), batch_size=16, handler=reraise))
+
+
+def test_ddp_ranks_stay_equal_when_a_shard_is_damaged(shard_dir, tmp_path):
+    copy, _ = _damaged_copy(shard_dir, tmp_path)
+    counts = [len(list(ShardStream(str(copy), batch_size=20, rank=r, world_size=2))) for r in range(2)]
+    assert counts[0] == counts[1] > 0
+
+
+def test_sources_brace_patterns_and_missing_paths(shard_dir):
+    shards, manifest = resolve(str(shard_dir / "train-{000000..000004}.tar"))
+    assert len(shards) == 5 and manifest is not None and all(s.samples for s in shards)
+    shards, _ = resolve([str(shard_dir / "train-000000.tar"), str(shard_dir / "manifest.json")])
+    assert len(shards) == 6
+    with pytest.raises(ShardSourceError, match="no such shard"):
+        resolve(str(shard_dir / "train-{000000..000009}.tar"))
+    with pytest.raises(ShardSourceError, match="manifest"):
+        resolve(str(shard_dir.parent))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_url_fails_clearly_in_bounded_time():
+    url = f"http://127.0.0.1:{_closed_port()}/train-000000.tar"
+    start = time.monotonic()
+    with pytest.raises(ShardSourceError, match="unreachable after 2 tries"):
+        list(ShardStream(url, batch_size=8, timeout=1.0, retries=2))
+    assert time.monotonic() - start < 10
+
+
+def test_unknown_counts_under_ddp_need_an_explicit_epoch_length(shard_dir, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(shard_dir / "train-000000.tar", bare)
+    with pytest.raises(ShardSourceError, match="batches_per_epoch"):
+        ShardStream(str(bare / "train-000000.tar"), batch_size=8, rank=0, world_size=2)
+    ds = ShardStream(str(bare / "train-000000.tar"), batch_size=8, rank=1, world_size=2, batches_per_epoch=3)
+    assert len(list(ds)) == 3
+
+
+def test_plain_webdataset_reads_the_shards(shard_dir):
+    wds = pytest.importorskip("webdataset")
+    sample = next(iter(wds.WebDataset(str(shard_dir / "train-000000.tar"), shardshuffle=False).decode()))
+    assert sample["x.npy"].shape == (16, 2, 25, 25, 25) and sample["x.npy"].dtype == np.uint8
+    assert sample["y.npy"].shape == (16,) and sample["loc.npy"].shape == (16, 3) and len(sample["scan.json"]) == 16
+
+
+def test_views():
+    x = torch.arange(2 * 2 * 5**3, dtype=torch.int32).reshape(2, 2, 5, 5, 5).to(torch.uint8)
+    assert single_cube(x).shape == (2, 1, 5, 5, 5)
+    cat = concat_pair(x)
+    assert cat.shape == (2, 1, 10, 5, 5)
+    assert torch.equal(cat[:, 0, :5], x[:, 0]) and torch.equal(cat[:, 0, 5:], x[:, 1])
+    assert torch.equal(axial_slice(x), x[:, 0, :, :, 2])
+    assert dequantise(torch.tensor([0, 255], dtype=torch.uint8), {"offset": 0, "scale": 1 / 255}).tolist() == [0, 1]
