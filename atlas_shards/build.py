@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
-from shards import atomic_write_text
+from shards import atomic_path, atomic_write_text
 from shards.manifest import read_manifest, write_manifest
 from shards.norm import METHODS, dequantisation, normalise
 from shards.patches import PairCutter
@@ -313,15 +313,16 @@ def _spill_scan(args: tuple) -> dict:
     p = config.patch
     base = Path(spill) / f"{index:06d}"
     # x goes straight to disk chunk by chunk: a scan's samples can be GBs.
-    x_path = Path(f"{base}.x.npy")
-    with open(x_path, "wb") as f:
+    # Every file goes through a temporary name: a worker orphaned by a killed
+    # build may still be finishing this scan while a rerun redoes it.
+    with atomic_path(f"{base}.x.npy") as tmp, open(tmp, "wb") as f:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (n, 2, p, p, p)}
         np.lib.format.write_array_header_1_0(f, header)
         for start in range(0, n, CHUNK):
             f.write(cutter(locs[start : start + CHUNK]).tobytes())
-    np.save(f"{base}.y.npy", labels)
-    np.save(f"{base}.loc.npy", locs)
-    np.save(f"{base}.offsets.npy", offsets)
+    for name, array in (("y", labels), ("loc", locs), ("offsets", offsets)):
+        with atomic_path(f"{base}.{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
     done = {"samples": int(n), "lesion_samples": int(labels.sum())}
     atomic_write_text(f"{base}.done", json.dumps(done))  # last: the scan's spill is whole
     return done

@@ -173,3 +173,51 @@ def test_verify_catches_a_damaged_shard(built, tmp_path):
     assert problems and all(manifest["shards"][1]["name"] in p for p in problems)
     assert "sha256" in " ".join(problems)
     json.loads((copy / "manifest.json").read_text())  # manifest untouched
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
+    """Real SIGKILLs of the build process; no final-named shard is ever partial."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_tiny_store
+    from shards.tario import sha256_file
+
+    store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
+    cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), "", "--split", "train", "--patch", "9",
+           "--background-rate", "0.5", "--num-shards", "7", "--samples-per-record", "64", "--workers", "2"]
+
+    def run(out, kill_after=None):
+        cmd[5] = str(out)
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if kill_after is None:
+            assert proc.wait(120) == 0
+        else:
+            time.sleep(kill_after)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return time.monotonic() - start
+
+    reference = tmp_path / "reference"
+    elapsed = run(reference)
+    ref = read_manifest(reference)
+    ref_sha = {s["name"]: s["sha256"] for s in ref["shards"]}
+    rng = np.random.default_rng(7)
+    for trial in range(3):
+        out = tmp_path / f"killed{trial}"
+        run(out, kill_after=float(rng.uniform(0.2, 0.8)) * elapsed)
+        time.sleep(0.5)  # let orphaned pool workers notice and exit
+        assert not (out / "manifest.json").exists()  # the kill did interrupt the build
+
+        for tar in out.glob("*.tar"):  # whatever landed under a final name is whole
+            assert sha256_file(tar) == ref_sha[tar.name]
+        run(out)
+        assert (out / "manifest.json").read_bytes().replace(str(out).encode(), b"") == (
+            reference / "manifest.json"
+        ).read_bytes().replace(str(reference).encode(), b"")
+        assert verify(out) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -12,14 +13,14 @@ from click.testing import CliRunner
 from atlas_shards.cli import main
 
 
-@pytest.mark.parametrize("cmd", ["synth", "ingest", "eda"])
+@pytest.mark.parametrize("cmd", ["synth", "ingest", "eda", "build", "inspect"])
 def test_help(cmd):
     result = CliRunner().invoke(main, [cmd, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
 
 
 def test_help_is_instant_no_heavy_imports():
-    code = "import sys; from atlas_shards.cli import main; print(any(m in sys.modules for m in ('zarr','nilearn','scipy','matplotlib')))"
+    code = "import sys; from atlas_shards.cli import main; print(any(m in sys.modules for m in ('zarr','nilearn','scipy','matplotlib','torch')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -66,3 +67,43 @@ def test_ingest_with_nothing_usable_fails(tmp_path):
     r = CliRunner().invoke(main, ["ingest", str(tmp_path / "rel"), str(tmp_path / "s.zarr")])
     assert r.exit_code != 0 and "no scan" in r.output and "could be ingested" in r.output
     assert "unreadable or truncated" in (tmp_path / "s.zarr" / "ingest-report.csv").read_text()
+
+
+def test_build_and_inspect(tiny_store, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "val"
+    r = runner.invoke(main, ["build", str(tiny_store), str(out), "--split", "val", "--num-shards", "2",
+                             "--samples-per-record", "32", "--target-lesion-fraction", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert "split val" in r.output
+    achieved = float(re.search(r"lesion, fraction ([0-9.]+)\)", r.output).group(1))
+    assert abs(achieved - 0.3) < 0.005
+    r = runner.invoke(main, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 0 and "every shard matches" in r.output
+    shard = sorted(out.glob("*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    r = runner.invoke(main, ["inspect", str(out), "--verify"])
+    assert r.exit_code == 1 and "3 problem(s) found" in r.output
+    assert r.output.count(f"PROBLEM {shard}") == 3 and "unreadable" in r.output
+    r = runner.invoke(main, ["build", str(tiny_store), str(tmp_path / "n"), "--split", "val", "--dry-run",
+                             "--natural", "0.1"])
+    assert r.exit_code == 0 and "natural" in r.output and not (tmp_path / "n").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["build", "{missing}", "{out}", "--split", "train"], "not a Zarr store"),
+        (["build", "{store}", "{out}", "--split", "train", "--natural", "0.1", "--background-rate", "0.01"], "--natural"),
+        (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "0.4", "--background-rate", "0.1"],
+         "not both"),
+        (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "1.5"], "(0, 1)"),
+        (["inspect", "{store}"], "no manifest.json"),
+    ],
+)
+def test_build_and_inspect_errors(tiny_store, tmp_path, args, message):
+    fill = {"missing": str(tmp_path / "nope"), "out": str(tmp_path / "out"), "store": str(tiny_store)}
+    r = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert len([line for line in r.output.splitlines() if line.startswith("Error:")]) == 1
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
