@@ -45,7 +45,7 @@ from shards.tario import write_shard
 
 BUILD_DIR = ".build"
 SPLITS = ("train", "val", "test")
-CHUNK = 2048  # samples cut and written at a time (64 MB at P=25)
+CHUNK = 512  # samples cut and written at a time (16 MB at P=25)
 
 
 class BuildError(Exception):
@@ -116,26 +116,31 @@ def build(
     except zstore.StoreError as exc:
         raise BuildError(str(exc)) from None
     scans = _split_scans(root, config.split, store_path)
-    counts = _map(_count_scan, [(str(store_path), s) for s in scans], workers)
-    plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans})
-    log(_describe_plan(plan, config, out_dir))
-    if dry_run:
-        return plan
-    done = _existing(out_dir, plan)
-    if done is not None:
-        log(f"{out_dir}: already built with this configuration; nothing to do")
-        shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)  # killed after the manifest landed
-        return done
-    work = out_dir / BUILD_DIR
-    _prepare(out_dir, work, plan)
-    spill = work / "spill"
-    todo = [i for i, s in enumerate(plan["scans"]) if not (spill / f"{i:06d}.done").exists()]
-    jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
-    total = sum(plan["scans"][i]["samples"] for i in todo)
-    _run(_spill_scan, jobs, workers, progress, "cut pairs", total, unit="sample", weight=lambda r: r["samples"])
-    shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(plan["num_shards"])]
-    shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
-    _run(_write_one_shard, shard_jobs, workers, progress, "write shards", len(shard_jobs), unit="shard")
+    with Workers(workers) as pool:
+        counts = list(pool.map(_count_scan, [(str(store_path), s) for s in scans]))
+        plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans})
+        log(_describe_plan(plan, config, out_dir))
+        if dry_run:
+            return plan
+        done = _existing(out_dir, plan)
+        if done is not None:
+            log(f"{out_dir}: already built with this configuration; nothing to do")
+            shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)  # killed after the manifest landed
+            return done
+        work = out_dir / BUILD_DIR
+        _prepare(out_dir, work, plan)
+        spill = work / "spill"
+        todo = [i for i, s in enumerate(plan["scans"]) if not (spill / f"{i:06d}.done").exists()]
+        jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
+        total = sum(plan["scans"][i]["samples"] for i in todo)
+        with _bar(progress, "cut pairs", total, "sample") as bar:
+            for result in pool.map(_spill_scan, jobs):
+                bar.update(result["samples"])
+        shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(plan["num_shards"])]
+        shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
+        with _bar(progress, "write shards", len(shard_jobs), "shard") as bar:
+            for _ in pool.map(_write_one_shard, shard_jobs):
+                bar.update()
     shards = [json.loads((work / "shards" / f"{k:06d}.json").read_text()) for k in range(plan["num_shards"])]
     spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
     manifest = _manifest(plan, config, shards, spilled, store_path, root)
@@ -259,27 +264,33 @@ def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
         atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))
 
 
-def _map(fn, jobs: list, workers: int) -> list:
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(fn, jobs))
-    return [fn(j) for j in jobs]
+class Workers:
+    """A spawn-context process pool started once for all passes (or none for one worker)."""
+
+    def __init__(self, workers: int):
+        self.workers, self._pool = workers, None
+
+    def __enter__(self) -> "Workers":
+        if self.workers > 1:
+            ctx = multiprocessing.get_context("spawn")  # no fork after zarr's I/O thread has started
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def map(self, fn, jobs: list) -> Iterable:
+        """Results in job order."""
+        if self._pool is None or len(jobs) < 2:
+            return map(fn, jobs)
+        return self._pool.map(fn, jobs)
 
 
-def _run(fn, jobs: list, workers: int, progress: bool, desc: str, total: int, unit: str, weight=lambda r: 1) -> None:
+def _bar(progress: bool, desc: str, total: int, unit: str):
     from tqdm import tqdm
 
-    if not jobs:
-        return
-    with tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress) as bar:
-        if workers > 1 and len(jobs) > 1:
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                for result in pool.map(fn, jobs):
-                    bar.update(weight(result))
-        else:
-            for job in jobs:
-                bar.update(weight(fn(job)))
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress or total == 0)
 
 
 def _spill_scan(args: tuple) -> dict:
@@ -319,7 +330,7 @@ def _spill_scan(args: tuple) -> dict:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (n, 2, p, p, p)}
         np.lib.format.write_array_header_1_0(f, header)
         for start in range(0, n, CHUNK):
-            f.write(cutter(locs[start : start + CHUNK]).tobytes())
+            f.write(cutter(locs[start : start + CHUNK]).data)
     for name, array in (("y", labels), ("loc", locs), ("offsets", offsets)):
         with atomic_path(f"{base}.{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, array)
@@ -333,18 +344,22 @@ def _write_one_shard(args: tuple) -> None:
     out_dir, k, plan, cfg = args
     config = BuildConfig(**cfg)
     work = Path(out_dir) / BUILD_DIR
-    xs, ys, locs, scan_index = [], [], [], []
+    spans = []
     for i in range(len(plan["scans"])):
         base = work / "spill" / f"{i:06d}"
         a, b = (int(v) for v in np.load(f"{base}.offsets.npy")[k : k + 2])
-        if b == a:
-            continue
-        xs.append(np.array(np.load(f"{base}.x.npy", mmap_mode="r")[a:b]))
-        ys.append(np.array(np.load(f"{base}.y.npy", mmap_mode="r")[a:b]))
-        locs.append(np.array(np.load(f"{base}.loc.npy", mmap_mode="r")[a:b]))
-        scan_index.append(np.full(b - a, i, dtype=np.int32))
-    x, y, loc, sidx = (np.concatenate(v) for v in (xs, ys, locs, scan_index))
-    del xs
+        if b > a:
+            spans.append((base, i, a, b))
+    n, p = sum(b - a for _, _, a, b in spans), config.patch
+    x = np.empty((n, 2, p, p, p), dtype=X_DTYPE)  # filled in place: one shard in memory, once
+    y, loc, sidx = np.empty(n, np.uint8), np.empty((n, 3), np.int16), np.empty(n, np.int32)
+    at = 0
+    for base, i, a, b in spans:
+        x[at : at + b - a] = np.load(f"{base}.x.npy", mmap_mode="r")[a:b]
+        y[at : at + b - a] = np.load(f"{base}.y.npy", mmap_mode="r")[a:b]
+        loc[at : at + b - a] = np.load(f"{base}.loc.npy", mmap_mode="r")[a:b]
+        sidx[at : at + b - a] = i
+        at += b - a
     perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(y))
     names = [s["scan_id"] for s in plan["scans"]]
     size = config.samples_per_record

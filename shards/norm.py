@@ -20,6 +20,7 @@ import numpy as np
 
 METHODS = ("histeq", "zscore")
 ZSCORE_SCALE, ZSCORE_OFFSET = 24.0, 128.0
+SLAB = 16
 
 
 def normalise(volume: np.ndarray, brain: np.ndarray, method: str) -> np.ndarray:
@@ -29,13 +30,22 @@ def normalise(volume: np.ndarray, brain: np.ndarray, method: str) -> np.ndarray:
     inside = np.asarray(volume[brain > 0], dtype=np.float64)
     if inside.size == 0:
         raise ValueError("empty brain mask: nothing to normalise over")
-    vol = np.asarray(volume, dtype=np.float32)
     if method == "histeq":
         edges = np.quantile(inside, np.arange(1, 256) / 256.0).astype(np.float32)
-        return np.searchsorted(edges, vol, side="right").astype(np.uint8)
-    mean, std = inside.mean(), inside.std()
-    z = (vol - np.float32(mean)) / np.float32(std if std > 0 else 1.0)
-    return np.clip(np.rint(z * ZSCORE_SCALE + ZSCORE_OFFSET), 0, 255).astype(np.uint8)
+
+        def slab_fn(v):
+            return np.searchsorted(edges, v, side="right")
+    else:
+        mean, std = np.float32(inside.mean()), np.float32(inside.std() or 1.0)
+
+        def slab_fn(v):
+            return np.clip(np.rint((v - mean) / std * ZSCORE_SCALE + ZSCORE_OFFSET), 0, 255)
+
+    del inside
+    out = np.empty(volume.shape, dtype=np.uint8)
+    for start in range(0, volume.shape[0], SLAB):  # slabs: int64/float temporaries stay small
+        out[start : start + SLAB] = slab_fn(np.asarray(volume[start : start + SLAB], dtype=np.float32))
+    return out
 
 
 def dequantisation(method: str) -> dict[str, float]:

@@ -2,9 +2,9 @@
 
 A pipeline of small generator stages (after WebDataset's style):
 ``read_records`` (open each shard, parse the tar, decode and validate
-records, skip and count corrupt ones) -> ``Cursor`` (take exactly m samples
-across record boundaries) -> ``batch_samples`` (a vectorised shuffle pool) ->
-tensors. ``ShardStream`` splits shards over DDP ranks and DataLoader workers
+records, skip and count corrupt ones) -> ``batch_samples`` (a vectorised
+shuffle pool of whole records, or ``Cursor`` slicing records in stream
+order) -> tensors. ``ShardStream`` splits shards over DDP ranks and DataLoader workers
 and, under DDP, gives every rank the same number of batches per epoch.
 
 Usage::
@@ -154,46 +154,54 @@ class Cursor:
         }
 
 
-def _gather(pool: dict, idx: np.ndarray) -> dict:
-    return {k: v[idx] for k, v in pool.items()}
-
-
 def batch_samples(
-    cursor: Cursor, batch_size: int, shuffle: int, rng: np.random.Generator, drop_last: bool
+    records: Iterable[dict], batch_size: int, shuffle: int, rng: np.random.Generator, drop_last: bool
 ) -> Iterator[dict]:
-    """Batches of ``batch_size`` samples (numpy), shuffled through a pool of ``shuffle`` samples.
+    """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
 
-    Each step draws a batch at random from the pool and refills the freed slots
-    from the stream, all as whole-array copies (no per-sample Python).
+    The pool is a set of whole records. Each batch takes a uniformly random
+    subset of the pool's remaining samples (a multivariate hypergeometric draw
+    of how many from each record, then that many from each record's own random
+    order) and scatters them to random positions of the batch: one copy per
+    sample, no per-sample Python. Spent records leave; new ones refill the pool.
     """
     if shuffle <= 0:
+        cursor = Cursor(records)
         while (batch := cursor.take(batch_size)) is not None:
             if len(batch["y"]) < batch_size and drop_last:
                 return
             yield batch
         return
-    cap = max(shuffle, batch_size)
-    pool = cursor.take(cap)
-    if pool is None:
-        return
-    if len(pool["y"]) == cap:
-        while True:
-            idx = rng.choice(cap, batch_size, replace=False)
-            yield _gather(pool, idx)
-            incoming = cursor.take(batch_size)
-            m = 0 if incoming is None else len(incoming["y"])
-            for k in pool:
-                if m:
-                    pool[k][idx[:m]] = incoming[k]
-            if m < batch_size:  # stream ended: drop the slots that were not refilled
-                pool = _gather(pool, np.setdiff1d(np.arange(cap), idx[m:]))
-                break
-    rest = _gather(pool, rng.permutation(len(pool["y"])))
-    for start in range(0, len(rest["y"]), batch_size):
-        batch = {k: v[start : start + batch_size] for k, v in rest.items()}
-        if len(batch["y"]) < batch_size and drop_last:
+    stream, pool, available, exhausted = iter(records), [], 0, False
+    target = max(shuffle, batch_size)
+    while True:
+        while not exhausted and available < target:
+            rec = next(stream, None)
+            if rec is None:
+                exhausted = True
+            elif len(rec["y"]):
+                rec = {**rec, "scan": np.asarray(rec["scan"], dtype=object)}
+                pool.append([rec, rng.permutation(len(rec["y"])), 0])
+                available += len(rec["y"])
+        size = min(batch_size, available)
+        if size == 0 or (size < batch_size and drop_last):
             return
-        yield batch
+        counts = rng.multivariate_hypergeometric([len(order) - pos for _, order, pos in pool], size)
+        slots = rng.permutation(size)
+        first = pool[0][0]
+        out = {k: np.empty((size,) + v.shape[1:], dtype=v.dtype) for k, v in first.items()}
+        at = 0
+        for entry, c in zip(pool, counts):
+            if c:
+                rec, order, pos = entry
+                idx, dst = np.sort(order[pos : pos + c]), slots[at : at + c]
+                for k, v in rec.items():
+                    out[k][dst] = v[idx]
+                entry[2] += c
+                at += c
+        pool = [e for e in pool if e[2] < len(e[1])]
+        available -= size
+        yield out
 
 
 def to_tensors(batch: dict) -> dict:
@@ -320,7 +328,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         )
         drop_last = self.drop_last or quota is not None
         reported = 0
-        for i, batch in enumerate(batch_samples(Cursor(records), self.batch_size, self.shuffle, rng, drop_last)):
+        for i, batch in enumerate(batch_samples(records, self.batch_size, self.shuffle, rng, drop_last)):
             if quota is not None and i >= quota:
                 return
             out = to_tensors(batch)

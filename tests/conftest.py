@@ -78,3 +78,15 @@ def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     return write_tiny_store(tmp_path_factory.mktemp("tiny") / "store.zarr")
+
+
+def build_quietly(store, out, **config):
+    """``atlas_shards.build.build`` with a BuildConfig from keywords, no progress or log."""
+    from atlas_shards.build import BuildConfig, build
+
+    return build(store, out, BuildConfig(**config), progress=False, log=lambda message: None)
+
+
+def sample_ids(batches) -> list[tuple]:
+    """(scan, i, j, k) of every sample of reader batches, in order."""
+    return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]

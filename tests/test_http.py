@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from atlas_shards.build import BuildConfig, build
+from conftest import build_quietly, sample_ids
 from shards.manifest import read_manifest
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
@@ -16,28 +16,23 @@ from servers import serve
 @pytest.fixture(scope="module")
 def served_dir(tiny_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("http") / "train"
-    build(tiny_store, out, BuildConfig(split="train", num_shards=3, samples_per_record=16), progress=False,
-          log=lambda m: None)
+    build_quietly(tiny_store, out, split="train", num_shards=3, samples_per_record=16)
     return out
-
-
-def _ids(ds) -> list[tuple]:
-    return [(s, *loc) for b in ds for s, loc in zip(b["scan"], b["loc"].tolist())]
 
 
 @pytest.mark.parametrize("prefer", ["nginx", "python"])
 def test_http_stream_equals_local_stream(served_dir, prefer):
     if prefer == "nginx" and not shutil.which("nginx") and not shutil.os.path.exists("/usr/sbin/nginx"):
         pytest.skip("nginx not installed (CI installs Debian's nginx)")
-    local = _ids(ShardStream(str(served_dir), batch_size=32, seed=5))
+    local = sample_ids(ShardStream(str(served_dir), batch_size=32, seed=5))
     with serve(served_dir.parent, prefer=prefer) as (base, name):
         assert name.startswith(prefer)
         url = f"{base}/{served_dir.name}/"
         assert read_manifest(url + "manifest.json")["totals"]["samples"] == len(local)
-        assert _ids(ShardStream(url, batch_size=32, seed=5)) == local
+        assert sample_ids(ShardStream(url, batch_size=32, seed=5)) == local
         brace = ShardStream(url + "train-{000000..000002}.tar", batch_size=32, seed=5)
         assert brace.total_samples == len(local)  # counts found in the manifest beside the shards
-        assert _ids(brace) == local
+        assert sample_ids(brace) == local
         ranks = [list(ShardStream(url, batch_size=20, rank=r, world_size=2)) for r in range(2)]
         assert len(ranks[0]) == len(ranks[1]) == len(local) // 40
         with pytest.raises(ShardSourceError, match="HTTP 404"):

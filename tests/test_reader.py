@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_shards.build import BuildConfig, build
-from shards.reader import Cursor, ShardStream, batch_samples, read_records, reraise
+from conftest import build_quietly, sample_ids
+from shards.reader import ShardStream, batch_samples, read_records, reraise
 from shards.sources import ShardSourceError, resolve
 from shards.views import axial_slice, concat_pair, dequantise, single_cube
 
@@ -21,13 +21,8 @@ from shards.views import axial_slice, concat_pair, dequantise, single_cube
 def shard_dir(tiny_store, tmp_path_factory):
     """5 shards (odd, to exercise uneven rank splits) of 16-sample records."""
     out = tmp_path_factory.mktemp("reader") / "train"
-    build(tiny_store, out, BuildConfig(split="train", num_shards=5, samples_per_record=16), progress=False,
-          log=lambda m: None)
+    build_quietly(tiny_store, out, split="train", num_shards=5, samples_per_record=16)
     return out
-
-
-def _ids(batches) -> list[tuple]:
-    return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]
 
 
 def test_one_pass_yields_every_sample_once_as_tensors(shard_dir):
@@ -35,7 +30,7 @@ def test_one_pass_yields_every_sample_once_as_tensors(shard_dir):
     batches = list(ds)
     total = ds.manifest["totals"]["samples"]
     assert len(batches) == len(ds) == -(-total // 50)
-    ids = _ids(batches)
+    ids = sample_ids(batches)
     assert len(ids) == len(set(ids)) == total
     b = batches[0]
     assert b["x"].dtype == torch.uint8 and b["x"].shape == (50, 2, 25, 25, 25)
@@ -45,23 +40,23 @@ def test_one_pass_yields_every_sample_once_as_tensors(shard_dir):
 
 
 def test_shuffle_is_seeded_and_changes_with_the_epoch(shard_dir):
-    a = _ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
-    assert a == _ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
+    a = sample_ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
+    assert a == sample_ids(ShardStream(str(shard_dir), batch_size=32, seed=3))
     ds = ShardStream(str(shard_dir), batch_size=32, seed=3)
     ds.set_epoch(1)
-    b = _ids(ds)
+    b = sample_ids(ds)
     assert a != b and sorted(a) == sorted(b)
-    assert a != _ids(ShardStream(str(shard_dir), batch_size=32, seed=3, shuffle=0))
+    assert a != sample_ids(ShardStream(str(shard_dir), batch_size=32, seed=3, shuffle=0))
 
 
 def test_pool_batches_are_a_permutation_of_the_stream():
     recs = [{"x": np.arange(i * 10, i * 10 + 10, dtype=np.uint8).reshape(10, 1), "y": np.zeros(10, np.uint8),
              "loc": np.zeros((10, 3), np.int16), "scan": ["s"] * 10} for i in range(7)]
-    out = list(batch_samples(Cursor(recs), 8, 20, np.random.default_rng(0), drop_last=False))
+    out = list(batch_samples(recs, 8, 20, np.random.default_rng(0), drop_last=False))
     values = np.concatenate([b["x"].ravel() for b in out])
     assert sorted(values.tolist()) == list(range(70)) and values.tolist() != list(range(70))
     assert [len(b["y"]) for b in out] == [8] * 8 + [6]
-    dropped = list(batch_samples(Cursor(recs), 8, 0, np.random.default_rng(0), drop_last=True))
+    dropped = list(batch_samples(recs, 8, 0, np.random.default_rng(0), drop_last=True))
     assert np.concatenate([b["x"].ravel() for b in dropped]).tolist() == list(range(64))
 
 
@@ -76,14 +71,14 @@ def test_ranks_get_disjoint_data_and_equal_batch_counts(shard_dir, world):
     if world <= 5:  # whole shards per rank, no shard on two ranks
         assert all(not (assigned[i] & assigned[j]) for i in range(world) for j in range(i))
     else:  # fewer shards than ranks: split by record, still disjoint
-        firsts = [set(_ids(b[:1])) for b in per_rank]
+        firsts = [set(sample_ids(b[:1])) for b in per_rank]
         assert len(set().union(*firsts)) == sum(len(f) for f in firsts)
 
 
 def test_dataloader_workers_split_the_shards(shard_dir):
     ds = ShardStream(str(shard_dir), batch_size=25, seed=0)
     batches = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
-    ids = _ids(batches)
+    ids = sample_ids(batches)
     assert len(ids) == len(set(ids)) == ds.manifest["totals"]["samples"]
     quota = ShardStream(str(shard_dir), batch_size=25, batches_per_epoch=11)
     assert len(list(torch.utils.data.DataLoader(quota, batch_size=None, num_workers=2))) == 11
@@ -107,10 +102,10 @@ def test_damaged_shards_are_skipped_counted_and_named_once(shard_dir, tmp_path, 
     ds = ShardStream(str(copy), batch_size=16, shuffle=0)
     with caplog.at_level(logging.WARNING, logger="shards"):
         batches = list(ds)
-    delivered = set(_ids(batches))
+    delivered = set(sample_ids(batches))
     whole = {}
     for shard in resolve(str(shard_dir))[0]:  # the pristine shards: which records came through whole
-        recs = [set(_ids([r])) for r in read_records([shard])]
+        recs = [set(sample_ids([r])) for r in read_records([shard])]
         assert all(r <= delivered or not (r & delivered) for r in recs)
         whole[shard.url.rsplit("/", 1)[1]] = sum(r <= delivered for r in recs)
     assert whole == {n: 10 if n == names[3] else 5 if n == names[1] else 11 for n in names}
