@@ -118,7 +118,12 @@ def build(
     scans = _split_scans(root, config.split, store_path)
     with Workers(workers) as pool:
         counts = list(pool.map(_count_scan, [(str(store_path), s) for s in scans]))
-        plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans})
+        skipped = [f"scan {s} skipped: {c['problem']}" for s, c in zip(scans, counts) if "problem" in c]
+        usable = [(s, c) for s, c in zip(scans, counts) if "problem" not in c]
+        if not usable:
+            raise BuildError(f"{store_path}: no usable scan in split {config.split!r}: " + "; ".join(skipped))
+        scans, counts = (list(v) for v in zip(*usable))
+        plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans}, skipped)
         log(_describe_plan(plan, config, out_dir))
         if dry_run:
             return plan
@@ -154,24 +159,45 @@ def _split_scans(root, split: str, store_path: Path) -> list[str]:
     scans = sorted(s for s, subj in root.attrs.get("scans", {}).items() if subj in subjects)
     if not scans:
         raise BuildError(f"{store_path}: split {split!r} has no labelled scans")
-    missing = [s for s in scans if s not in root]
-    if missing:
-        raise BuildError(f"{store_path}: scans listed in the split are missing from the store: {', '.join(missing[:5])}")
     return scans
 
 
 def _count_scan(args: tuple[str, str]) -> dict:
-    """Worker: lesion, background (brain, not lesion) and candidate voxel counts of one scan."""
+    """Worker: lesion, background (brain, not lesion) and candidate voxel counts of one scan.
+
+    A scan the build cannot use gives ``{"problem": reason}`` instead; the
+    build goes on without it and the manifest's notes say why.
+    """
     store_path, scan_id = args
-    data = zstore.read_scan(zstore.open_store(store_path, "r"), scan_id, ("lesion", "brain"))
+    try:
+        root = zstore.open_store(store_path, "r")
+        if scan_id not in root:
+            return {"problem": "listed in the split but not in the store"}
+        group = root[scan_id]
+        absent = [a for a in zstore.ARRAYS if a not in group]
+        if absent:
+            return {"problem": f"no {'/'.join(absent)} array"}
+        shapes = {a: tuple(group[a].shape) for a in zstore.ARRAYS}
+        if len(set(shapes.values())) != 1 or len(shapes["t1"]) != 3:
+            return {"problem": f"arrays of different or non-3D shapes {shapes}"}
+        mirror = group.attrs.get("mirror_index")
+        if not isinstance(mirror, (int, float)) or not np.isfinite(mirror):
+            return {"problem": f"attribute mirror_index missing or invalid ({mirror!r})"}
+        data = zstore.read_scan(root, scan_id, ("lesion", "brain"))
+    except Exception as exc:  # a damaged chunk, an unreadable group: this scan only
+        return {"problem": f"unreadable: {type(exc).__name__}: {exc}"}
     lesion, brain = data["lesion"] > 0, data["brain"] > 0
+    if not brain.any():
+        return {"problem": "empty brain mask (nothing to normalise over or sample)"}
     n_lesion = int(lesion.sum())
     return {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
 
 
-def make_plan(config: BuildConfig, scans: list[str], counts: list[dict], subjects: dict[str, str]) -> dict:
+def make_plan(
+    config: BuildConfig, scans: list[str], counts: list[dict], subjects: dict[str, str], notes: list[str] = ()
+) -> dict:
     """Sampling rates, per-scan sample counts, shard count and offsets (pure, deterministic)."""
-    notes = []
+    notes = list(notes)
     lesion_rate, background_rate = config.lesion_rate, config.background_rate
     if config.mode == "natural":
         lesion_rate = background_rate = config.natural_rate

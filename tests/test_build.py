@@ -221,3 +221,28 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
             reference / "manifest.json"
         ).read_bytes().replace(str(reference).encode(), b"")
         assert verify(out) == []
+
+
+def test_unusable_scans_are_skipped_with_a_reason(tmp_path):
+    """A store this project did not write quite right: the build uses what it can and says why."""
+    import zarr
+
+    from conftest import write_tiny_store
+
+    store = write_tiny_store(tmp_path / "store.zarr", n_scans=6)
+    root = zarr.open_group(store, mode="a")
+    del root["sub-000_ses-1"].attrs["mirror_index"]
+    del root["sub-001_ses-1"]["brain"]
+    root["sub-002_ses-1"]["lesion"][0, 0, 0] = 1  # still usable
+    scans = dict(root.attrs["scans"])
+    scans["sub-999_ses-1"] = "sub-003"  # listed, never written
+    root.attrs["scans"] = scans
+    manifest = build(store, tmp_path / "out", BuildConfig(split="train", num_shards=2), progress=False,
+                     log=lambda m: None)
+    used = {s["scan_id"] for s in manifest["scans"]}
+    assert used == {"sub-002_ses-1", "sub-003_ses-1"}
+    notes = " | ".join(manifest["notes"])
+    assert "sub-000_ses-1 skipped: attribute mirror_index" in notes
+    assert "sub-001_ses-1 skipped: no brain array" in notes
+    assert "sub-999_ses-1 skipped: listed in the split but not in the store" in notes
+    assert verify(tmp_path / "out") == []
