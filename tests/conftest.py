@@ -63,6 +63,8 @@ def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool
         cx = int(centre[0] + 4 + i % 3)
         lesion[cx - 2 : cx + 2 + i % 2, 10:15, 9:13] = 1
         lesion &= brain
+        if not symmetric:
+            t1 -= 60 * lesion  # lesions are dark on T1, as in the real data (learnable)
         scan_id = f"sub-{i:03d}_ses-1"
         scans[scan_id] = f"sub-{i:03d}"
         attrs = {"scan_id": scan_id, "mirror_index": float(centre[0]), "lesion_voxels": int(lesion.sum()),

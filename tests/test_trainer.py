@@ -1,0 +1,183 @@
+"""The trainer: model shapes, a loss that falls, resume, safe checkpoints, the forest, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_quietly
+from trainer import checkpoint as ckpt_io
+from trainer.curves import read_rows
+from trainer.fit import TrainConfig, TrainError, fit
+from trainer.forest import ForestModel, train_forest
+from trainer.models import ModelConfig, ModelError, build_model, probabilities
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_store, tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    build_quietly(tiny_store, base / "train", split="train", num_shards=5, samples_per_record=32)
+    build_quietly(tiny_store, base / "val", split="val", mode="natural", natural_rate=0.3,
+                  target_lesion_fraction=None, num_shards=2)
+    return base / "train", base / "val"
+
+
+@pytest.mark.parametrize("name, layout, shape", [
+    ("cnn3d", "channels", (1, 25, 25, 25)),
+    ("cnn3d-sym", "channels", (2, 25, 25, 25)),
+    ("cnn3d-sym", "concat", (1, 50, 25, 25)),
+    ("resnet2d", "channels", (3, 25, 25)),
+])
+def test_every_model_takes_stored_batches(name, layout, shape):
+    model = build_model(ModelConfig(name=name, layout=layout))
+    x = torch.randint(0, 256, (3, 2, 25, 25, 25), dtype=torch.uint8)
+    prepared = model.prepare(x)
+    assert prepared.shape == (3,) + shape and prepared.dtype == torch.float32
+    assert model(prepared).shape == (3, 2)
+    p = probabilities(model, x)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+
+
+def test_cnn3d_is_the_papers_ladder():
+    model = build_model(ModelConfig(name="cnn3d-sym"))
+    convs = [m for m in model.features if isinstance(m, torch.nn.Conv3d)]
+    pools = [i for i, m in enumerate(model.features) if isinstance(m, torch.nn.MaxPool3d)]
+    assert len(convs) == 5 and all(c.padding == (0, 0, 0) for c in convs)  # valid: dense-convertible
+    assert len(pools) == 2 and pools[1] < model.features.__len__() // 2
+    assert model.feature_shape[1:] == (1, 1, 1)
+    relus = [m for m in model.features if isinstance(m, torch.nn.ReLU)]
+    assert len(relus) == 5  # + the one after fc1 in forward: ReLU after the first 6 layers
+
+
+def test_model_config_errors_and_offline_imagenet(monkeypatch):
+    with pytest.raises(ModelError, match="concat"):
+        build_model(ModelConfig(name="cnn3d", layout="concat"))
+    with pytest.raises(ModelError, match="too small"):
+        build_model(ModelConfig(name="cnn3d", patch=9))
+    from torchvision.models import ResNet18_Weights
+
+    def offline(self, *a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(ModelError, match="not cached .* could not be downloaded"):
+        build_model(ModelConfig(name="resnet2d", pretrained="imagenet"))
+    with pytest.raises(ModelError, match="no such weights file"):
+        build_model(ModelConfig(name="resnet2d", pretrained="/nonexistent/weights.pt"))
+
+
+def _cfg(shards, out, **kw):
+    train, val = shards
+    base = dict(shards=str(train), out=str(out), val_shards=str(val), batch_size=16, lr=1e-3, workers=0,
+                log_every=5, eval_every=10, checkpoint_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
+    summary = fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40, batch_size=32, lr=3e-3), ModelConfig(),
+                  progress=False, log=lambda m: None)
+    assert summary["steps"] == 40
+    rows = read_rows(tmp_path / "run" / "metrics.csv")
+    losses = [float(r["loss"]) for r in rows]
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(r["val_dice"] != "" for r in rows if int(r["step"]) % 10 == 0)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["name"] == "cnn3d-sym" and config["preprocessing"]["norm"]["method"] == "histeq"
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    ckpt = ckpt_io.load(tmp_path / "run")
+    assert ckpt["step"] == 40 and ckpt["model_config"]["norm"] == config["preprocessing"]["norm"]
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    with pytest.raises(TrainError, match="holds a run already"):
+        fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40), ModelConfig(), progress=False, log=lambda m: None)
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch):
+    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2), ModelConfig(), progress=False,
+                   log=lambda m: None)
+    import trainer.fit as fit_mod
+
+    real, calls = fit_mod._log_row, []
+
+    def interrupt_at_15(window, step, *args):
+        if step == 15:
+            raise KeyboardInterrupt
+        return real(window, step, *args)
+
+    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2), ModelConfig(), progress=False, log=lambda m: None)
+    assert ckpt_io.load(tmp_path / "b")["step"] == 15  # Ctrl-C saved a checkpoint mid-epoch 2
+    monkeypatch.setattr(fit_mod, "_log_row", real)
+    resumed = fit(_cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2), ModelConfig(), resume=True,
+                  progress=False, log=lambda m: None)
+    assert resumed["steps"] == straight["steps"] == 24
+    a, b = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same data order, same RNG: the same weights
+    steps = [int(r["step"]) for r in read_rows(tmp_path / "b" / "metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+    with pytest.raises(TrainError, match="not resnet2d"):
+        fit(_cfg(shards, tmp_path / "b"), ModelConfig(name="resnet2d"), resume=True, progress=False, log=lambda m: None)
+
+
+class Payload:
+    """Stands for anything a malicious or careless checkpoint could smuggle in."""
+
+
+def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
+    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": {}, "extra": Payload()},
+               tmp_path / "last.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="refused.*Payload"):
+        ckpt_io.load(tmp_path)
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="not an atlas-train checkpoint"):
+        ckpt_io.load(tmp_path / "other.pt")
+
+
+def test_forest_trains_on_streamed_samples_and_saves_without_pickle(shards, tmp_path):
+    train, val = shards
+    result = train_forest(str(train), tmp_path / "rf", max_samples=500, val_spec=str(val), workers=1, log=lambda m: None)
+    assert result["params"] == {"n_estimators": 50, "max_depth": 6, "min_samples_split": 2}
+    assert result["train_accuracy"] > 0.8 and 0 <= result["val"]["dice"] <= 1
+    model = ForestModel.load(tmp_path / "rf")
+    with np.load(tmp_path / "rf" / "forest.npz", allow_pickle=False) as data:
+        assert all(data[k].dtype != object for k in data.files)
+    x = torch.randint(0, 256, (7, 2, 25, 25, 25), dtype=torch.uint8).numpy()
+    assert model.lesion_probability(x).shape == (7,)
+
+
+def test_forest_arrays_predict_exactly_like_scikit_learn():
+    from sklearn.ensemble import RandomForestClassifier
+
+    rng = np.random.default_rng(0)
+    features = rng.integers(0, 256, (2000, 625)).astype(np.float32)
+    labels = (features[:, 300] + features[:, 10] > 255).astype(int)
+    forest = RandomForestClassifier(20, max_depth=6, random_state=0).fit(features, labels)
+    test = rng.integers(0, 256, (300, 625)).astype(np.float32)
+    np.testing.assert_allclose(ForestModel.from_sklearn(forest, {}).predict_proba(test), forest.predict_proba(test),
+                               atol=1e-12)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_gloo(shards, tmp_path):
+    train, val = shards
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", "fit", "--shards", str(train),
+           "--val-shards", str(val), "--out", str(tmp_path / "ddp"), "--batch-size", "16", "--lr", "1e-3",
+           "--workers", "1", "--log-every", "5", "--eval-every", "10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    audit = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
+    assert audit["world_size"] == 2 and audit["identical_parameters"]
+    assert audit["samples_compared_per_rank"] > 0 and audit["samples_seen_by_two_ranks"] == 0
+    manifest = json.loads((train / "manifest.json").read_text())
+    steps = manifest["totals"]["samples"] // (2 * 16)  # 5 shards over 2 ranks: still equal steps
+    assert ckpt_io.load(tmp_path / "ddp")["step"] == steps
+    assert int(read_rows(tmp_path / "ddp" / "metrics.csv")[-1]["step"]) == steps

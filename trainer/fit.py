@@ -1,0 +1,277 @@
+"""``atlas-train fit``: the training loop, one process or DDP under torchrun.
+
+Read it top to bottom: set up (DDP if torchrun started us), open the shard
+streams, build or resume the model, then the loop: step, log, validate,
+checkpoint. Rank 0 logs and checkpoints; every rank runs the same number of
+steps because ``ShardStream`` gives each the same number of batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import distributed as dist
+
+from shards import atomic_write_text
+from shards.reader import ShardStream
+from trainer import checkpoint as ckpt_io
+from trainer.curves import plot, read_rows, voxel_scores, write_rows
+from trainer.models import ModelConfig, build_model
+
+
+class TrainError(Exception):
+    """Training cannot start: bad run directory, shards without a manifest, wrong checkpoint."""
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    out: str
+    val_shards: str | None = None
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-5
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    class_weights: tuple[float, float] | None = None
+    shuffle: int = 1024
+    log_every: int = 10
+    eval_every: int | None = None
+    val_batches: int | None = None
+    checkpoint_every: int = 500
+
+
+def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train ``model_cfg`` on ``cfg.shards``; returns a summary (rank 0's view)."""
+    # -- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) --
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() and cfg.device not in ("cpu",)
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+    master = rank == 0
+    out = Path(cfg.out)
+    try:
+        return _train(cfg, model_cfg, resume, progress and master, log if master else (lambda m: None),
+                      rank, world, device, master, out, ddp)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, out, ddp) -> dict:
+    from tqdm import tqdm
+
+    ckpt = _resume_point(out, resume, model_cfg.name)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    # -- data: every rank gets exactly steps_per_epoch full batches per epoch --
+    probe = ShardStream(cfg.shards, batch_size=cfg.batch_size, batches_per_epoch=1)
+    manifest = probe.manifest
+    if manifest is None or probe.total_samples is None:
+        raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
+    steps_per_epoch = cfg.steps_per_epoch or probe.total_samples // (world * cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise TrainError(f"{cfg.shards}: {probe.total_samples} samples are fewer than one batch per rank")
+    train = ShardStream(cfg.shards, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                        batches_per_epoch=steps_per_epoch)
+    val = None
+    if cfg.val_shards:
+        val = ShardStream(cfg.val_shards, batch_size=cfg.batch_size, shuffle=0, seed=cfg.seed,
+                          batches_per_epoch=cfg.val_batches)
+    total_steps = cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_every or max(1, total_steps // 10)
+
+    # -- model, optimiser, resume --
+    model_cfg.patch, model_cfg.norm = manifest["config"]["patch"], manifest["norm"]
+    model = build_model(model_cfg).to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    step, rows = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        ckpt_io.set_rng_state(ckpt["rng"])
+        rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
+        log(f"resuming {out} at step {step}")
+    raw = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
+    preprocessing = {"norm": manifest["norm"], "build": manifest["config"], "shards": cfg.shards}
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.json", json.dumps(
+            {"train": asdict(cfg), "model": model_cfg.to_dict(), "preprocessing": preprocessing, "world_size": world,
+             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}, indent=1, default=list))
+
+    def save_checkpoint() -> None:
+        if master:
+            ckpt_io.save(out / ckpt_io.LAST, {
+                "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": step // steps_per_epoch,
+                "rng": ckpt_io.rng_state(), "model_config": model_cfg.to_dict(), "preprocessing": preprocessing,
+                "train_config": json.loads(json.dumps(asdict(cfg), default=list)),
+            })
+
+    loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    seen = []  # sample fingerprints, for the rank audit
+    window = {"loss": 0.0, "samples": 0, "wait": 0.0, "skipped": 0, "start": time.perf_counter()}
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
+    try:
+        for epoch in range(step // steps_per_epoch, cfg.epochs):
+            train.set_epoch(epoch)
+            batches = iter(loader)
+            done_in_epoch = step - epoch * steps_per_epoch  # batches a resumed run already trained on
+            for i in range(steps_per_epoch):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                waited = time.perf_counter() - t0
+                if i < done_in_epoch:
+                    continue
+                model.train()
+                x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                    logits = model(raw.prepare(x))
+                loss = F.cross_entropy(logits.float(), y, weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                if world > 1 and len(seen) < 4096:
+                    seen.append(_fingerprints(batch))
+                window["loss"] += loss.item() * len(y)
+                window["samples"] += len(y)
+                window["wait"] += waited
+                window["skipped"] += int(batch["skipped"])
+                if step % cfg.log_every == 0 or step % eval_every == 0 or step == total_steps:
+                    row = _log_row(window, step, epoch, world, device)
+                    if val is not None and (step % eval_every == 0 or step == total_steps):
+                        row.update(_validate(model, raw, val, device, cfg.workers, weight))
+                        window["start"] = time.perf_counter()  # validation time is not training throughput
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}",
+                                    wait=f"{100 * row['data_wait']:.1f}%")
+                    if master:
+                        rows.append(row)
+                        write_rows(out / "metrics.csv", rows)
+                if step % cfg.checkpoint_every == 0:
+                    save_checkpoint()
+                bar.update()
+    except KeyboardInterrupt:
+        save_checkpoint()
+        log(f"\ninterrupted at step {step}: checkpoint {out / ckpt_io.LAST}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+    save_checkpoint()
+    audit = _audit(raw, seen, world, out if master else None)
+    if master:
+        plot(rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
+    return {"run_dir": str(out), "steps": step, "checkpoint": str(out / ckpt_io.LAST),
+            "last": rows[-1] if rows else {}, "world_size": world, "audit": audit}
+
+
+def _resume_point(out: Path, resume: bool, model_name: str) -> dict | None:
+    last = out / ckpt_io.LAST
+    if not resume:
+        if last.exists():
+            raise TrainError(f"{out}: holds a run already (checkpoint {last}); use --resume, or another --out")
+        return None
+    if not last.exists():
+        return None
+    ckpt = ckpt_io.load(last)
+    if ckpt["model_config"]["name"] != model_name:
+        raise TrainError(f"{last}: a {ckpt['model_config']['name']} checkpoint, not {model_name}")
+    return ckpt
+
+
+def _log_row(window: dict, step: int, epoch: int, world: int, device) -> dict:
+    """Average the window over ranks, reset it, and return the metrics row."""
+    elapsed = time.perf_counter() - window["start"]
+    totals = torch.tensor([window["loss"], window["samples"], window["wait"], window["skipped"]],
+                          dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, samples, wait, skipped = totals.tolist()
+    row = {"step": step, "epoch": epoch, "samples": int(samples), "loss": loss / max(samples, 1),
+           "samples_per_s": samples / max(elapsed, 1e-9), "data_wait": wait / world / max(elapsed, 1e-9),
+           "skipped": int(skipped)}
+    window.update(loss=0.0, samples=0, wait=0.0, skipped=0, start=time.perf_counter())
+    return row
+
+
+@torch.no_grad()
+def _validate(model, raw, val: ShardStream, device, workers: int, weight) -> dict:
+    """Loss and voxel Dice/precision/recall (argmax, i.e. p > 0.5) over the validation stream."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, n, tp, fp, fn
+    for batch in torch.utils.data.DataLoader(val, batch_size=None, num_workers=min(workers, 1)):
+        x, y = batch["x"].to(device), batch["y"].to(device)
+        logits = raw(raw.prepare(x)).float()
+        pred = logits.argmax(1)
+        sums += torch.tensor([F.cross_entropy(logits, y, weight=weight, reduction="sum").item(), len(y),
+                              ((pred == 1) & (y == 1)).sum().item(), ((pred == 1) & (y == 0)).sum().item(),
+                              ((pred == 0) & (y == 1)).sum().item()], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, n, tp, fp, fn = sums.tolist()
+    scores = voxel_scores(tp, fp, fn)
+    return {"val_loss": loss / max(n, 1), "val_dice": scores["dice"], "val_precision": scores["precision"],
+            "val_recall": scores["recall"]}
+
+
+def _fingerprints(batch: dict) -> torch.Tensor:
+    """One int64 per sample from (scan, voxel): to check that ranks saw disjoint data."""
+    scans = torch.tensor([zlib.crc32(s.encode()) for s in batch["scan"]], dtype=torch.int64)
+    loc = batch["loc"].to(torch.int64)
+    return (scans << 24) ^ (loc[:, 0] << 16) ^ (loc[:, 1] << 8) ^ loc[:, 2]
+
+
+def _audit(raw, seen: list, world: int, out: Path | None) -> dict | None:
+    """Under DDP: are the parameters identical on every rank, and was the data disjoint?"""
+    if world == 1:
+        return None
+    params = torch.cat([p.detach().double().flatten().cpu() for p in raw.state_dict().values()])
+    checksum = torch.tensor([params.sum().item(), (params * torch.arange(len(params), dtype=torch.float64)).sum().item()])
+    sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(sums, checksum.double())
+    mine = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+    length = torch.tensor([len(mine)])
+    dist.all_reduce(length, op=dist.ReduceOp.MIN)
+    mine = mine[: int(length)]
+    everyone = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    per_rank = [set(t.tolist()) for t in everyone]
+    shared = sum(len(per_rank[i] & per_rank[j]) for i in range(world) for j in range(i))
+    audit = {
+        "world_size": world,
+        "identical_parameters": all(torch.equal(s, sums[0]) for s in sums),
+        "parameter_checksums": [s.tolist() for s in sums],
+        "samples_compared_per_rank": int(length),
+        "samples_seen_by_two_ranks": shared,
+    }
+    if out is not None:
+        atomic_write_text(out / "ranks.json", json.dumps(audit, indent=1))
+    return audit
+
+
+def steps_done(out: str | os.PathLike) -> int:
+    """The step of a run directory's last checkpoint (0 when there is none)."""
+    last = Path(out) / ckpt_io.LAST
+    return int(ckpt_io.load(last)["step"]) if last.exists() else 0
+

@@ -1,0 +1,176 @@
+"""The paper's model ladder: 3D CNN, symmetric-pair 3D CNN, ResNet-18 on the axial slice.
+
+Every model takes the stored batch ``x (B, 2, P, P, P) uint8`` through its own
+``prepare`` (dequantise with the shard manifest's normalisation, then the
+view the model wants) and returns logits ``(B, 2)``; softmax gives the
+lesion probability. ``ModelConfig`` is saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shards.views import axial_slice, concat_pair, dequantise, single_cube
+
+MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
+LAYOUTS = ("channels", "concat")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ModelError(ValueError):
+    """A model cannot be built as asked (bad config, weights not available)."""
+
+
+@dataclass
+class ModelConfig:
+    """Model hyper-parameters plus the preprocessing they were trained with.
+
+    ``widths`` are the 5 convolutions' output channels, ``kernels`` their
+    (cubic) kernel sizes; convolutions are valid (unpadded), max-pooling 2x2x2
+    after the first two. With P=25 and the default kernels the feature map
+    ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
+    """
+
+    name: str = "cnn3d-sym"
+    layout: str = "channels"
+    patch: int = 25
+    widths: tuple[int, ...] = (16, 32, 32, 64, 64)
+    kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
+    hidden: int = 128
+    pretrained: str = "none"
+    finetune: str = "last"
+    norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})
+
+    def check(self) -> None:
+        if self.name not in MODELS:
+            raise ModelError(f"unknown model {self.name!r}; choose from {', '.join(MODELS)}")
+        if self.layout not in LAYOUTS:
+            raise ModelError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.layout == "concat" and self.name != "cnn3d-sym":
+            raise ModelError("the concat layout is for cnn3d-sym only")
+        if len(self.widths) != 5 or len(self.kernels) != 5:
+            raise ModelError("cnn3d needs exactly 5 widths and 5 kernel sizes")
+        if self.finetune not in ("last", "all"):
+            raise ModelError("--finetune is 'last' or 'all'")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        for key in ("widths", "kernels"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PatchCNN(nn.Module):
+    """5 valid convolutions (max-pool after the first two), then 2 fully connected layers.
+
+    ReLU after the first 6 layers; the last layer gives logits (softmax in
+    ``probabilities``). Input channels: 1 (``cnn3d``: cube A; ``concat``:
+    the 2P x P x P stack) or 2 (``channels``: cubes A and B).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        in_ch = 2 if (cfg.name == "cnn3d-sym" and cfg.layout == "channels") else 1
+        layers: list[nn.Module] = []
+        for i, (width, k) in enumerate(zip(cfg.widths, cfg.kernels)):
+            layers += [nn.Conv3d(in_ch, width, k), nn.ReLU(inplace=True)]
+            if i < 2:
+                layers.append(nn.MaxPool3d(2))
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        try:
+            with torch.no_grad():
+                out = self.features(torch.zeros((1,) + self.input_shape()))
+        except RuntimeError:
+            out = None
+        if out is None or min(out.shape[2:]) < 1:
+            raise ModelError(f"patch {cfg.patch} is too small for kernels {cfg.kernels} and two 2x poolings")
+        self.feature_shape = tuple(out.shape[1:])
+        self.fc1 = nn.Linear(math.prod(self.feature_shape), cfg.hidden)
+        self.fc2 = nn.Linear(cfg.hidden, 2)
+
+    def input_shape(self) -> tuple[int, ...]:
+        p = self.cfg.patch
+        if self.cfg.name == "cnn3d":
+            return (1, p, p, p)
+        return (2, p, p, p) if self.cfg.layout == "channels" else (1, 2 * p, p, p)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, P, P, P) uint8`` -> this model's float input."""
+        x = dequantise(x, self.cfg.norm)
+        if self.cfg.name == "cnn3d":
+            return single_cube(x)
+        return x if self.cfg.layout == "channels" else concat_pair(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+class SliceResNet(nn.Module):
+    """torchvision ResNet-18 on the P x P axial slice through the voxel, replicated to 3 channels."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from torchvision.models import resnet18
+
+        self.cfg = cfg
+        self.net = resnet18(weights=_imagenet_weights() if cfg.pretrained == "imagenet" else None)
+        if cfg.pretrained not in ("imagenet", "none"):
+            path = Path(cfg.pretrained)
+            if not path.is_file():
+                raise ModelError(f"{path}: no such weights file for --pretrained")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                self.net.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            except Exception as exc:
+                raise ModelError(f"{path}: not a ResNet-18 state dict: {exc}") from None
+        self.net.fc = nn.Linear(self.net.fc.in_features, 2)
+        if cfg.finetune == "last":
+            for name, param in self.net.named_parameters():
+                param.requires_grad = name.startswith("fc.")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        s = axial_slice(dequantise(x, self.cfg.norm)).unsqueeze(1).expand(-1, 3, -1, -1)
+        return (s - self.mean) / self.std if self.cfg.pretrained == "imagenet" else s.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _imagenet_weights():
+    from torchvision.models import ResNet18_Weights
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    try:
+        weights.get_state_dict(progress=False)  # cached in torch's hub dir, or downloaded
+    except Exception as exc:
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise ModelError(
+            f"ImageNet weights for ResNet-18 are not cached ({hub}) and could not be downloaded "
+            f"({type(exc).__name__}: {exc}); copy the file there, or use --pretrained none or --pretrained PATH"
+        ) from None
+    return weights
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    cfg.check()
+    return SliceResNet(cfg) if cfg.name == "resnet2d" else PatchCNN(cfg)
+
+
+def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Lesion probability ``(B,)`` for stored batches ``x (B, 2, P, P, P) uint8``."""
+    return torch.softmax(model(model.prepare(x)).float(), dim=1)[:, 1]
