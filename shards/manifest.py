@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +32,10 @@ from shards.tario import iter_grouped, sha256_file
 
 class ManifestError(ValueError):
     """A manifest is missing, unreadable, or of another schema."""
+
+
+class ManifestUnreachable(ManifestError):
+    """The server holding the manifest could not be reached (not the same as no manifest)."""
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
@@ -52,6 +57,10 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
         manifest = json.loads(text)
     except FileNotFoundError:
         raise ManifestError(f"{where}: no {MANIFEST} (not a shard directory, or the build has not finished)") from None
+    except urllib.error.HTTPError as exc:
+        raise ManifestError(f"{where}: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise ManifestUnreachable(f"{where}: unreachable ({exc.reason})") from None
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{where}: cannot read the shard manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from braceexpand import braceexpand
 
-from shards.manifest import ManifestError, read_manifest
+from shards.manifest import ManifestError, ManifestUnreachable, read_manifest
 from shards.schema import MANIFEST
 
 
@@ -85,7 +85,9 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
     # Counts from a manifest beside the shards, when there is one (best effort).
     try:
         listed, manifest = _from_manifest(_join(_parent(urls[0]), MANIFEST), timeout)
-    except (ManifestError, ShardSourceError):
+    except ManifestUnreachable as exc:
+        raise ShardSourceError(str(exc)) from None
+    except ManifestError:
         return [Shard(u) for u in urls], None
     by_url = {s.url: s for s in listed}
     return [by_url.get(u, Shard(u)) for u in urls], manifest

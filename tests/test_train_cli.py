@@ -1,0 +1,67 @@
+"""``atlas-train`` through click: help, a short fit, the forest, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import build_quietly
+from trainer.cli import main
+
+
+@pytest.fixture(scope="module")
+def train_shards(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "train"
+    build_quietly(tiny_store, out, split="train", num_shards=2, samples_per_record=32)
+    return out
+
+
+@pytest.mark.parametrize("cmd", ["fit", "rf"])
+def test_help(cmd):
+    result = CliRunner().invoke(main, [cmd, "--help"])
+    assert result.exit_code == 0 and "--shards" in result.output
+
+
+def test_help_loads_no_torch():
+    code = "import sys; from trainer.cli import main; print(any(m in sys.modules for m in ('torch', 'sklearn')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_fit_then_refuse_to_overwrite_then_resume(train_shards, tmp_path):
+    runner = CliRunner()
+    args = ["fit", "--shards", str(train_shards), "--out", str(tmp_path / "run"), "--steps-per-epoch", "3",
+            "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "trained 3 steps (world size 1)" in r.output and "last.pt" in r.output
+    r = runner.invoke(main, args)
+    assert r.exit_code == 1 and "holds a run already" in r.output and "Traceback" not in r.output
+    r = runner.invoke(main, args[:-6] + ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8",
+                                         "--workers", "0", "--resume"])
+    assert r.exit_code == 0 and "resuming" in r.output and "trained 6 steps" in r.output
+
+
+def test_rf_command(train_shards, tmp_path):
+    r = CliRunner().invoke(main, ["rf", "--shards", str(train_shards), "--out", str(tmp_path / "rf"),
+                                  "--max-samples", "300"])
+    assert r.exit_code == 0, r.output
+    assert "'n_estimators': 50" in r.output and (tmp_path / "rf" / "forest.npz").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--shards", "{missing}", "--out", "{out}"], "no such shard"),
+    (["fit", "--shards", "{shards}", "--out", "{out}", "--widths", "8,8"], "5 widths"),
+    (["fit", "--shards", "{shards}", "--out", "{out}", "--class-weights", "1"], "two comma-separated"),
+    (["fit", "--shards", "http://127.0.0.1:9/train-{{000000..000001}}.tar", "--out", "{out}"], "unreachable"),
+    (["rf", "--shards", "{missing}", "--out", "{out}"], "no such shard"),
+])
+def test_errors_are_one_line(train_shards, tmp_path, args, message):
+    fill = {"missing": str(tmp_path / "nope.tar"), "out": str(tmp_path / "out"), "shards": str(train_shards)}
+    r = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert len([line for line in r.output.splitlines() if line.startswith("Error")]) == 1
