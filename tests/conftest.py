@@ -92,3 +92,12 @@ def build_quietly(store, out, **config):
 def sample_ids(batches) -> list[tuple]:
     """(scan, i, j, k) of every sample of reader batches, in order."""
     return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]
+
+
+def heavy_modules_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``module`` (for instant --help)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

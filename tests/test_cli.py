@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
 
 from atlas_shards.cli import main
+from conftest import heavy_modules_after_import
 
 
 @pytest.mark.parametrize("cmd", ["synth", "ingest", "eda", "build", "inspect"])
@@ -20,9 +19,8 @@ def test_help(cmd):
 
 
 def test_help_is_instant_no_heavy_imports():
-    code = "import sys; from atlas_shards.cli import main; print(any(m in sys.modules for m in ('zarr','nilearn','scipy','matplotlib','torch')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    heavy = ("zarr", "nilearn", "scipy", "matplotlib", "torch")
+    assert heavy_modules_after_import("atlas_shards.cli", heavy) == []
 
 
 @pytest.mark.slow

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_quietly
+from conftest import build_quietly, heavy_modules_after_import
 from trainer.cli import main
 
 
@@ -20,15 +17,10 @@ def train_shards(tiny_store, tmp_path_factory):
 
 
 @pytest.mark.parametrize("cmd", ["fit", "rf"])
-def test_help(cmd):
+def test_help_is_instant(cmd):
     result = CliRunner().invoke(main, [cmd, "--help"])
     assert result.exit_code == 0 and "--shards" in result.output
-
-
-def test_help_loads_no_torch():
-    code = "import sys; from trainer.cli import main; print(any(m in sys.modules for m in ('torch', 'sklearn')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert heavy_modules_after_import("trainer.cli", ("torch", "sklearn")) == []
 
 
 def test_fit_then_refuse_to_overwrite_then_resume(train_shards, tmp_path):
