@@ -1,0 +1,138 @@
+"""Trained runs as voxel classifiers: patch by patch (every model) or dense (the 3D CNNs).
+
+``DenseCNN`` turns a trained ``PatchCNN`` into an equivalent fully
+convolutional network: every max-pool gets stride 1, every later layer is
+dilated by the product of the earlier pooling strides, and the fully
+connected layers become convolutions (fc1's kernel is the last feature map).
+Run over the padded two-channel volume it gives, at every voxel, exactly the
+classifier's output for the patch centred there (Giusti et al. 2013).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shards.views import dequantise
+from trainer import checkpoint as ckpt_io
+from trainer.forest import FOREST, ForestModel
+from trainer.models import ModelConfig, PatchCNN, build_model
+
+
+class EvaluateError(Exception):
+    """A run, store or input cannot be evaluated; the message says why."""
+
+
+class DenseCNN(nn.Module):
+    """The fully convolutional twin of a ``PatchCNN``: ``(1, C, X+P-1, Y+P-1, Z+P-1)`` -> logits ``(1, 2, X, Y, Z)``."""
+
+    def __init__(self, model: PatchCNN):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dilation = 1
+        for m in model.features:
+            if isinstance(m, nn.Conv3d):
+                conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, dilation=dilation)
+                conv.weight.data.copy_(m.weight.data)
+                conv.bias.data.copy_(m.bias.data)
+                layers.append(conv)
+            elif isinstance(m, nn.MaxPool3d):
+                layers.append(nn.MaxPool3d(m.kernel_size, stride=1, dilation=dilation))
+                dilation *= m.stride if isinstance(m.stride, int) else m.stride[0]
+            else:
+                layers.append(nn.ReLU())
+        channels, *spatial = model.feature_shape
+        fc1 = nn.Conv3d(channels, model.fc1.out_features, tuple(spatial), dilation=dilation)
+        fc1.weight.data.copy_(model.fc1.weight.data.view(model.fc1.out_features, channels, *spatial))
+        fc1.bias.data.copy_(model.fc1.bias.data)
+        fc2 = nn.Conv3d(model.fc2.in_features, 2, 1)
+        fc2.weight.data.copy_(model.fc2.weight.data.view(2, -1, 1, 1, 1))
+        fc2.bias.data.copy_(model.fc2.bias.data)
+        self.net = nn.Sequential(*layers, fc1, nn.ReLU(), fc2)
+        self.patch = model.cfg.patch
+        with torch.no_grad():
+            probe = self.net(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3))
+        if tuple(probe.shape[2:]) != (4, 4, 4):
+            raise EvaluateError("this network's pooling does not tile the patch exactly; use the patch-by-patch path")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class Predictor:
+    """A trained run: lesion probabilities for stored pairs, patch by patch or dense."""
+
+    name: str
+    run_dir: Path
+    config: dict
+    preprocessing: dict
+    model: nn.Module | None = None
+    forest: ForestModel | None = None
+    dense: DenseCNN | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def patch(self) -> int:
+        return int(self.preprocessing["build"]["patch"])
+
+    @property
+    def norm(self) -> dict:
+        return self.preprocessing["norm"]
+
+    def prior_shift(self) -> float:
+        """log(lesion rate / background rate) of the training sample: 0 for an un-upsampled one."""
+        build = self.preprocessing["build"]
+        lesion, background = float(build["lesion_rate"]), float(build["background_rate"])
+        return 0.0 if lesion <= 0 or background <= 0 else math.log(lesion / background)
+
+    @torch.no_grad()
+    def patch_logits(self, pairs: np.ndarray, batch: int = 512) -> np.ndarray:
+        """``(B, 2, P, P, P) uint8`` -> lesion logit ``(B,)`` (float64), the reference path."""
+        if self.forest is not None:
+            p = np.clip(self.forest.lesion_probability(pairs), 1e-6, 1 - 1e-6)
+            return np.log(p / (1 - p))
+        out = []
+        for start in range(0, len(pairs), batch):
+            x = torch.from_numpy(np.ascontiguousarray(pairs[start : start + batch])).to(self.device)
+            logits = self.model(self.model.prepare(x)).double()
+            out.append((logits[:, 1] - logits[:, 0]).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    @torch.no_grad()
+    def dense_logits(self, padded_tile: np.ndarray) -> np.ndarray:
+        """``(2, x+P-1, y+P-1, z+P-1) uint8`` padded pair tile -> lesion logit ``(x, y, z)``."""
+        x = dequantise(torch.from_numpy(np.ascontiguousarray(padded_tile)).to(self.device), self.norm)
+        if self.config["name"] == "cnn3d":
+            x = x[:1]
+        logits = self.dense(x.unsqueeze(0))[0].double()
+        return (logits[1] - logits[0]).cpu().numpy()
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Predictor:
+    """Load a training run directory (``last.pt``, or ``forest.npz`` for the forest)."""
+    run_dir = Path(run_dir)
+    if (run_dir / FOREST).is_file():
+        forest = ForestModel.load(run_dir)
+        pre = forest.config.get("preprocessing")
+        if pre is None:
+            raise EvaluateError(f"{run_dir}: forest trained without a shard manifest: its preprocessing is unknown")
+        return Predictor("rf", run_dir, forest.config["model"], pre, forest=forest)
+    try:
+        ckpt = ckpt_io.load(run_dir)
+    except ckpt_io.CheckpointError as exc:
+        raise EvaluateError(f"{exc} (expected a run directory of atlas-train fit or rf)") from None
+    cfg = ModelConfig.from_dict(ckpt["model_config"])
+    cfg.pretrained = "none"  # the checkpoint holds every weight: never fetch anything
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    pred = Predictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=torch.device(device))
+    if dense and isinstance(model, PatchCNN) and cfg.layout == "channels":
+        pred.dense = DenseCNN(model).eval().to(device)
+    return pred

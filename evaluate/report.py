@@ -1,0 +1,108 @@
+"""``report.md`` and its figures: overlays (the paper's Figure 16), per-hemisphere Dice
+(Figure 15), the Dice histogram and the run's training curves."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from atlas_shards import store as zstore
+from shards import atomic_path, atomic_write_text
+
+KEYS = ("mean_dice", "pooled_dice", "mean_lesion_f1", "mean_abs_volume_diff_voxels", "mean_abs_volume_diff_ml",
+        "mean_lesion_count_diff", "precision", "recall")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> str:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return path.name
+
+
+def _overlays(out: Path, rows: list[dict], masks: dict, root) -> str | None:
+    ranked = sorted(rows, key=lambda r: r["dice"])
+    chosen = [ranked[-1], ranked[len(ranked) // 2], ranked[0]] if len(ranked) >= 3 else ranked
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 4.4), squeeze=False)
+    for ax, (label, row) in zip(axes[0], zip(("best", "median", "worst"), chosen)):
+        data = zstore.read_scan(root, row["scan_id"], ("t1", "lesion"))
+        truth = data["lesion"] > 0
+        pred = np.unpackbits(masks[row["scan_id"]])[: truth.size].reshape(truth.shape).astype(bool)
+        z = int(np.argmax(truth.sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
+        ax.imshow(data["t1"][:, :, z].T, cmap="gray", origin="lower")
+        ax.contour(truth[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
+        ax.imshow(np.ma.masked_where(~pred[:, :, z].T, pred[:, :, z].T), cmap="autumn", alpha=0.5, origin="lower")
+        ax.set_title(f"{label}: {row['scan_id']}\nDice {row['dice']:.3f} (green truth, red prediction)", fontsize=8)
+        ax.axis("off")
+    return _save(fig, out / "overlays.png")
+
+
+def _hemispheres(out: Path, metrics: dict) -> str:
+    groups = metrics["by_hemisphere"]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = list(groups)
+    ax.bar(names, [groups[g]["mean_dice"] for g in names], color="C0")
+    for i, g in enumerate(names):
+        ax.text(i, groups[g]["mean_dice"], f"n={groups[g]['n_subjects']}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title("Dice by lesion hemisphere")
+    return _save(fig, out / "dice_by_hemisphere.png")
+
+
+def _histogram(out: Path, rows: list[dict]) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist([r["dice"] for r in rows], bins=np.linspace(0, 1, 21), color="C2")
+    ax.set_xlabel("Dice per scan")
+    ax.set_ylabel("scans")
+    return _save(fig, out / "dice_histogram.png")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, run_dir) -> Path:
+    figures = [_overlays(out, rows, masks, root), _hemispheres(out, metrics), _histogram(out, rows)]
+    curves = Path(run_dir) / "curves.png"
+    if curves.is_file():
+        shutil.copyfile(curves, out / "training_curves.png")
+        figures.append("training_curves.png")
+    lines = [
+        f"# Evaluation of {metrics['model']} on the {metrics['split']} split",
+        "",
+        f"Run `{metrics['run_dir']}`, store `{metrics['store']}`: {metrics['n_subjects']} scans, "
+        f"{metrics['inference']} inference, threshold {metrics['threshold']} ({metrics['threshold_source']}), "
+        f"prior correction {'on (logit - ' + format(metrics['prior_shift'], '.3f') + ')' if metrics['prior_correction'] else 'off'}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(metrics.get(k))} |" for k in KEYS],
+        "",
+    ]
+    for title, key in (("By hemisphere", "by_hemisphere"), ("By lesion-size tertile", "by_size_tertile")):
+        lines += [f"## {title}", "", "| group | scans | mean Dice | pooled Dice | lesion F1 |", "|---|---|---|---|---|"]
+        lines += [f"| {g} | {m['n_subjects']} | {_fmt(m['mean_dice'])} | {_fmt(m['pooled_dice'])} | "
+                  f"{_fmt(m['mean_lesion_f1'])} |" for g, m in metrics[key].items()]
+        lines.append("")
+    if metrics["failed"]:
+        lines += ["## Failed scans", "", *[f"- {s} (see subjects.csv)" for s in metrics["failed"]], ""]
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures if f] + [""]
+    lines += ["Per-scan scores: `subjects.csv`; predicted masks on each scan's original grid: `masks/`.", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"

@@ -1,0 +1,168 @@
+"""``atlas-evaluate run``: predict every scan of a split, score it, write masks and a report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from atlas_shards import store as zstore
+from atlas_shards.orient import from_canonical
+from evaluate.metrics import case_metrics, summarise
+from evaluate.predictors import EvaluateError, Predictor, load_run
+from evaluate.volume import lesion_logits, to_probability
+from shards import atomic_path, atomic_write_text
+
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
+SUBJECT_COLUMNS = ("scan_id", "subject_id", "hemisphere", "size_tertile", "true_voxels", "predicted_voxels", "dice",
+                   "abs_volume_diff_voxels", "abs_volume_diff_ml", "lesion_f1", "lesion_count_diff", "precision",
+                   "recall", "status")
+
+
+def split_scans(root, split: str) -> list[str]:
+    subjects = set(root.attrs.get("split", {}).get(split, []))
+    return sorted(s for s, subj in root.attrs.get("scans", {}).items() if subj in subjects and s in root)
+
+
+def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool) -> tuple[np.ndarray, dict]:
+    data = zstore.read_scan(root, scan_id)
+    attrs = dict(root[scan_id].attrs)
+    logits = lesion_logits(pred, data["t1"], data["brain"], float(attrs["mirror_index"]), tile=tile, use_dense=use_dense)
+    logits[data["brain"] == 0] = -np.inf  # predictions outside the brain mask are 0
+    return logits, {**data, "attrs": attrs}
+
+
+def choose_threshold(pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool) -> float:
+    """The threshold with the best mean Dice over the *validation* split."""
+    from tqdm import tqdm
+
+    scans = split_scans(root, "val")
+    if not scans:
+        raise EvaluateError("--threshold auto needs a validation split in the store")
+    dice = np.zeros(len(THRESHOLDS))
+    for scan_id in tqdm(scans, desc="threshold on val", unit="scan", disable=not progress):
+        logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+        prob, truth = to_probability(logits, shift), data["lesion"] > 0
+        for i, t in enumerate(THRESHOLDS):
+            p = prob > t
+            inter, total = int((p & truth).sum()), int(p.sum()) + int(truth.sum())
+            dice[i] += 1.0 if total == 0 else 2 * inter / total
+    return float(THRESHOLDS[int(np.argmax(dice))])
+
+
+def save_nifti(path: Path, canonical: np.ndarray, attrs: dict, dtype=np.uint8) -> None:
+    """Write a canonical array on the scan's original grid and affine (temporary name, then rename)."""
+    import nibabel as nib
+
+    data = from_canonical(canonical.astype(dtype), attrs["canonical_transform"], tuple(attrs["original_shape"][:3]))
+    img = nib.Nifti1Image(data, np.asarray(attrs["original_affine"], dtype=float))
+    img.header.set_data_dtype(dtype)
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, tmp)
+
+
+def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5", prior_correction: bool = True,
+                   device: str = "cpu", tile: int = 64, save_probabilities: bool = False, use_dense: bool = True,
+                   progress: bool = True, log=print) -> dict:
+    """Evaluate a trained run on every labelled scan of ``split``; returns ``metrics.json``'s content."""
+    from tqdm import tqdm
+
+    from evaluate.report import write_report
+
+    pred = load_run(run_dir, device=device)
+    try:
+        root = zstore.open_store(store_path, "r")
+    except zstore.StoreError as exc:
+        raise EvaluateError(str(exc)) from None
+    scans = split_scans(root, split)
+    if not scans:
+        raise EvaluateError(f"{store_path}: split {split!r} has no labelled scans")
+    shift = pred.prior_shift() if prior_correction else 0.0
+    if threshold == "auto":
+        value = choose_threshold(pred, root, shift, tile, use_dense, progress)
+        log(f"threshold chosen on the validation split: {value}")
+    else:
+        value = float(threshold)
+    out = Path(out)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rows, masks = [], {}
+    for scan_id in tqdm(scans, desc=f"evaluate {split}", unit="scan", disable=not progress):
+        try:
+            logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+            prob = to_probability(logits, shift)
+            mask = prob > value
+            attrs = data["attrs"]
+            voxel_ml = float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
+            row = {"scan_id": scan_id, "subject_id": attrs.get("subject_id"), "hemisphere": attrs.get("hemisphere"),
+                   **case_metrics(mask, data["lesion"] > 0, voxel_ml), "status": "ok"}
+            save_nifti(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)
+            if save_probabilities:
+                save_nifti(out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32)
+            masks[scan_id] = np.packbits(mask)
+        except Exception as exc:  # one bad scan is reported; the others go on
+            row = {"scan_id": scan_id, "status": f"failed: {type(exc).__name__}: {exc}"}
+            log(f"  {scan_id}: {row['status']}")
+        rows.append(row)
+    done = [r for r in rows if r["status"] == "ok"]
+    if not done:
+        raise EvaluateError(f"every scan of split {split!r} failed; see the messages above")
+    _tertiles(done)
+    metrics = {
+        "model": pred.name,
+        **summarise(done),
+        "split": split,
+        "threshold": value,
+        "threshold_source": "chosen on the validation split" if threshold == "auto" else "given",
+        "prior_correction": bool(prior_correction and shift != 0.0),
+        "prior_shift": shift if prior_correction else 0.0,
+        "inference": "dense" if (use_dense and pred.dense is not None) else "patch by patch",
+        "run_dir": str(run_dir),
+        "store": str(store_path),
+        "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],
+        "by_hemisphere": _breakdown(done, "hemisphere"),
+        "by_size_tertile": _breakdown(done, "size_tertile"),
+    }
+    atomic_write_text(out / "metrics.json", json.dumps(_clean(metrics), indent=1))
+    _write_subjects(out / "subjects.csv", rows)
+    write_report(out, metrics, done, masks, root, run_dir)
+    return metrics
+
+
+def _tertiles(rows: list[dict]) -> None:
+    volumes = np.array([r["true_voxels"] for r in rows], dtype=float)
+    edges = np.quantile(volumes, [1 / 3, 2 / 3]) if len(rows) else [0, 0]
+    for r in rows:
+        r["size_tertile"] = ("small", "medium", "large")[int(np.searchsorted(edges, r["true_voxels"], side="right"))]
+
+
+def _breakdown(rows: list[dict], key: str) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key)), []).append(r)
+    return {g: summarise(members) for g, members in sorted(groups.items())}
+
+
+def _clean(value):
+    """JSON without NaN (null instead), recursively."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _write_subjects(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUBJECT_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                             f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+

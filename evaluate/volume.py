@@ -1,0 +1,52 @@
+"""Whole-volume prediction: every voxel of the brain mask's bounding box, no sampling."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from evaluate.predictors import Predictor
+from shards.norm import normalise
+from shards.patches import PairCutter, padded_pair
+
+
+def brain_bbox(brain: np.ndarray) -> tuple[slice, ...]:
+    idx = np.nonzero(brain)
+    if not idx[0].size:
+        raise ValueError("empty brain mask")
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+
+
+def lesion_logits(pred: Predictor, t1: np.ndarray, brain: np.ndarray, mirror: float, tile: int = 64,
+                  use_dense: bool = True, batch: int = 512) -> np.ndarray:
+    """Lesion logit ``(X, Y, Z)`` float32: computed over the brain bounding box, -inf elsewhere.
+
+    The volume is normalised with the training run's method (``shards.norm``),
+    then each voxel's pair is classified: densely in tiles of ``tile``^3 output
+    voxels (input tiles overlap by P-1), or patch by patch in batches.
+    """
+    vol = normalise(t1, brain, pred.norm["method"])
+    p = pred.patch
+    out = np.full(vol.shape, -np.inf, dtype=np.float32)
+    box = brain_bbox(brain)
+    if use_dense and pred.dense is not None:
+        padded = padded_pair(vol, mirror, p)
+        starts = [range(s.start, s.stop, tile) for s in box]
+        for a in itertools.product(*starts):
+            b = [min(lo + tile, s.stop) for lo, s in zip(a, box)]
+            tile_in = padded[:, a[0] : b[0] + p - 1, a[1] : b[1] + p - 1, a[2] : b[2] + p - 1]
+            out[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = pred.dense_logits(tile_in)
+        return out
+    cutter = PairCutter(vol, mirror, p)
+    grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1).reshape(-1, 3)
+    for start in range(0, len(grid), batch * 8):
+        centres = grid[start : start + batch * 8]
+        out[tuple(centres.T)] = pred.patch_logits(cutter(centres), batch=batch)
+    return out
+
+
+def to_probability(logits: np.ndarray, shift: float = 0.0) -> np.ndarray:
+    """Sigmoid of (logit - shift): the prior correction subtracts log(lesion rate / background rate)."""
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-(logits.astype(np.float64) - shift)))).astype(np.float32)
