@@ -33,6 +33,8 @@ class DenseCNN(nn.Module):
 
     def __init__(self, model: PatchCNN):
         super().__init__()
+        if model.input_shape()[1:] != (model.cfg.patch,) * 3:
+            raise EvaluateError("the concat layout (2P x P x P) has no dense twin: use the patch-by-patch path")
         layers: list[nn.Module] = []
         dilation = 1
         for m in model.features:
@@ -55,9 +57,12 @@ class DenseCNN(nn.Module):
         fc2.bias.data.copy_(model.fc2.bias.data)
         self.net = nn.Sequential(*layers, fc1, nn.ReLU(), fc2)
         self.patch = model.cfg.patch
-        with torch.no_grad():
-            probe = self.net(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3))
-        if tuple(probe.shape[2:]) != (4, 4, 4):
+        try:
+            with torch.no_grad():
+                probe = self.net(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3)).shape[2:]
+        except RuntimeError:
+            probe = None
+        if probe is None or tuple(probe) != (4, 4, 4):
             raise EvaluateError("this network's pooling does not tile the patch exactly; use the patch-by-patch path")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

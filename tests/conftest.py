@@ -67,8 +67,11 @@ def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool
             t1 -= 60 * lesion  # lesions are dark on T1, as in the real data (learnable)
         scan_id = f"sub-{i:03d}_ses-1"
         scans[scan_id] = f"sub-{i:03d}"
-        attrs = {"scan_id": scan_id, "mirror_index": float(centre[0]), "lesion_voxels": int(lesion.sum()),
-                 "brain_voxels": int(brain.sum()), "labelled": True, "complete": True}
+        attrs = {"scan_id": scan_id, "subject_id": f"sub-{i:03d}", "mirror_index": float(centre[0]),
+                 "lesion_voxels": int(lesion.sum()), "brain_voxels": int(brain.sum()), "labelled": True,
+                 "complete": True, "hemisphere": "right", "voxel_size_mm": [1.0, 1.0, 1.0],
+                 "canonical_transform": [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], "original_shape": list(shape),
+                 "original_affine": np.eye(4).tolist()}
         store.write_scan(path, scan_id, {"t1": t1, "lesion": lesion, "brain": brain}, attrs)
     subjects = sorted(scans.values())
     split = split or {"train": subjects[: n_scans - 2], "val": subjects[n_scans - 2 : n_scans - 1],

@@ -1,0 +1,150 @@
+"""The evaluator: challenge metrics on toy arrays, dense == patch by patch, the run command's outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_quietly, write_tiny_store
+from evaluate.metrics import case_metrics, dice, lesion_count_difference, lesion_f1, summarise
+from evaluate.predictors import DenseCNN, Predictor, load_run
+from evaluate.run import evaluate_split
+from evaluate.volume import lesion_logits
+from shards.norm import normalise
+from shards.patches import PairCutter
+from trainer.fit import TrainConfig, fit
+from trainer.models import ModelConfig, build_model
+
+
+def _vol(*boxes, shape=(12, 12, 12)):
+    v = np.zeros(shape, bool)
+    for b in boxes:
+        v[b] = True
+    return v
+
+
+def test_dice_including_empty_cases():
+    a = _vol(np.s_[0:2, 0:2, 0:2])
+    b = _vol(np.s_[1:3, 0:2, 0:2])
+    assert dice(a, b) == pytest.approx(2 * 4 / 16)
+    assert dice(np.zeros((3, 3, 3)), np.zeros((3, 3, 3))) == 1.0
+    assert dice(np.zeros((3, 3, 3)), a[:3, :3, :3]) == 0.0
+
+
+def test_lesion_f1_counts_components_with_6_connectivity():
+    truth = _vol(np.s_[0:2, 0:2, 0:2], np.s_[6:8, 6:8, 6:8])  # two lesions
+    pred = _vol(np.s_[1:2, 1:2, 1:2], np.s_[10:11, 0:1, 0:1])  # finds one, adds one elsewhere
+    assert lesion_f1(pred, truth) == pytest.approx(1 / (1 + (1 + 1) / 2))  # TP 1, FP 1, FN 1
+    assert lesion_f1(np.zeros_like(truth), np.zeros_like(truth)) == 1.0
+    assert lesion_f1(pred, np.zeros_like(truth)) == 0.0
+    assert lesion_f1(np.zeros_like(truth), truth) == 0.0
+    diagonal = np.zeros((3, 3, 3), bool)
+    diagonal[0, 0, 0] = diagonal[1, 1, 0] = True  # touching by an edge only: two components
+    assert lesion_count_difference(diagonal, np.zeros_like(diagonal)) == 2
+
+
+def test_case_metrics_and_pooled_summary():
+    truth = _vol(np.s_[0:2, 0:2, 0:2])  # 8 voxels
+    pred = _vol(np.s_[0:2, 0:2, 0:1], np.s_[5:6, 5:6, 5:7])  # 4 right, 2 wrong, 2 components
+    m = case_metrics(pred, truth, voxel_ml=0.5)
+    assert m["dice"] == pytest.approx(8 / 14) and m["abs_volume_diff_voxels"] == 2 and m["abs_volume_diff_ml"] == 1.0
+    assert m["precision"] == pytest.approx(4 / 6) and m["recall"] == pytest.approx(4 / 8)
+    assert m["lesion_count_diff"] == 1 and m["lesion_f1"] == pytest.approx(1 / (1 + 0.5))
+    empty = case_metrics(np.zeros_like(truth), truth)
+    assert empty["dice"] == 0.0 and math.isnan(empty["precision"]) and empty["recall"] == 0.0
+    s = summarise([m, empty])
+    assert s["n_subjects"] == 2 and s["mean_dice"] == pytest.approx((8 / 14) / 2)
+    assert s["pooled_dice"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 12))
+    assert s["precision"] == pytest.approx(4 / 6)  # pooled over voxels
+
+
+def _predictor(name: str, seed: int) -> Predictor:
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name=name)).eval()
+    for p in model.parameters():  # livelier than the default init, so differences would show
+        p.data.mul_(3)
+    pre = {"norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
+           "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01}}
+    return Predictor(name, None, model.cfg.to_dict(), pre, model=model, dense=DenseCNN(model).eval())
+
+
+@pytest.mark.parametrize("name, mirror", [("cnn3d", 14.5), ("cnn3d-sym", 14.5), ("cnn3d-sym", 11.0)])
+def test_dense_equals_patch_by_patch(name, mirror):
+    pred = _predictor(name, seed=1)
+    rng = np.random.default_rng(2)
+    t1 = rng.normal(100, 25, (30, 27, 26)).astype(np.float32)
+    brain = np.zeros(t1.shape, np.uint8)
+    brain[2:28, 3:25, 1:24] = 1
+    dense = lesion_logits(pred, t1, brain, mirror, tile=10)  # tiles smaller than the box: overlaps tested
+    centres = np.stack([rng.integers(s.start, s.stop, 400) for s in (slice(2, 28), slice(3, 25), slice(1, 24))], 1)
+    pairs = PairCutter(normalise(t1, brain, "histeq"), mirror, 25)(centres)
+    reference = pred.patch_logits(pairs)
+    prob = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert np.abs(prob(dense[tuple(centres.T)]) - prob(reference)).max() <= 1e-4
+    assert np.abs(dense[tuple(centres.T)] - reference).max() < 1e-3
+    assert np.isneginf(dense[0]).all() and np.isfinite(dense[2:28, 3:25, 1:24]).all()
+
+
+def test_concat_layout_has_no_dense_twin():
+    from evaluate.predictors import EvaluateError
+
+    with pytest.raises(EvaluateError, match="patch-by-patch"):
+        DenseCNN(build_model(ModelConfig(name="cnn3d-sym", layout="concat")))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("eval")
+    store = write_tiny_store(base / "store.zarr", n_scans=6)
+    build_quietly(store, base / "train", split="train", num_shards=2, samples_per_record=32)
+    fit(TrainConfig(shards=str(base / "train"), out=str(base / "run"), batch_size=32, lr=3e-3, workers=0,
+                    steps_per_epoch=30, log_every=10), ModelConfig(), progress=False, log=lambda m: None)
+    return store, base / "run"
+
+
+def test_run_writes_documented_outputs(trained, tmp_path):
+    store, run_dir = trained
+    metrics = evaluate_split(run_dir, store, "test", tmp_path / "rep", progress=False, log=lambda m: None)
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    for key in ("model", "n_subjects", "mean_dice", "pooled_dice", "mean_lesion_f1", "mean_abs_volume_diff_voxels",
+                "mean_lesion_count_diff", "precision", "recall", "threshold", "prior_correction"):
+        assert key in saved
+    assert saved["model"] == "cnn3d-sym" and saved["n_subjects"] == 1 and saved["inference"] == "dense"
+    assert saved["prior_correction"] is True and saved["prior_shift"] > 0
+    assert metrics["by_hemisphere"]["right"]["n_subjects"] == 1
+    mask = nib.load(tmp_path / "rep" / "masks" / "sub-005_ses-1_desc-lesion_mask.nii.gz")
+    assert mask.shape == (31, 28, 24) and np.allclose(mask.affine, np.eye(4))
+    data = np.asarray(mask.dataobj)
+    assert set(np.unique(data)) <= {0, 1}
+    rows = (tmp_path / "rep" / "subjects.csv").read_text().splitlines()
+    assert rows[0].startswith("scan_id,subject_id,hemisphere") and len(rows) == 2
+    assert (tmp_path / "rep" / "report.md").read_text().startswith("# Evaluation of cnn3d-sym")
+    assert int(rows[1].split(",")[5]) == int(data.sum())  # predicted_voxels is what the NIfTI holds
+
+
+def test_a_failing_scan_is_reported_and_the_rest_go_on(trained, tmp_path):
+    import shutil
+
+    import zarr
+
+    store, run_dir = trained
+    copy = tmp_path / "store.zarr"
+    shutil.copytree(store, copy)
+    root = zarr.open_group(copy, mode="a")
+    root.attrs["split"] = {**root.attrs["split"], "val": ["sub-004", "sub-005"]}
+    del root["sub-004_ses-1"]["t1"]
+    metrics = evaluate_split(run_dir, copy, "val", tmp_path / "rep", progress=False, log=lambda m: None)
+    assert metrics["n_subjects"] == 1 and metrics["failed"] == ["sub-004_ses-1"]
+    assert "failed" in (tmp_path / "rep" / "subjects.csv").read_text()
+
+
+def test_load_run_refuses_what_is_not_a_run(tmp_path):
+    from evaluate.predictors import EvaluateError
+
+    with pytest.raises(EvaluateError, match="no checkpoint"):
+        load_run(tmp_path)
