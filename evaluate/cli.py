@@ -45,5 +45,78 @@ def run(run_dir, store, split, out_dir, threshold, prior_correction, device, til
     click.echo(f"report: {out_dir}/report.md (metrics.json, subjects.csv, masks/)")
 
 
+@main.command()
+@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@click.option("--shards", required=True, help="Shards (build --natural for un-upsampled voxel scores).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--prior-correction/--no-prior-correction", default=False, show_default=True,
+              help="Off by default: the same numbers as the training curve.")
+@click.option("--device", default="cpu", show_default=True)
+def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> None:
+    """Voxel-level Dice, precision, recall, ROC AUC on a shard stream (any model, bounded memory)."""
+    import json
+    from pathlib import Path
+
+    from evaluate.predictors import EvaluateError
+    from evaluate.stream import score_stream
+    from shards import atomic_write_text
+    from shards.sources import ShardSourceError
+
+    try:
+        result = score_stream(run_dir, shards, threshold=threshold, prior_correction=prior_correction, device=device)
+    except (EvaluateError, ShardSourceError) as exc:
+        raise click.ClickException(str(exc)) from None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out_dir) / "stream_metrics.json", json.dumps(result, indent=1, default=str))
+    click.echo(f"{result['model']}: {result['samples']} samples ({result['lesion_samples']} lesion): Dice "
+               f"{result['dice']:.3f}, precision {result['precision']:.3f}, recall {result['recall']:.3f}, "
+               f"ROC AUC {result['roc_auc']:.3f}")
+    click.echo(f"scores: {out_dir}/stream_metrics.json")
+
+
+@main.command()
+@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@click.argument("t1", type=click.Path())
+@click.argument("out_mask", type=click.Path(dir_okay=False))
+@click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)
+@click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--prior-correction/--no-prior-correction", default=True, show_default=True)
+@click.option("--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here.")
+@click.option("--device", default="cpu", show_default=True)
+def predict(run_dir, t1, out_mask, space, brain_mask, threshold, prior_correction, probabilities, device) -> None:
+    """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
+    from evaluate.predictors import EvaluateError
+    from evaluate.single import predict_file
+
+    try:
+        r = predict_file(run_dir, t1, out_mask, space=space, brain_mask=brain_mask, threshold=threshold,
+                         prior_correction=prior_correction, device=device, probabilities=probabilities)
+    except EvaluateError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{out_mask}: {r['lesion_voxels']} lesion voxels ({r['lesion_voxels'] * r['voxel_ml']:.2f} mL); "
+               f"space {r['space']}, mirror index {r['mirror_index']}, brain mask {r['brain_mask']}")
+    for note in r["notes"]:
+        click.echo(f"  note: {note}")
+
+
+@main.command()
+@click.argument("report_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None, help="Also write the table here.")
+def compare(report_dirs, out_file) -> None:
+    """The paper's model ladder (its Figure 10) beside the given run reports."""
+    from evaluate.compare import ladder
+    from shards import atomic_write_text
+
+    try:
+        table = ladder(list(report_dirs))
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(table)
+    if out_file:
+        atomic_write_text(out_file, table)
+
+
 if __name__ == "__main__":
     main()

@@ -148,3 +148,83 @@ def test_load_run_refuses_what_is_not_a_run(tmp_path):
 
     with pytest.raises(EvaluateError, match="no checkpoint"):
         load_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_predict_lands_on_the_input_grid_of_native_scans(native, trained, tmp_path, monkeypatch):
+    """Every native orientation: the mask comes back on the file's own grid and affine, voxel for voxel."""
+    import evaluate.single as single
+    from atlas_shards.orient import from_canonical, to_canonical
+
+    release, truth, _, _ = native
+    _, run_dir = trained
+    scans = [s for s in truth["scans"] if s["labelled"] and not s.get("defect")]
+    for scan in scans:
+        t1_path = release / scan["t1"]
+        img = nib.load(t1_path)
+        lesion = np.zeros(img.shape[:3], bool)
+        for m in scan["masks"]:
+            lesion |= np.asarray(nib.load(release / m).dataobj) > 0
+        canonical, _, transform = to_canonical(lesion.astype(np.uint8), img.affine)
+        seen = {}
+
+        def oracle(pred, t1, brain, mirror, tile=64, use_dense=True):
+            assert t1.shape == canonical.shape
+            seen["brain"] = brain > 0
+            return np.where(canonical > 0, 20.0, -20.0).astype(np.float32)
+
+        monkeypatch.setattr(single, "lesion_logits", oracle)
+        out = tmp_path / f"{scan['scan_id']}.nii.gz"
+        single.predict_file(run_dir, t1_path, out, prior_correction=False)
+        mask = nib.load(out)
+        assert mask.shape == img.shape[:3] and np.allclose(mask.affine, img.affine)
+        got = np.asarray(mask.dataobj) > 0
+        # exactly the planted lesion, where the (estimated) brain mask allows predictions
+        expected = from_canonical((canonical > 0) & seen["brain"], transform, img.shape[:3]) > 0
+        assert got.sum() > 0 and np.array_equal(got, expected) and not (got & ~lesion).any()
+    monkeypatch.undo()
+    real = tmp_path / "real.nii.gz"
+    result = single.predict_file(run_dir, release / scans[0]["t1"], real)  # the trained model, end to end
+    assert nib.load(real).shape == nib.load(release / scans[0]["t1"]).shape[:3] and result["space"] == "native"
+
+
+def test_stream_scores_every_model_type(trained, tmp_path):
+    from evaluate.stream import roc_auc_from_histograms, score_stream
+    from trainer.forest import train_forest
+
+    store, run_dir = trained
+    build_quietly(store, tmp_path / "val", split="val", mode="natural", natural_rate=0.4, target_lesion_fraction=None)
+    cnn = score_stream(run_dir, str(tmp_path / "val"), progress=False)
+    manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
+    assert cnn["samples"] == manifest["totals"]["samples"] and cnn["lesion_samples"] == manifest["totals"]["lesion_samples"]
+    assert cnn["tp"] + cnn["fp"] + cnn["fn"] + cnn["tn"] == cnn["samples"] and 0 <= cnn["roc_auc"] <= 1
+    train_forest(str(tmp_path / "val"), tmp_path / "rf", max_samples=300, workers=1, log=lambda m: None)
+    rf = score_stream(tmp_path / "rf", str(tmp_path / "val"), progress=False)
+    assert rf["model"] == "rf" and rf["samples"] == cnn["samples"]
+    assert roc_auc_from_histograms(np.array([0, 0, 5]), np.array([5, 0, 0])) == 1.0
+    assert roc_auc_from_histograms(np.array([0, 4, 0]), np.array([0, 4, 0])) == 0.5
+
+
+def test_cli_run_compare_and_errors(trained, tmp_path):
+    from click.testing import CliRunner
+
+    from evaluate.cli import main
+
+    store, run_dir = trained
+    runner = CliRunner()
+    r = runner.invoke(main, ["run", "--model", str(run_dir), "--store", str(store), "--split", "test",
+                             "--out", str(tmp_path / "rep"), "--threshold", "0.4"])
+    assert r.exit_code == 0, r.output
+    assert "mean Dice" in r.output and (tmp_path / "rep" / "report.md").is_file()
+    r = runner.invoke(main, ["compare", str(tmp_path / "rep"), "--out", str(tmp_path / "ladder.md")])
+    assert r.exit_code == 0 and "0.499" in (tmp_path / "ladder.md").read_text()
+    for args, message in [
+        (["run", "--model", str(tmp_path), "--store", str(store), "--out", str(tmp_path / "x")], "no checkpoint"),
+        (["run", "--model", str(run_dir), "--store", str(tmp_path), "--out", str(tmp_path / "x")], "Zarr"),
+        (["run", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "x"), "--threshold", "2"],
+         "--threshold"),
+        (["predict", "--model", str(run_dir), str(tmp_path / "none.nii.gz"), str(tmp_path / "o.nii.gz")], "no such file"),
+        (["compare", str(tmp_path)], "no metrics.json"),
+    ]:
+        r = runner.invoke(main, args)
+        assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)

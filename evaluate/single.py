@@ -1,0 +1,55 @@
+"""``atlas-evaluate predict``: segment one T1 file, in any orientation, onto its own grid."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from atlas_shards.discover import ScanSource
+from atlas_shards.scan import ScanError, prepare_scan
+from evaluate.predictors import EvaluateError, load_run
+from evaluate.run import save_nifti
+from evaluate.volume import lesion_logits, to_probability
+
+MNI_SHAPE = (197, 233, 189)
+
+
+def guess_space(t1: Path) -> str:
+    """``mni`` for the MNI152 2009 grid or an MNI/stx file name, else ``native``."""
+    import nibabel as nib
+
+    name = t1.name.lower()
+    if "space-mni" in name or "_stx" in name:
+        return "mni"
+    img = nib.load(str(t1))
+    return "mni" if tuple(img.shape[:3]) == MNI_SHAPE and np.allclose(nib.affines.voxel_sizes(img.affine), 1) else "native"
+
+
+def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: str | os.PathLike, space: str = "auto",
+                 brain_mask: str | os.PathLike | None = None, threshold: float = 0.5, prior_correction: bool = True,
+                 device: str = "cpu", tile: int = 64, probabilities: str | os.PathLike | None = None) -> dict:
+    """Preprocess exactly as at ingestion and training, predict, write the mask on the input's grid."""
+    t1 = Path(t1).resolve()
+    if not t1.is_file():
+        raise EvaluateError(f"{t1}: no such file")
+    space = guess_space(t1) if space == "auto" else space
+    source = ScanSource(scan_id=t1.name.split(".")[0], subject_id="", session="", cohort="", layout="generic",
+                        space=space, t1=t1.name, labelled=False,
+                        brain_mask=str(Path(brain_mask).resolve()) if brain_mask else None)
+    try:
+        scan = prepare_scan(t1.parent, source)
+    except ScanError as exc:
+        raise EvaluateError(f"{t1}: {exc}") from None
+    pred = load_run(run_dir, device=device)
+    logits = lesion_logits(pred, scan.t1, scan.brain, float(scan.attrs["mirror_index"]), tile=tile)
+    logits[scan.brain == 0] = -np.inf
+    prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)
+    mask = prob > threshold
+    save_nifti(Path(out_mask), mask, scan.attrs)
+    if probabilities:
+        save_nifti(Path(probabilities), prob, scan.attrs, np.float32)
+    return {"space": space, "mirror_index": scan.attrs["mirror_index"], "brain_mask": scan.attrs["brain_mask_source"],
+            "lesion_voxels": int(mask.sum()), "voxel_ml": float(np.prod(scan.attrs["voxel_size_mm"])) / 1000,
+            "notes": scan.notes}
