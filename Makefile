@@ -24,24 +24,28 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	@echo "== 1/6 synthesise a phantom ATLAS v2.0 release (24 subjects) =="
+	@echo "== 1/7 synthesise a phantom ATLAS v2.0 release (24 subjects) =="
 	$(VENV)/bin/atlas-shards synth $(DEMO)/release --layout r2.0 --subjects 24 --seed 0 --workers $(WORKERS)
-	@echo "== 2/6 ingest it into a Zarr store =="
+	@echo "== 2/7 ingest it into a Zarr store =="
 	$(VENV)/bin/atlas-shards ingest $(DEMO)/release $(DEMO)/store.zarr --workers $(WORKERS)
-	@echo "== 3/6 exploratory figures =="
+	@echo "== 3/7 exploratory figures =="
 	$(VENV)/bin/atlas-shards eda $(DEMO)/store.zarr $(DEMO)/eda
-	@echo "== 4/6 balanced training shards (43.7% lesion; 2% of lesion voxels to keep the demo small) =="
+	@echo "== 4/7 balanced training shards (43.7% lesion; 2% of lesion voxels to keep the demo small) =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/train --split train --lesion-rate 0.02 --shard-size-mb 64 --workers $(WORKERS)
-	@echo "== 5/6 un-upsampled validation stream (0.2% of brain voxels) =="
+	@echo "== 5/7 un-upsampled validation stream (0.2% of brain voxels) =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/val --split val --natural 0.002 --shard-size-mb 64 --workers $(WORKERS)
 	$(VENV)/bin/atlas-shards inspect $(DEMO)/shards/train --verify
-	@echo "== 6/6 train cnn3d-sym on the streamed shards (200 steps; lr 1e-4 so a short run visibly learns) =="
+	@echo "== 6/7 train cnn3d-sym on the streamed shards (200 steps; lr 1e-4 so a short run visibly learns) =="
 	rm -rf $(DEMO)/runs/cnn3d-sym
 	$(VENV)/bin/atlas-train fit --shards $(DEMO)/shards/train --val-shards $(DEMO)/shards/val --out $(DEMO)/runs/cnn3d-sym \
 		--model cnn3d-sym --steps-per-epoch 200 --batch-size 64 --lr 1e-4 --val-batches 40 --workers 1
+	@echo "== 7/7 evaluate it on the whole validation volumes (dense inference, ATLAS challenge metrics) =="
+	$(VENV)/bin/atlas-evaluate run --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr --split val --out $(DEMO)/reports/cnn3d-sym
+	$(VENV)/bin/atlas-evaluate compare $(DEMO)/reports/cnn3d-sym --out $(DEMO)/reports/ladder.md
 	@echo "demo done: store $(DEMO)/store.zarr, report $(DEMO)/store.zarr/ingest-report.csv, figures $(DEMO)/eda/,"
 	@echo "           shards $(DEMO)/shards/train and $(DEMO)/shards/val (manifest.json in each),"
-	@echo "           run $(DEMO)/runs/cnn3d-sym (metrics.csv, curves.png, last.pt)"
+	@echo "           run $(DEMO)/runs/cnn3d-sym (metrics.csv, curves.png, last.pt),"
+	@echo "           evaluation $(DEMO)/reports/cnn3d-sym/report.md (metrics.json, subjects.csv, masks/)"
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache
@@ -51,3 +55,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_synth_ingest.py --subjects 8 --workers $(WORKERS)
 	$(PY) bench/bench_shards.py --subjects 8 --workers $(WORKERS) --out bench-out
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
+	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
