@@ -169,5 +169,30 @@ def inspect(out_dir, verify) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True, help="0: any free port.")
+@click.option("--server", type=click.Choice(["auto", "nginx", "python"]), default="auto", show_default=True)
+def serve(directory, host, port, server) -> None:
+    """Serve shard DIRECTORY over HTTP until interrupted (nginx with docker/nginx.conf, else Python)."""
+    import signal
+    import threading
+
+    from atlas_shards.serve import ServeError, serving
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    try:
+        with serving(directory, host, port, server) as (url, name):
+            click.echo(f"serving {directory} at {url}/ with {name}; Ctrl-C to stop", err=True)
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+    except (ServeError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 if __name__ == "__main__":
     main()

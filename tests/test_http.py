@@ -1,8 +1,6 @@
-"""Streaming shards over HTTP from a real server on localhost (nginx in CI)."""
+"""Streaming shards over HTTP from a real server on localhost: nginx running docker/nginx.conf (CI installs it)."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 
@@ -10,7 +8,7 @@ from conftest import build_quietly, sample_ids
 from shards.manifest import read_manifest
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
-from servers import serve
+from atlas_shards.serve import find_nginx, serving
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +20,11 @@ def served_dir(tiny_store, tmp_path_factory):
 
 @pytest.mark.parametrize("prefer", ["nginx", "python"])
 def test_http_stream_equals_local_stream(served_dir, prefer):
-    if prefer == "nginx" and not shutil.which("nginx") and not shutil.os.path.exists("/usr/sbin/nginx"):
+    if prefer == "nginx" and not find_nginx():
         pytest.skip("nginx not installed (CI installs Debian's nginx)")
     local = sample_ids(ShardStream(str(served_dir), batch_size=32, seed=5))
-    with serve(served_dir.parent, prefer=prefer) as (base, name):
-        assert name.startswith(prefer)
+    with serving(served_dir.parent, server=prefer) as (base, name):
+        assert name.lower().startswith(prefer)
         url = f"{base}/{served_dir.name}/"
         assert read_manifest(url + "manifest.json")["totals"]["samples"] == len(local)
         assert sample_ids(ShardStream(url, batch_size=32, seed=5)) == local
