@@ -174,7 +174,9 @@ def inspect(out_dir, verify) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True, help="0: any free port.")
 @click.option("--server", type=click.Choice(["auto", "nginx", "python"]), default="auto", show_default=True)
-def serve(directory, host, port, server) -> None:
+@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the base URL here once the server answers (for scripts).")
+def serve(directory, host, port, server, ready_file) -> None:
     """Serve shard DIRECTORY over HTTP until interrupted (nginx with docker/nginx.conf, else Python)."""
     import signal
     import threading
@@ -186,6 +188,10 @@ def serve(directory, host, port, server) -> None:
     try:
         with serving(directory, host, port, server) as (url, name):
             click.echo(f"serving {directory} at {url}/ with {name}; Ctrl-C to stop", err=True)
+            if ready_file:
+                from shards import atomic_write_text
+
+                atomic_write_text(ready_file, url + "\n")
             try:
                 stop.wait()
             except KeyboardInterrupt:

@@ -34,7 +34,10 @@ def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: st
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
-    space = guess_space(t1) if space == "auto" else space
+    try:
+        space = guess_space(t1) if space == "auto" else space
+    except Exception as exc:  # nibabel's errors for a file that is not an image
+        raise EvaluateError(f"{t1}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
     source = ScanSource(scan_id=t1.name.split(".")[0], subject_id="", session="", cohort="", layout="generic",
                         space=space, t1=t1.name, labelled=False,
                         brain_mask=str(Path(brain_mask).resolve()) if brain_mask else None)

@@ -25,6 +25,14 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _one_line(exc: Exception) -> str:
+    """The error itself, without the traceback a DataLoader worker wraps around it."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 @click.group()
 def main() -> None:
     """Train the paper's models on streamed patch-pair shards."""
@@ -55,8 +63,13 @@ def main() -> None:
 @click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="cnn3d: first fully connected layer.")
 @click.option("--pretrained", default="none", show_default=True, help="resnet2d: imagenet, none or a weights PATH.")
 @click.option("--finetune", type=click.Choice(["last", "all"]), default="last", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds per HTTP connection attempt to the shard server.")
+@click.option("--retries", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Attempts to open a shard before training stops with an error.")
 def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, batch_size, lr, workers, seed, resume, device,
-        amp, class_weights, eval_every, val_batches, log_every, checkpoint_every, widths, hidden, pretrained, finetune) -> None:
+        amp, class_weights, eval_every, val_batches, log_every, checkpoint_every, widths, hidden, pretrained, finetune,
+        timeout, retries) -> None:
     """Train a model on streamed shards (one process, or DDP under torchrun)."""
     from shards.manifest import ManifestError
     from shards.sources import ShardSourceError
@@ -68,14 +81,14 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
         shards=shards, out=run_dir, val_shards=val_shards, epochs=epochs, steps_per_epoch=steps_per_epoch,
         batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, amp=amp,
         class_weights=_pair(class_weights), eval_every=eval_every, val_batches=val_batches, log_every=log_every,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, timeout=timeout, retries=retries,
     )
     model_cfg = ModelConfig(name=model, layout=layout, widths=_ints(widths), hidden=hidden, pretrained=pretrained,
                             finetune=finetune)
     try:
         summary = run_fit(cfg, model_cfg, resume=resume, log=click.echo)
     except (TrainError, ModelError, CheckpointError, ShardSourceError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(_one_line(exc)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     if summary is None:

@@ -21,6 +21,7 @@ from torch import distributed as dist
 
 from shards import atomic_write_text
 from shards.reader import ShardStream
+from shards.sources import ShardSourceError
 from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, voxel_scores, write_rows
 from trainer.models import ModelConfig, build_model
@@ -49,6 +50,8 @@ class TrainConfig:
     eval_every: int | None = None
     val_batches: int | None = None
     checkpoint_every: int = 500
+    timeout: float = 30.0
+    retries: int = 3
 
 
 def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
@@ -82,7 +85,8 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     # -- data: every rank gets exactly steps_per_epoch full batches per epoch --
-    probe = ShardStream(cfg.shards, batch_size=cfg.batch_size, batches_per_epoch=1)
+    stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries}
+    probe = ShardStream(cfg.shards, batch_size=cfg.batch_size, batches_per_epoch=1, **stream_kw)
     manifest = probe.manifest
     if manifest is None or probe.total_samples is None:
         raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
@@ -90,11 +94,11 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     if steps_per_epoch < 1:
         raise TrainError(f"{cfg.shards}: {probe.total_samples} samples are fewer than one batch per rank")
     train = ShardStream(cfg.shards, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
-                        batches_per_epoch=steps_per_epoch)
+                        batches_per_epoch=steps_per_epoch, **stream_kw)
     val = None
     if cfg.val_shards:
         val = ShardStream(cfg.val_shards, batch_size=cfg.batch_size, shuffle=0, seed=cfg.seed,
-                          batches_per_epoch=cfg.val_batches)
+                          batches_per_epoch=cfg.val_batches, **stream_kw)
     total_steps = cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or max(1, total_steps // 10)
 
@@ -172,9 +176,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                 if step % cfg.checkpoint_every == 0:
                     save_checkpoint()
                 bar.update()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ShardSourceError) as exc:
         save_checkpoint()
-        log(f"\ninterrupted at step {step}: checkpoint {out / ckpt_io.LAST}; continue with --resume")
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "shards unreachable"
+        log(f"\n{why} at step {step}: checkpoint {out / ckpt_io.LAST}; continue with --resume")
         raise
     finally:
         bar.close()
