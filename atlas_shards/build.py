@@ -21,7 +21,6 @@ interrupted. ``manifest.json`` is written last; ``.build/`` is then removed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
@@ -30,68 +29,22 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from atlas_shards import store as zstore
+from atlas_shards.plan import BuildConfig, BuildError, describe_plan, make_plan
 from shards import atomic_path, atomic_write_text
 from shards.manifest import read_manifest, write_manifest
-from shards.norm import METHODS, dequantisation, normalise
+from shards.norm import dequantisation, normalise
 from shards.patches import PairCutter
-from shards.schema import MANIFEST, PATCH, SCHEMA, SCHEMA_VERSION, X_DTYPE, bytes_per_sample, encode_record, record_key
+from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, encode_record, record_key
 from shards.tario import write_shard
 
 BUILD_DIR = ".build"
-SPLITS = ("train", "val", "test")
 CHUNK = 512  # samples cut and written at a time (16 MB at P=25)
-
-
-class BuildError(Exception):
-    """The build cannot start or finish; the message says why."""
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """What to sample and how to store it. ``mode`` is ``balanced`` or ``natural``."""
-
-    split: str = "train"
-    patch: int = PATCH
-    mode: str = "balanced"
-    target_lesion_fraction: float | None = 0.437
-    lesion_rate: float = 1.0
-    background_rate: float | None = None
-    natural_rate: float | None = None
-    norm: str = "histeq"
-    samples_per_record: int = 256
-    shard_size_mb: float = 128.0
-    num_shards: int | None = None
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.split not in SPLITS:
-            raise BuildError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.patch < 1 or self.patch % 2 == 0:
-            raise BuildError(f"--patch must be a positive odd number, got {self.patch}")
-        if self.norm not in METHODS:
-            raise BuildError(f"--norm must be one of {', '.join(METHODS)}")
-        if self.mode == "natural":
-            if not self.natural_rate or not 0 < self.natural_rate <= 1:
-                raise BuildError(f"--natural RATE must be in (0, 1], got {self.natural_rate}")
-        elif self.mode == "balanced":
-            if (self.target_lesion_fraction is None) == (self.background_rate is None):
-                raise BuildError("give either a target lesion fraction or a background rate, not both")
-            if self.target_lesion_fraction is not None and not 0 < self.target_lesion_fraction < 1:
-                raise BuildError(f"--target-lesion-fraction must be in (0, 1), got {self.target_lesion_fraction}")
-            for name in ("lesion_rate", "background_rate"):
-                rate = getattr(self, name)
-                if rate is not None and not 0 <= rate <= 1:
-                    raise BuildError(f"--{name.replace('_', '-')} must be in [0, 1], got {rate}")
-        else:
-            raise BuildError(f"unknown mode {self.mode!r}")
-        if self.samples_per_record < 1 or self.shard_size_mb <= 0 or (self.num_shards is not None and self.num_shards < 1):
-            raise BuildError("--samples-per-record, --shard-size-mb and --num-shards must be positive")
 
 
 def build(
@@ -124,7 +77,7 @@ def build(
             raise BuildError(f"{store_path}: no usable scan in split {config.split!r}: " + "; ".join(skipped))
         scans, counts = (list(v) for v in zip(*usable))
         plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans}, skipped)
-        log(_describe_plan(plan, config, out_dir))
+        log(describe_plan(plan, config, out_dir))
         if dry_run:
             return plan
         done = _existing(out_dir, plan)
@@ -191,77 +144,6 @@ def _count_scan(args: tuple[str, str]) -> dict:
         return {"problem": "empty brain mask (nothing to normalise over or sample)"}
     n_lesion = int(lesion.sum())
     return {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
-
-
-def make_plan(
-    config: BuildConfig, scans: list[str], counts: list[dict], subjects: dict[str, str], notes: list[str] = ()
-) -> dict:
-    """Sampling rates, per-scan sample counts, shard count and offsets (pure, deterministic)."""
-    notes = list(notes)
-    lesion_rate, background_rate = config.lesion_rate, config.background_rate
-    if config.mode == "natural":
-        lesion_rate = background_rate = config.natural_rate
-    elif config.target_lesion_fraction is not None:
-        f = config.target_lesion_fraction
-        total_l = sum(c["lesion"] for c in counts)
-        total_b = sum(c["background"] for c in counts)
-        background_rate = lesion_rate * total_l * (1 - f) / (f * total_b) if total_b else 0.0
-        if background_rate > 1:
-            notes.append(
-                f"target lesion fraction {f} is not reachable: there are too few background voxels; "
-                "keeping every background voxel"
-            )
-            background_rate = 1.0
-    entries, offset = [], 0
-    for scan_id, c in zip(scans, counts):
-        if config.mode == "natural":
-            n_les, n_bg, n = 0, 0, int(round(config.natural_rate * c["natural"]))
-        else:
-            n_les, n_bg = int(round(lesion_rate * c["lesion"])), int(round(background_rate * c["background"]))
-            n = n_les + n_bg
-        entries.append(
-            {
-                "scan_id": scan_id,
-                "subject_id": subjects[scan_id],
-                "lesion_voxels": c["lesion"],
-                "background_voxels": c["background"],
-                "candidate_voxels": c["natural"] if config.mode == "natural" else c["lesion"] + c["background"],
-                "samples": n,
-                "lesion_draws": n_les,
-                "background_draws": n_bg,
-                "offset": offset,
-            }
-        )
-        offset += n
-    if offset == 0:
-        raise BuildError("the sampling rates select no voxels at all; raise the rates")
-    per_sample = bytes_per_sample(config.patch)
-    num_shards = config.num_shards or max(1, math.ceil(offset * per_sample / (config.shard_size_mb * 2**20)))
-    num_shards = min(num_shards, offset)
-    plan = {
-        "scans": entries,
-        "samples": offset,
-        "num_shards": num_shards,
-        "lesion_rate": lesion_rate,
-        "background_rate": background_rate,
-        "notes": notes,
-    }
-    key = json.dumps({"config": asdict(config), "plan": plan}, sort_keys=True)
-    plan["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return plan
-
-
-def _describe_plan(plan: dict, config: BuildConfig, out_dir: Path) -> str:
-    lines = [
-        f"build {config.split} ({config.mode}, norm {config.norm}, seed {config.seed}) -> {out_dir}",
-        f"  {len(plan['scans'])} scans; lesion rate {plan['lesion_rate']:.4g}, background rate {plan['background_rate']:.4g}",
-        f"  {plan['samples']} samples in {plan['num_shards']} shards, about "
-        f"{plan['samples'] * bytes_per_sample(config.patch) / 2**30:.2f} GiB (and as much again while building)",
-    ]
-    if config.mode == "balanced":
-        les = sum(s["lesion_draws"] for s in plan["scans"])
-        lines.append(f"  expected lesion fraction {les / plan['samples']:.4f}")
-    return "\n".join(lines + [f"  note: {n}" for n in plan["notes"]])
 
 
 def _existing(out_dir: Path, plan: dict) -> dict | None:

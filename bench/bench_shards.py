@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def one_per_record(paths: list[Path], out: Path, limit: int) -> list[Path]:
     from shards.sources import Shard
 
     out.mkdir(parents=True, exist_ok=True)
-    written, shard_paths, n = 0, [], 0
+    shard_paths, n = [], 0
     writer = None
     for rec in read_records([Shard(str(p)) for p in paths]):
         for x, y in zip(rec["x"], rec["y"]):

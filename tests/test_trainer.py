@@ -103,7 +103,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch
                    log=lambda m: None)
     import trainer.fit as fit_mod
 
-    real, calls = fit_mod._log_row, []
+    real = fit_mod._log_row
 
     def interrupt_at_15(window, step, *args):
         if step == 15:
