@@ -20,11 +20,12 @@ def brain_bbox(brain: np.ndarray) -> tuple[slice, ...]:
 
 def lesion_logits(pred: Predictor, t1: np.ndarray, brain: np.ndarray, mirror: float, tile: int = 64,
                   use_dense: bool = True, batch: int = 512) -> np.ndarray:
-    """Lesion logit ``(X, Y, Z)`` float32: computed over the brain bounding box, -inf elsewhere.
+    """Lesion logit ``(X, Y, Z)`` float32, -inf where it was not computed.
 
     The volume is normalised with the training run's method (``shards.norm``),
-    then each voxel's pair is classified: densely in tiles of ``tile``^3 output
-    voxels (input tiles overlap by P-1), or patch by patch in batches.
+    then each voxel's pair is classified: densely over the brain mask's
+    bounding box in tiles of ``tile``^3 output voxels (input tiles overlap by
+    P-1), or patch by patch in batches over the brain mask's voxels.
     """
     vol = normalise(t1, brain, pred.norm["method"])
     p = pred.patch
@@ -39,7 +40,7 @@ def lesion_logits(pred: Predictor, t1: np.ndarray, brain: np.ndarray, mirror: fl
             out[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = pred.dense_logits(tile_in)
         return out
     cutter = PairCutter(vol, mirror, p)
-    grid = np.stack(np.meshgrid(*[np.arange(s.start, s.stop) for s in box], indexing="ij"), -1).reshape(-1, 3)
+    grid = np.argwhere(brain > 0)  # outside the brain the answer is 0 anyway: classify only inside
     for start in range(0, len(grid), batch * 8):
         centres = grid[start : start + batch * 8]
         out[tuple(centres.T)] = pred.patch_logits(cutter(centres), batch=batch)
