@@ -263,7 +263,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.drop_last, self.handler, self.timeout, self.retries = drop_last, handler, timeout, retries
         self._rank, self._world = rank, world_size
         self.epoch = 0
-        rank_, world = self.rank_world()
+        _, world = self.rank_world()
         if batches_per_epoch is None and world > 1:
             total = self.total_samples
             if total is None:
