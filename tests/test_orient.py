@@ -4,7 +4,6 @@ import itertools
 
 import numpy as np
 import pytest
-from nibabel import orientations as nio
 
 from atlas_shards import orient
 
