@@ -68,7 +68,9 @@ def build(
         root = zstore.open_store(store_path, "r")
     except zstore.StoreError as exc:
         raise BuildError(str(exc)) from None
-    scans = _split_scans(root, config.split, store_path)
+    scans = zstore.split_scans(root, config.split)
+    if not scans:
+        raise BuildError(f"{store_path}: split {config.split!r} has no labelled scans")
     with Workers(workers) as pool:
         counts = list(pool.map(_count_scan, [(str(store_path), s) for s in scans]))
         skipped = [f"scan {s} skipped: {c['problem']}" for s, c in zip(scans, counts) if "problem" in c]
@@ -105,14 +107,6 @@ def build(
     write_manifest(out_dir, manifest)
     shutil.rmtree(work, ignore_errors=True)
     return manifest
-
-
-def _split_scans(root, split: str, store_path: Path) -> list[str]:
-    subjects = set(root.attrs.get("split", {}).get(split, []))
-    scans = sorted(s for s, subj in root.attrs.get("scans", {}).items() if subj in subjects)
-    if not scans:
-        raise BuildError(f"{store_path}: split {split!r} has no labelled scans")
-    return scans
 
 
 def _count_scan(args: tuple[str, str]) -> dict:

@@ -109,5 +109,11 @@ def read_scan(group: zarr.Group, scan_id: str, arrays: tuple[str, ...] = ARRAYS)
     return {name: scan[name][...] for name in arrays if name in scan}
 
 
+def split_scans(group: zarr.Group, split: str) -> list[str]:
+    """Labelled scans of the subjects the root attributes put in ``split``, sorted."""
+    subjects = set(group.attrs.get("split", {}).get(split, []))
+    return sorted(s for s, subj in group.attrs.get("scans", {}).items() if subj in subjects)
+
+
 def scan_attrs(group: zarr.Group, scan_id: str) -> dict:
     return dict(group[scan_id].attrs)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +14,7 @@ from evaluate.metrics import case_metrics, summarise
 from evaluate.predictors import EvaluateError, Predictor, load_run
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_path, atomic_write_text
+from trainer.curves import write_csv
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 SUBJECT_COLUMNS = ("scan_id", "subject_id", "hemisphere", "size_tertile", "true_voxels", "predicted_voxels", "dice",
@@ -24,8 +23,7 @@ SUBJECT_COLUMNS = ("scan_id", "subject_id", "hemisphere", "size_tertile", "true_
 
 
 def split_scans(root, split: str) -> list[str]:
-    subjects = set(root.attrs.get("split", {}).get(split, []))
-    return sorted(s for s, subj in root.attrs.get("scans", {}).items() if subj in subjects and s in root)
+    return [s for s in zstore.split_scans(root, split) if s in root]
 
 
 def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool) -> tuple[np.ndarray, dict]:
@@ -127,7 +125,7 @@ def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5",
         "by_size_tertile": _breakdown(done, "size_tertile"),
     }
     atomic_write_text(out / "metrics.json", json.dumps(_clean(metrics), indent=1))
-    _write_subjects(out / "subjects.csv", rows)
+    write_csv(out / "subjects.csv", SUBJECT_COLUMNS, rows)
     write_report(out, metrics, done, masks, root, run_dir)
     return metrics
 
@@ -155,14 +153,3 @@ def _clean(value):
     if isinstance(value, float) and math.isnan(value):
         return None
     return value
-
-
-def _write_subjects(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUBJECT_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else
-                             f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from atlas_shards.serve import free_port
 from conftest import build_quietly, sample_ids
 from shards.reader import ShardStream, batch_samples, read_records, reraise
 from shards.sources import Shard, ShardSourceError, resolve
@@ -133,14 +133,8 @@ def test_sources_brace_patterns_and_missing_paths(shard_dir):
         resolve(str(shard_dir.parent))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_url_fails_clearly_in_bounded_time():
-    url = f"http://127.0.0.1:{_closed_port()}/train-000000.tar"
+    url = f"http://127.0.0.1:{free_port()}/train-000000.tar"
     start = time.monotonic()
     with pytest.raises(ShardSourceError, match=f"{url.rsplit('/', 1)[0]}.*unreachable"):
         list(ShardStream(url, batch_size=8, timeout=1.0, retries=2))  # the manifest beside it, first

@@ -31,12 +31,17 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
-    """Rewrite the whole CSV atomically (it is small: one row per logged step)."""
+    """Rewrite the whole metrics CSV atomically (it is small: one row per logged step)."""
+    write_csv(path, COLUMNS, rows)
+
+
+def write_csv(path: str | os.PathLike, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """A CSV of ``columns`` written atomically; floats as 6 significant digits, NaN/None empty."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
