@@ -1,6 +1,8 @@
 """``atlas-shards build``: a store split -> balanced patch-pair WebDataset shards.
 
-Three passes, each resumable, memory bounded by one scan or one shard:
+Three passes, each resumable, memory bounded by one scan or one shard. The
+samples are the same in both formats (``plan.draw_voxels``); how they are
+stored differs in passes 2 and 3. For pairs:
 
 1. *plan* (parent): count lesion and background voxels of every scan of the
    split, derive the sampling rates and each scan's exact sample counts, the
@@ -14,6 +16,10 @@ Three passes, each resumable, memory bounded by one scan or one shard:
    spill, shuffle it (seeded per shard), write records of K samples to a tar
    under a temporary name and rename it.
 
+For blocks, passes 2 and 3 are ``build_blocks.spill_blocks`` and
+``build_blocks.write_block_shard``: whole blocks rather than samples are
+spread over the shards.
+
 The same store, configuration and seed give byte-identical shards and
 manifest, whatever the number of workers and however often the build was
 interrupted. ``manifest.json`` is written last; ``.build/`` is then removed.
@@ -26,7 +32,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -35,12 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
-from atlas_shards.plan import BuildConfig, BuildError, describe_plan, make_plan
+from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
+from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
 from shards import atomic_path, atomic_write_text
+from shards.blocks import block_size
 from shards.manifest import read_manifest, write_manifest
 from shards.norm import dequantisation, normalise
 from shards.patches import PairCutter
-from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, encode_record, record_key
+from shards.schema import LOC_DTYPE, MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, encode_record, record_key
 from shards.tario import write_shard
 
 BUILD_DIR = ".build"
@@ -79,9 +86,11 @@ def build(
             raise BuildError(f"{store_path}: no usable scan in split {config.split!r}: " + "; ".join(skipped))
         scans, counts = (list(v) for v in zip(*usable))
         plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans}, skipped)
+        if dry_run:  # both formats' sizes: blocks need the samples drawn to count their blocks
+            blocks = list(pool.map(count_blocks, [(str(store_path), e, asdict(config)) for e in plan["scans"]]))
+            log(describe_plan(plan, config, out_dir, sum(blocks)))
+            return {**plan, "blocks": sum(blocks)}
         log(describe_plan(plan, config, out_dir))
-        if dry_run:
-            return plan
         done = _existing(out_dir, plan)
         if done is not None:
             log(f"{out_dir}: already built with this configuration; nothing to do")
@@ -91,18 +100,29 @@ def build(
         _prepare(out_dir, work, plan)
         spill = work / "spill"
         todo = [i for i, s in enumerate(plan["scans"]) if not (spill / f"{i:06d}.done").exists()]
-        jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
+        blocks = config.format == "blocks"
+        if blocks:
+            jobs = [(str(store_path), str(spill), i, plan["scans"][i], asdict(config)) for i in todo]
+        else:
+            jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
         total = sum(plan["scans"][i]["samples"] for i in todo)
-        with _bar(progress, "cut pairs", total, "sample") as bar:
-            for result in pool.map(_spill_scan, jobs):
+        with _bar(progress, "cut blocks" if blocks else "cut pairs", total, "sample") as bar:
+            for result in pool.map(spill_blocks if blocks else _spill_scan, jobs):
                 bar.update(result["samples"])
-        shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(plan["num_shards"])]
+        spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
+        num_shards = plan["num_shards"]
+        if blocks:
+            layout = block_layout(config, spilled)
+            num_shards = layout["num_shards"]
+            shard_jobs = [(str(out_dir), k, plan, layout, asdict(config), shard_name(config.split, k), str(work))
+                          for k in range(num_shards)]
+        else:
+            shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(num_shards)]
         shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
         with _bar(progress, "write shards", len(shard_jobs), "shard") as bar:
-            for _ in pool.map(_write_one_shard, shard_jobs):
+            for _ in pool.map(write_block_shard if blocks else _write_one_shard, shard_jobs):
                 bar.update()
-    shards = [json.loads((work / "shards" / f"{k:06d}.json").read_text()) for k in range(plan["num_shards"])]
-    spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
+    shards = [json.loads((work / "shards" / f"{k:06d}.json").read_text()) for k in range(num_shards)]
     manifest = _manifest(plan, config, shards, spilled, store_path, root)
     write_manifest(out_dir, manifest)
     shutil.rmtree(work, ignore_errors=True)
@@ -204,22 +224,12 @@ def _spill_scan(args: tuple) -> dict:
     data = zstore.read_scan(root, scan_id)
     mirror = float(root[scan_id].attrs["mirror_index"])
     lesion, brain = data["lesion"] > 0, data["brain"] > 0
-    rng = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode())])
-    if config.mode == "natural":
-        chosen = rng.choice(np.flatnonzero(brain | lesion), n, replace=False)
-    else:
-        chosen = np.concatenate(
-            [
-                rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False),
-                rng.choice(np.flatnonzero(brain & ~lesion), entry["background_draws"], replace=False),
-            ]
-        )
-    chosen = chosen[rng.permutation(n)]
+    chosen = draw_voxels(lesion, brain, scan_id, entry, config)
     shard_of = (entry["offset"] + np.arange(n)) % num_shards
     order = np.argsort(shard_of, kind="stable")
     chosen = chosen[order]
     labels = lesion.ravel()[chosen].astype(np.uint8)
-    locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(np.int16)
+    locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(LOC_DTYPE)
     offsets = np.concatenate([[0], np.cumsum(np.bincount(shard_of, minlength=num_shards))])
     del lesion, brain
     cutter = PairCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch)
@@ -291,10 +301,21 @@ def shard_name(split: str, k: int) -> str:
 def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list[dict], store_path: Path, root) -> dict:
     samples = sum(s["samples"] for s in shards)
     lesion = sum(s["lesion_samples"] for s in shards)
-    p = config.patch
+    records = sum(s["records"] for s in shards)
+    p, size = config.patch, block_size(config.block, config.patch)
+    if config.format == "blocks":
+        stored = {
+            "block": {"dtype": "uint8", "shape": [2, size, size, size], "block": config.block,
+                      "channels": ["volume", "mirrored volume"], "extent": "padded pair from the block's first voxel"},
+            "off": {"dtype": "int16", "shape": [3], "range": [0, config.block - 1]},
+            "meta": {"scan": "str", "origin": "block's first voxel, store canonical RAS", "patch": p},
+        }
+    else:
+        stored = {"samples_per_record": config.samples_per_record}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
+        "format": config.format,
         "plan_id": plan["plan_id"],
         "config": {
             **asdict(config),
@@ -308,7 +329,7 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
             "loc": {"dtype": "int16", "shape": [3], "space": "store canonical RAS voxel indices"},
             "scan": {"dtype": "str"},
             "outside_volume": 0,
-            "samples_per_record": config.samples_per_record,
+            "stored_as": stored,
         },
         "store": {"path": str(store_path), "layout": root.attrs.get("layout"), "space": root.attrs.get("space")},
         "scans": [
@@ -330,6 +351,7 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
             "lesion_samples": lesion,
             "lesion_fraction": lesion / samples if samples else 0.0,
             "shards": len(shards),
+            "records": records,
             "bytes": sum(s["bytes"] for s in shards),
             "bytes_per_sample": sum(s["bytes"] for s in shards) / samples if samples else 0.0,
         },

@@ -110,6 +110,11 @@ def eda(store, out_dir) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
 @click.option("--patch", type=int, default=25, show_default=True, help="Cube edge in voxels (odd).")
+@click.option("--format", "fmt", type=click.Choice(["blocks", "pairs"]), default="blocks", show_default=True,
+              help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
+                   "pairs: records of ready-cut pairs. The same samples either way.")
+@click.option("--block", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Block edge in voxels (blocks format).")
 @click.option("--target-lesion-fraction", type=float, default=None,
               help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]")
 @click.option("--background-rate", type=float, default=None, help="Explicit background sampling rate (paper: 0.01).")
@@ -117,13 +122,14 @@ def eda(store, out_dir) -> None:
 @click.option("--natural", "natural_rate", type=float, default=None, metavar="RATE",
               help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).")
 @click.option("--norm", type=click.Choice(["histeq", "zscore"]), default="histeq", show_default=True)
-@click.option("--samples-per-record", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--samples-per-record", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Pairs per record (pairs format).")
 @click.option("--shard-size-mb", type=float, default=128.0, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, disk) and stop.")
-def build(store, out_dir, split, patch, target_lesion_fraction, background_rate, lesion_rate, natural_rate, norm,
+@click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
+def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, background_rate, lesion_rate, natural_rate, norm,
           samples_per_record, shard_size_mb, num_shards, workers, seed, dry_run) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
     from atlas_shards.build import BuildConfig, BuildError, build as run_build
@@ -136,7 +142,7 @@ def build(store, out_dir, split, patch, target_lesion_fraction, background_rate,
     if target_lesion_fraction is None and background_rate is None:
         target_lesion_fraction = 0.437
     config = BuildConfig(
-        split=split, patch=patch, mode="natural" if natural_rate is not None else "balanced",
+        split=split, patch=patch, format=fmt, block=block, mode="natural" if natural_rate is not None else "balanced",
         target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
         lesion_rate=lesion_rate, background_rate=background_rate, natural_rate=natural_rate, norm=norm,
         samples_per_record=samples_per_record, shard_size_mb=shard_size_mb, num_shards=num_shards, seed=seed,

@@ -11,11 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from shards.norm import METHODS
-from shards.schema import PATCH, bytes_per_sample
+from shards.schema import BLOCK, FORMATS, PATCH, block_bytes, bytes_per_sample
+
+RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
 
 SPLITS = ("train", "val", "test")
 
@@ -26,10 +31,17 @@ class BuildError(Exception):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to sample and how to store it. ``mode`` is ``balanced`` or ``natural``."""
+    """What to sample and how to store it. ``mode`` is ``balanced`` or ``natural``.
+
+    ``format`` is how the samples are stored (``blocks``: one record a block of
+    ``block``^3 voxels; ``pairs``: records of ``samples_per_record`` pairs);
+    which samples are drawn does not depend on it.
+    """
 
     split: str = "train"
     patch: int = PATCH
+    format: str = "blocks"
+    block: int = BLOCK
     mode: str = "balanced"
     target_lesion_fraction: float | None = 0.437
     lesion_rate: float = 1.0
@@ -46,6 +58,10 @@ class BuildConfig:
             raise BuildError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.patch < 1 or self.patch % 2 == 0:
             raise BuildError(f"--patch must be a positive odd number, got {self.patch}")
+        if self.format not in FORMATS:
+            raise BuildError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.block < 1:
+            raise BuildError(f"--block must be a positive number of voxels, got {self.block}")
         if self.norm not in METHODS:
             raise BuildError(f"--norm must be one of {', '.join(METHODS)}")
         if self.mode == "natural":
@@ -108,9 +124,9 @@ def make_plan(
         offset += n
     if offset == 0:
         raise BuildError("the sampling rates select no voxels at all; raise the rates")
-    per_sample = bytes_per_sample(config.patch)
-    num_shards = config.num_shards or max(1, math.ceil(offset * per_sample / (config.shard_size_mb * 2**20)))
-    num_shards = min(num_shards, offset)
+    # Blocks: the shard count depends on how many blocks the samples fall in,
+    # known once the scans are cut (``shards_for``).
+    num_shards = None if config.format == "blocks" else shards_for(config, offset, math.ceil(offset / config.samples_per_record))
     plan = {
         "scans": entries,
         "samples": offset,
@@ -124,13 +140,58 @@ def make_plan(
     return plan
 
 
-def describe_plan(plan: dict, config: BuildConfig, out_dir: Path) -> str:
+def estimate_bytes(fmt: str, samples: int, records: int, patch: int, block: int = BLOCK) -> int:
+    """Shard bytes of ``samples`` stored in ``records`` records (blocks: one record a block)."""
+    if fmt == "blocks":
+        return records * (block_bytes(block, patch) + RECORD_OVERHEAD) + samples * 7
+    return samples * (bytes_per_sample(patch) + 16) + records * RECORD_OVERHEAD
+
+
+def shards_for(config: BuildConfig, samples: int, records: int) -> int:
+    """How many shards: ``--num-shards``, else enough for ``--shard-size-mb``.
+
+    Never more than there are blocks (blocks) or samples (pairs spread their samples one by one).
+    """
+    size = estimate_bytes(config.format, samples, records, config.patch, config.block)
+    wanted = config.num_shards or max(1, math.ceil(size / (config.shard_size_mb * 2**20)))
+    return min(wanted, records if config.format == "blocks" else samples)
+
+
+def draw_voxels(lesion: np.ndarray, brain: np.ndarray, scan_id: str, entry: dict, config: BuildConfig) -> np.ndarray:
+    """Flat indices of one scan's samples, in sample order.
+
+    The one place that decides which voxels are sampled: a function of the
+    scan's masks, its plan entry, and the seed, whatever the format.
+    """
+    rng = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode())])
+    if config.mode == "natural":
+        chosen = rng.choice(np.flatnonzero(brain | lesion), entry["samples"], replace=False)
+    else:
+        chosen = np.concatenate(
+            [
+                rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False),
+                rng.choice(np.flatnonzero(brain & ~lesion), entry["background_draws"], replace=False),
+            ]
+        )
+    return chosen[rng.permutation(entry["samples"])]
+
+
+def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | None = None) -> str:
+    """What the build will do. ``blocks``: how many blocks the samples fall in, when counted (dry run)."""
+    n = plan["samples"]
+    shards = plan["num_shards"] or "a number of"
     lines = [
-        f"build {config.split} ({config.mode}, norm {config.norm}, seed {config.seed}) -> {out_dir}",
+        f"build {config.split} ({config.mode}, norm {config.norm}, seed {config.seed}, {config.format}) -> {out_dir}",
         f"  {len(plan['scans'])} scans; lesion rate {plan['lesion_rate']:.4g}, background rate {plan['background_rate']:.4g}",
-        f"  {plan['samples']} samples in {plan['num_shards']} shards, about "
-        f"{plan['samples'] * bytes_per_sample(config.patch) / 2**30:.2f} GiB (and as much again while building)",
+        f"  {n} samples in {shards} shards",
     ]
+    pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
+    lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")
+    if blocks is not None:
+        size = estimate_bytes("blocks", n, blocks, config.patch, config.block)
+        lines.append(f"  as blocks of {config.block}^3: {blocks} blocks, about {size / 2**30:.2f} GiB, "
+                     f"{size / max(n, 1):,.0f} bytes/sample ({pairs / max(size, 1):.1f}x fewer bytes)")
+    lines.append("  (and as much again while building)")
     if config.mode == "balanced":
         les = sum(s["lesion_draws"] for s in plan["scans"])
         lines.append(f"  expected lesion fraction {les / plan['samples']:.4f}")

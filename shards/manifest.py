@@ -1,10 +1,12 @@
 """``manifest.json``: what a shard directory holds, and how to check it.
 
-Keys (schema version 1)::
+Keys (schema version 2; version 1, from before blocks, is read as pairs)::
 
-    schema, schema_version   "atlas-patch-pairs", 1
+    schema, schema_version   "atlas-patch-pairs", 2
+    format                   "blocks" or "pairs" (see ``shards.schema``)
     config                   the full build configuration (split, patch,
-                             mode, rates, norm, samples_per_record, seed...)
+                             format, block, mode, rates, norm,
+                             samples_per_record, seed...)
     norm                     {"method", "offset", "scale"}: model input is
                              (x - offset) * scale
     sample                   field names, dtypes and shapes
@@ -12,9 +14,9 @@ Keys (schema version 1)::
     scans                    [{scan_id, subject_id, samples, lesion_samples,
                                lesion_voxels, background_voxels}]
     shards                   [{name, samples, lesion_samples, records,
-                               bytes, sha256}]
+                               bytes, sha256}]   (blocks: one record a block)
     totals                   {samples, lesion_samples, lesion_fraction,
-                              shards, bytes}
+                              shards, records, bytes, bytes_per_sample}
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from shards.atomic import atomic_write_text
-from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION, decode_record
+from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, decode_any
 from shards.tario import iter_grouped, sha256_file
 
 
@@ -65,19 +67,21 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
         raise ManifestError(f"{where}: cannot read the shard manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise ManifestError(f"{where}: not an {SCHEMA} manifest")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_VERSIONS:
         raise ManifestError(
             f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; rebuild the shards"
         )
+    manifest.setdefault("format", "pairs")
+    manifest["config"].setdefault("format", manifest["format"])
     return manifest
 
 
-def count_shard(path: str | os.PathLike, patch: int | None = None) -> dict:
+def count_shard(path: str | os.PathLike, patch: int | None = None, fmt: str | None = None) -> dict:
     """Records, samples and lesion samples in one shard file, decoding every record."""
     records = samples = lesion = 0
     with open(path, "rb") as f:
         for _, fields in iter_grouped(f):
-            rec = decode_record(fields, patch)
+            rec = decode_any(fields, patch, fmt)
             records += 1
             samples += len(rec["y"])
             lesion += int(rec["y"].sum())
@@ -100,7 +104,7 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         if sha256_file(path) != shard["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
         try:
-            counts = count_shard(path, patch)
+            counts = count_shard(path, patch, manifest["format"])
         except Exception as exc:  # tarfile, record and I/O errors alike
             problems.append(f"{path}: unreadable: {type(exc).__name__}: {exc}")
             continue
@@ -120,12 +124,15 @@ def summarise(manifest: dict, where: str | os.PathLike = "") -> str:
     mode = f"natural rate {c['natural_rate']}" if c["mode"] == "natural" else (
         f"balanced: lesion rate {c['lesion_rate']:.4g}, background rate {c['background_rate']:.4g}"
     )
+    records = sum(s["records"] for s in manifest["shards"])
+    layout = (f"{records} blocks of {c['block']}^3 voxels, {t['samples'] / max(records, 1):.1f} samples/block"
+              if manifest["format"] == "blocks" else f"{c['samples_per_record']} samples/record")
     lines = [
-        f"{where}: {manifest['schema']} v{manifest['schema_version']}, split {c['split']}, {mode}",
+        f"{where}: {manifest['schema']} v{manifest['schema_version']} ({manifest['format']}), split {c['split']}, {mode}",
         f"  {t['samples']} samples ({t['lesion_samples']} lesion, fraction {t['lesion_fraction']:.4f}) "
         f"from {len(manifest['scans'])} scans of {len(manifest['subjects'])} subjects",
         f"  {t['shards']} shards of {min(sizes)}-{max(sizes)} samples, {t['bytes'] / 2**20:.1f} MiB, "
-        f"{t['bytes_per_sample']:.0f} bytes/sample; {c['samples_per_record']} samples/record",
+        f"{t['bytes_per_sample']:.0f} bytes/sample; {layout}",
         f"  patch {c['patch']}, norm {manifest['norm']['method']} (input = (x - {manifest['norm']['offset']:g}) "
         f"* {manifest['norm']['scale']:.6g}), seed {c['seed']}",
     ]

@@ -2,9 +2,9 @@
 
 A pipeline of small generator stages (after WebDataset's style):
 ``read_records`` (open each shard, parse the tar, decode and validate
-records, skip and count corrupt ones) -> ``batch_samples`` (a vectorised
-shuffle pool of whole records, or ``Cursor`` slicing records in stream
-order) -> tensors. ``ShardStream`` splits shards over DDP ranks and DataLoader workers
+records of either format, skip and count corrupt ones) -> ``batch_samples``
+(``shards.pool``: a vectorised shuffle pool over records, which gathers pairs
+or cuts them from blocks) -> tensors. ``ShardStream`` splits shards over DDP ranks and DataLoader workers
 and, under DDP, gives every rank the same number of batches per epoch.
 
 Usage::
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from shards.schema import RecordError, decode_record
+from shards.pool import batch_samples
+from shards.schema import RecordError, decode_any
 from shards.sources import Shard, ShardSourceError, open_shard, resolve
 from shards.tario import iter_grouped
 
@@ -79,6 +80,8 @@ def read_records(
     stats: Stats | None = None,
     timeout: float = 30.0,
     retries: int = 3,
+    patch: int | None = None,
+    fmt: str | None = None,
 ) -> Iterator[dict]:
     """Decoded records of each shard in turn; corrupt ones are skipped and counted.
 
@@ -86,6 +89,8 @@ def read_records(
         keep: ``(i, n)`` keeps only records whose index in the shard is i mod n
             (used when there are fewer shards than readers).
         handler: called once per damaged shard; raise in it to stop.
+        patch, fmt: the manifest's patch size and format, when known: a record
+            that disagrees is damaged. Without ``fmt`` the first record sets it.
 
     Raises:
         ShardSourceError: a shard cannot be opened at all (bounded time).
@@ -101,7 +106,8 @@ def read_records(
                     continue
                 seen += 1
                 try:
-                    record = decode_record(fields)
+                    record = decode_any(fields, patch, fmt)
+                    fmt = fmt or ("blocks" if "block" in record else "pairs")
                 except RecordError as exc:
                     stats.skipped += 1
                     if not warned:
@@ -125,94 +131,20 @@ def _kept(records: int | None, keep: tuple[int, int] | None) -> int | None:
     return len(range(i, records, n))
 
 
-class Cursor:
-    """Takes exactly ``m`` samples at a time from a stream of records."""
-
-    def __init__(self, records: Iterable[dict]):
-        self._it, self._cur, self._pos = iter(records), None, 0
-
-    def take(self, m: int) -> dict | None:
-        """Up to ``m`` samples (fewer only at the end); None when nothing is left."""
-        pieces, need = [], m
-        while need > 0:
-            if self._cur is None or self._pos >= len(self._cur["y"]):
-                self._cur, self._pos = next(self._it, None), 0
-                if self._cur is None:
-                    break
-            n = min(need, len(self._cur["y"]) - self._pos)
-            s = slice(self._pos, self._pos + n)
-            pieces.append({k: v[s] for k, v in self._cur.items()})
-            self._pos += n
-            need -= n
-        if not pieces:
-            return None
-        return {
-            "x": np.concatenate([p["x"] for p in pieces]),
-            "y": np.concatenate([p["y"] for p in pieces]),
-            "loc": np.concatenate([p["loc"] for p in pieces]),
-            "scan": np.array([s for p in pieces for s in p["scan"]], dtype=object),
-        }
-
-
-def batch_samples(
-    records: Iterable[dict], batch_size: int, shuffle: int, rng: np.random.Generator, drop_last: bool
-) -> Iterator[dict]:
-    """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
-
-    The pool is a set of whole records. Each batch takes a uniformly random
-    subset of the pool's remaining samples (a multivariate hypergeometric draw
-    of how many from each record, then that many from each record's own random
-    order) and scatters them to random positions of the batch: one copy per
-    sample, no per-sample Python. Spent records leave; new ones refill the pool.
-    """
-    if shuffle <= 0:
-        cursor = Cursor(records)
-        while (batch := cursor.take(batch_size)) is not None:
-            if len(batch["y"]) < batch_size and drop_last:
-                return
-            yield batch
-        return
-    stream, pool, available, exhausted = iter(records), [], 0, False
-    target = max(shuffle, batch_size)
-    while True:
-        while not exhausted and available < target:
-            rec = next(stream, None)
-            if rec is None:
-                exhausted = True
-            elif len(rec["y"]):
-                rec = {**rec, "scan": np.asarray(rec["scan"], dtype=object)}
-                pool.append([rec, rng.permutation(len(rec["y"])), 0])
-                available += len(rec["y"])
-        size = min(batch_size, available)
-        if size == 0 or (size < batch_size and drop_last):
-            return
-        counts = rng.multivariate_hypergeometric([len(order) - pos for _, order, pos in pool], size)
-        slots = rng.permutation(size)
-        first = pool[0][0]
-        out = {k: np.empty((size,) + v.shape[1:], dtype=v.dtype) for k, v in first.items()}
-        at = 0
-        for entry, c in zip(pool, counts):
-            if c:
-                rec, order, pos = entry
-                idx, dst = np.sort(order[pos : pos + c]), slots[at : at + c]
-                for k, v in rec.items():
-                    out[k][dst] = v[idx]
-                entry[2] += c
-                at += c
-        pool = [e for e in pool if e[2] < len(e[1])]
-        available -= size
-        yield out
-
-
 def to_tensors(batch: dict) -> dict:
-    """numpy batch -> ``x (B,2,P,P,P) uint8``, ``y (B,) int64``, ``loc (B,3) int64`` tensors, ``scan`` list."""
-    x = batch["x"] if batch["x"].flags.writeable else batch["x"].copy()
-    return {
-        "x": torch.from_numpy(np.ascontiguousarray(x)),
+    """numpy batch -> ``x (B,2,P,P,P) uint8``, ``y (B,) int64``, ``loc (B,3) int64`` tensors, ``scan`` list.
+
+    A device-cut batch has ``blocks``, ``block_slots``, ``slot`` and ``off`` tensors instead of ``x``.
+    """
+    out = {
         "y": torch.from_numpy(batch["y"].astype(np.int64)),
         "loc": torch.from_numpy(batch["loc"].astype(np.int64)),
         "scan": list(batch["scan"]),
     }
+    for key in ("x", "blocks", "block_slots", "slot", "off"):
+        if key in batch:
+            out[key] = torch.from_numpy(np.ascontiguousarray(batch[key]))
+    return out
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -234,9 +166,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         handler: error policy for damaged shards (``warn_and_continue``, ``reraise``).
         timeout, retries: per HTTP connection; an unreachable shard raises
             ``ShardSourceError`` within about ``retries * (timeout + 2)`` s.
+        pool_blocks: with blocks shards and ``shuffle`` > 0, the pool also
+            holds at least this many blocks (~128 KB each at 16^3), so that a
+            batch mixes many blocks and scans.
+        device_cut: with blocks shards, leave the cut to the consumer: batches
+            carry new blocks and per-sample (slot, offset) instead of ``x``;
+            ``shards.blocks.DeviceCutter`` cuts them on the training device.
 
     Each batch also carries ``skipped``: records skipped by this reader since
-    its previous batch (sum them for the run's total).
+    its previous batch (sum them for the run's total), and ``worker``: the
+    DataLoader worker that made it.
     """
 
     def __init__(
@@ -252,6 +191,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         handler: Handler = warn_and_continue,
         timeout: float = 30.0,
         retries: int = 3,
+        pool_blocks: int = 256,
+        device_cut: bool = False,
     ):
         super().__init__()
         if batch_size < 1:
@@ -262,6 +203,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.handler, self.timeout, self.retries = drop_last, handler, timeout, retries
         self._rank, self._world = rank, world_size
+        self.pool_blocks, self.device_cut = pool_blocks, device_cut
+        config = (self.manifest or {}).get("config", {})
+        self.patch, self.format = config.get("patch"), (config.get("format", "pairs") if self.manifest else None)
         self.epoch = 0
         _, world = self.rank_world()
         if batches_per_epoch is None and world > 1:
@@ -323,17 +267,21 @@ class ShardStream(torch.utils.data.IterableDataset):
         shards, keep, quota = self.assignment(rank, world, worker, workers)
         stats = Stats()
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
-        records = self._cycle(shards, keep, stats, rng) if quota is not None else read_records(
-            shards, keep, self.handler, stats, self.timeout, self.retries
-        )
+        records = self._cycle(shards, keep, stats, rng) if quota is not None else self._read(shards, keep, stats)
         drop_last = self.drop_last or quota is not None
+        batches = batch_samples(records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks,
+                                self.device_cut)
         reported = 0
-        for i, batch in enumerate(batch_samples(records, self.batch_size, self.shuffle, rng, drop_last)):
+        for i, batch in enumerate(batches):
             if quota is not None and i >= quota:
                 return
             out = to_tensors(batch)
             out["skipped"], reported = stats.skipped - reported, stats.skipped
+            out["worker"] = worker
             yield out
+
+    def _read(self, shards: list[Shard], keep, stats: Stats) -> Iterator[dict]:
+        return read_records(shards, keep, self.handler, stats, self.timeout, self.retries, self.patch, self.format)
 
     def _cycle(self, shards: list[Shard], keep, stats: Stats, rng: np.random.Generator) -> Iterator[dict]:
         """Pass over ``shards`` again and again (reshuffled) until the consumer stops."""
@@ -341,7 +289,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             return
         while True:
             before = stats.records
-            yield from read_records(shards, keep, self.handler, stats, self.timeout, self.retries)
+            yield from self._read(shards, keep, stats)
             if stats.records == before:
                 raise ShardSourceError(f"no readable records in {len(shards)} shard(s), e.g. {shards[0].url}")
             shards = [shards[i] for i in rng.permutation(len(shards))]

@@ -1,0 +1,128 @@
+"""The blocks format's two build passes (``atlas-shards build --format blocks``).
+
+*spill* (per scan): draw the scan's samples (``plan.draw_voxels``, the same
+samples a pairs build takes), group them by the ``block``^3 tile of the grid
+they fall in, put the blocks in a seeded random order, and write each block
+pair (``shards.blocks.BlockCutter``) with its samples to ``.build/spill/``.
+
+*shard* (per shard): block r of scan i goes to shard (offset_i + r) mod S,
+offset_i being the number of blocks of the scans before it, so every shard
+holds blocks of every scan (a scan has hundreds of blocks) and shard sizes
+differ by at most one block. The shard's blocks are shuffled (seeded per
+shard) and written one record a block.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from atlas_shards import store as zstore
+from atlas_shards.plan import BuildConfig, draw_voxels, shards_for
+from shards import atomic_path, atomic_write_text
+from shards.blocks import BlockCutter, block_size, group_by_block
+from shards.norm import normalise
+from shards.schema import LOC_DTYPE, X_DTYPE, encode_block_record, record_key
+from shards.tario import write_shard
+
+
+def _blocks_of(store_path: str, entry: dict, config: BuildConfig, with_t1: bool):
+    """(scan data, labels, locs, order, starts) of one scan's samples grouped by block."""
+    scan_id = entry["scan_id"]
+    root = zstore.open_store(store_path, "r")
+    data = zstore.read_scan(root, scan_id, zstore.ARRAYS if with_t1 else ("lesion", "brain"))
+    lesion, brain = data["lesion"] > 0, data["brain"] > 0
+    chosen = draw_voxels(lesion, brain, scan_id, entry, config)
+    labels = lesion.ravel()[chosen].astype(np.uint8)
+    locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(LOC_DTYPE)
+    order, starts = group_by_block(locs, lesion.shape, config.block)
+    return root, data, labels, locs, order, starts
+
+
+def count_blocks(args: tuple) -> int:
+    """Worker (dry run): how many blocks one scan's samples fall in."""
+    store_path, entry, cfg = args
+    return len(_blocks_of(store_path, entry, BuildConfig(**cfg), with_t1=False)[5]) - 1
+
+
+def spill_blocks(args: tuple) -> dict:
+    """Worker: one scan's blocks and their samples, in seeded block order; returns its counts."""
+    store_path, spill, index, entry, cfg = args
+    config = BuildConfig(**cfg)
+    scan_id = entry["scan_id"]
+    root, data, labels, locs, order, starts = _blocks_of(store_path, entry, config, with_t1=True)
+    nb, n = len(starts) - 1, config.block
+    perm = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode()), 0xB10C]).permutation(nb)
+    origins = (locs[order[starts[:-1]]] // n * n).astype(np.int64)[perm]
+    members = [order[starts[b] : starts[b + 1]] for b in perm]
+    counts = np.array([len(m) for m in members], dtype=np.int64)
+    sample = np.concatenate(members) if members else np.zeros(0, np.int64)
+    off = (locs[sample] - np.repeat(origins, counts, axis=0)).astype(LOC_DTYPE)
+    mirror = float(root[scan_id].attrs["mirror_index"])
+    cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
+    s = block_size(n, config.patch)
+    base = Path(spill) / f"{index:06d}"
+    # Blocks go to disk one by one (a scan's can be hundreds of MB), each file
+    # through a temporary name (see build._spill_scan).
+    with atomic_path(f"{base}.blocks.npy") as tmp, open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (nb, 2, s, s, s)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for origin in origins:
+            f.write(cutter(origin).data)
+    for name, array in (("y", labels[sample]), ("off", off), ("origins", origins), ("counts", counts)):
+        with atomic_path(f"{base}.{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array)
+    done = {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)}
+    atomic_write_text(f"{base}.done", json.dumps(done))  # last: the scan's spill is whole
+    return done
+
+
+def block_layout(config: BuildConfig, spilled: list[dict]) -> dict:
+    """Shard count and each scan's block offset, from the spilled block counts (deterministic)."""
+    blocks = [s["blocks"] for s in spilled]
+    samples = sum(s["samples"] for s in spilled)
+    num_shards = shards_for(config, samples, max(1, sum(blocks)))
+    return {"num_shards": num_shards, "offsets": [int(v) for v in np.cumsum([0] + blocks[:-1])]}
+
+
+def write_block_shard(args: tuple) -> None:
+    """Worker: shard k's blocks from every scan's spill, shuffled, one record a block."""
+    out_dir, k, plan, layout, cfg, shard_name, work = args
+    config = BuildConfig(**cfg)
+    num = layout["num_shards"]
+    picks = []  # (scan index, block index in the scan's spill)
+    spills = {}
+    for i, entry in enumerate(plan["scans"]):
+        base = Path(work) / "spill" / f"{i:06d}"
+        counts = np.load(f"{base}.counts.npy")
+        first = (k - layout["offsets"][i]) % num
+        if first < len(counts):
+            starts = np.concatenate([[0], np.cumsum(counts)])
+            spills[i] = (np.load(f"{base}.blocks.npy", mmap_mode="r"), np.load(f"{base}.off.npy", mmap_mode="r"),
+                         np.load(f"{base}.y.npy", mmap_mode="r"), np.load(f"{base}.origins.npy"), starts)
+            picks += [(i, r) for r in range(first, len(counts), num)]
+    perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(picks))
+    samples = lesion = 0
+
+    def records() -> Iterable[tuple[str, dict[str, bytes]]]:
+        nonlocal samples, lesion
+        for r, j in enumerate(perm):
+            i, b = picks[j]
+            blocks, off, y, origins, starts = spills[i]
+            a, z = starts[b], starts[b + 1]
+            samples, lesion = samples + int(z - a), lesion + int(y[a:z].sum())
+            yield record_key(k, r), encode_block_record(
+                np.asarray(blocks[b]), np.asarray(off[a:z]), np.asarray(y[a:z]), plan["scans"][i]["scan_id"],
+                origins[b], config.patch,
+            )
+
+    path = Path(out_dir) / shard_name
+    sha = write_shard(path, records())
+    info = {"name": shard_name, "samples": samples, "lesion_samples": lesion, "records": len(picks),
+            "bytes": path.stat().st_size, "sha256": sha}
+    atomic_write_text(Path(work) / "shards" / f"{k:06d}.json", json.dumps(info))
+

@@ -1,0 +1,180 @@
+"""The shuffle pool: records in, batches of samples out (numpy; no torch).
+
+``SamplePool`` is pure bookkeeping (after TorchIO's split of sampler and
+queue): each record entering the pool takes a numbered *slot*; every sample
+still to be drawn is one row of small per-sample columns (its slot, label,
+voxel, scan, and its place in the record). A batch is a uniform draw without
+replacement over those rows, or the first rows in stream order when there is
+no shuffling. A slot frees once all its samples are drawn.
+
+The sample data itself is turned into ``x`` by a *store*, vectorised:
+
+- ``PairStore`` (pairs records): ``x`` gathered from the records' ``x``;
+- ``BlockStore`` (blocks records): pairs cut from the blocks
+  (``shards.blocks.cut_pairs``), or, for the device path, the new blocks and
+  each sample's (slot, offset) handed on so the consumer cuts on its device.
+
+A pool of blocks holds many records cheaply (one block is ~128 KB, however
+many samples it carries), so its fill target also counts blocks: a batch then
+draws from many blocks and scans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from shards.blocks import cut_pairs
+
+
+class SamplePool:
+    """Which samples are left to draw, and from which slot (record) each comes."""
+
+    def __init__(self):
+        self.left = np.zeros(0, dtype=np.int64)  # samples still to draw, per slot
+        self.cols: dict[str, np.ndarray] = {}  # one row per sample left, in arrival order
+
+    @property
+    def available(self) -> int:
+        return len(self.cols["slot"]) if self.cols else 0
+
+    @property
+    def records(self) -> int:
+        return int(np.count_nonzero(self.left))
+
+    def add(self, columns: dict[str, np.ndarray]) -> int:
+        """Take a record's per-sample ``columns`` (equal lengths, > 0); return its slot."""
+        n = len(columns["y"])
+        free = np.flatnonzero(self.left == 0)
+        slot = int(free[0]) if len(free) else len(self.left)
+        if slot == len(self.left):
+            self.left = np.append(self.left, 0)
+        self.left[slot] = n
+        columns = {**columns, "slot": np.full(n, slot, dtype=np.int64)}
+        if not self.cols:
+            self.cols = {k: np.asarray(v) for k, v in columns.items()}
+        else:
+            self.cols = {k: np.concatenate([self.cols[k], columns[k]]) for k in self.cols}
+        return slot
+
+    def draw(self, size: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        """``size`` rows: a uniform random subset in random order, or (no ``rng``) the oldest ones."""
+        if rng is None:
+            taken = {k: v[:size] for k, v in self.cols.items()}
+            self.cols = {k: v[size:] for k, v in self.cols.items()}
+        else:
+            sel = rng.choice(self.available, size, replace=False)
+            keep = np.ones(self.available, dtype=bool)
+            keep[sel] = False
+            taken = {k: v[sel] for k, v in self.cols.items()}
+            self.cols = {k: v[keep] for k, v in self.cols.items()}
+        self.left -= np.bincount(taken["slot"], minlength=len(self.left))
+        return taken
+
+
+class PairStore:
+    """Pairs records by slot; ``x`` of drawn samples is gathered from them."""
+
+    def __init__(self):
+        self.records: dict[int, np.ndarray] = {}
+
+    def columns(self, rec: dict) -> dict[str, np.ndarray]:
+        return {"y": rec["y"], "loc": rec["loc"], "scan": np.asarray(rec["scan"], dtype=object),
+                "item": np.arange(len(rec["y"]))}
+
+    def put(self, slot: int, rec: dict) -> None:
+        self.records[slot] = rec["x"]
+
+    def fill(self, out: dict, taken: dict) -> None:
+        slot, item = taken["slot"], taken["item"]
+        first = self.records[int(slot[0])]
+        x = np.empty((len(slot),) + first.shape[1:], dtype=first.dtype)
+        order = np.argsort(slot, kind="stable")
+        cuts = np.flatnonzero(np.diff(slot[order])) + 1
+        for group in np.split(order, cuts):  # one copy per sample, one numpy call per record
+            x[group] = self.records[int(slot[group[0]])][item[group]]
+        out["x"] = x
+
+
+class BlockStore:
+    """Blocks records by slot in one ``(M, 2, S, S, S)`` array; pairs cut from it.
+
+    With ``device_cut`` the cut is left to ``shards.blocks.DeviceCutter``: a
+    batch carries the blocks that entered the pool since the previous batch,
+    and each sample's slot and offset.
+    """
+
+    def __init__(self, patch: int, device_cut: bool = False):
+        self.patch, self.device_cut = patch, device_cut
+        self.blocks: np.ndarray | None = None
+        self.new: list[tuple[int, np.ndarray]] = []
+
+    def columns(self, rec: dict) -> dict[str, np.ndarray]:
+        n = len(rec["y"])
+        return {"y": rec["y"], "loc": rec["loc"], "scan": np.full(n, rec["scan"], dtype=object), "off": rec["off"]}
+
+    def put(self, slot: int, rec: dict) -> None:
+        block = rec["block"]
+        if self.device_cut:
+            self.new.append((slot, block))
+            return
+        if self.blocks is None or slot >= len(self.blocks) or self.blocks.shape[1:] != block.shape:
+            grown = np.zeros((max(slot + 1, 2 * (0 if self.blocks is None else len(self.blocks))),) + block.shape,
+                             dtype=block.dtype)
+            if self.blocks is not None and self.blocks.shape[1:] == block.shape:
+                grown[: len(self.blocks)] = self.blocks
+            self.blocks = grown
+        self.blocks[slot] = block
+
+    def fill(self, out: dict, taken: dict) -> None:
+        if not self.device_cut:
+            out["x"] = cut_pairs(self.blocks, taken["slot"], taken["off"], self.patch)
+            return
+        shape = (0, 2) + (self.patch,) * 3 if not self.new else self.new[0][1].shape
+        out["blocks"] = np.stack([b for _, b in self.new]) if self.new else np.zeros((0,) + shape[1:], np.uint8)
+        out["block_slots"] = np.array([s for s, _ in self.new], dtype=np.int64)
+        out["slot"], out["off"] = taken["slot"], taken["off"]
+        self.new = []
+
+
+def batch_samples(
+    records: Iterable[dict],
+    batch_size: int,
+    shuffle: int,
+    rng: np.random.Generator,
+    drop_last: bool,
+    pool_blocks: int = 256,
+    device_cut: bool = False,
+) -> Iterator[dict]:
+    """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
+
+    Records are pairs records (``x``, ``y``, ``loc``, ``scan``) or blocks
+    records (``block``, ``off``, ``y``, ``loc``, ``scan``), not mixed (see
+    ``shards.schema``). With ``shuffle`` > 0 the pool also holds at least
+    ``pool_blocks`` blocks records. Every sample is yielded once; a batch is
+    ``x (B,2,P,P,P) uint8``, ``y (B,)``, ``loc (B,3)``, ``scan (B,)`` (or the
+    device-cut fields instead of ``x``, see ``BlockStore``).
+    """
+    pool, store, stream, exhausted = SamplePool(), None, iter(records), False
+    target = max(shuffle, batch_size)
+    draw_rng = rng if shuffle > 0 else None
+    while True:
+        while not exhausted and (pool.available < target or (
+                draw_rng is not None and isinstance(store, BlockStore) and pool.records < pool_blocks)):
+            rec = next(stream, None)
+            if rec is None:
+                exhausted = True
+                continue
+            if not len(rec["y"]):
+                continue
+            if store is None:
+                store = BlockStore(rec["patch"], device_cut) if "block" in rec else PairStore()
+            store.put(pool.add(store.columns(rec)), rec)
+        size = min(batch_size, pool.available)
+        if size == 0 or (size < batch_size and drop_last):
+            return
+        taken = pool.draw(size, draw_rng)
+        out = {"y": taken["y"], "loc": taken["loc"], "scan": taken["scan"]}
+        store.fill(out, taken)
+        yield out
