@@ -17,7 +17,7 @@ from shards.patches import extract_pairs
 from shards.reader import read_records
 from shards.sources import resolve
 
-SMALL = dict(num_shards=3, samples_per_record=16)
+SMALL = dict(num_shards=3, samples_per_record=16, format="pairs")  # this file: the pairs format (blocks: test_blocks)
 
 
 def _records(out_dir):
@@ -53,7 +53,7 @@ def test_samples_are_the_store_cubes_with_their_labels(tiny_store, built):
 def test_manifest_records_config_counts_and_checksums(built):
     out, manifest = built
     assert read_manifest(out) == manifest
-    assert manifest["schema_version"] == 1 and manifest["config"]["split"] == "train"
+    assert manifest["schema_version"] == 2 and manifest["format"] == "pairs" and manifest["config"]["split"] == "train"
     assert manifest["config"]["seed"] == 0 and manifest["norm"]["method"] == "histeq"
     assert sum(s["samples"] for s in manifest["shards"]) == manifest["totals"]["samples"]
     assert sum(s["lesion_samples"] for s in manifest["scans"]) == manifest["totals"]["lesion_samples"]

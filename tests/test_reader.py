@@ -18,11 +18,25 @@ from shards.views import axial_slice, concat_pair, dequantise, single_cube
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tiny_store, tmp_path_factory):
-    """5 shards (odd, to exercise uneven rank splits) of 16-sample records."""
+def pairs_dir(tiny_store, tmp_path_factory):
+    """5 pairs shards (odd, to exercise uneven rank splits) of 16-sample records."""
     out = tmp_path_factory.mktemp("reader") / "train"
-    build_quietly(tiny_store, out, split="train", num_shards=5, samples_per_record=16)
+    build_quietly(tiny_store, out, split="train", format="pairs", num_shards=5, samples_per_record=16)
     return out
+
+
+@pytest.fixture(scope="module")
+def blocks_dir(tiny_store, tmp_path_factory):
+    """5 blocks shards."""
+    out = tmp_path_factory.mktemp("reader") / "train"
+    build_quietly(tiny_store, out, split="train", format="blocks", num_shards=5)
+    return out
+
+
+@pytest.fixture(params=["pairs", "blocks"])
+def shard_dir(request):
+    """Either format: the reader behaves the same on both."""
+    return request.getfixturevalue(f"{request.param}_dir")
 
 
 def test_one_pass_yields_every_sample_once_as_tensors(shard_dir):
@@ -97,7 +111,8 @@ def _damaged_copy(shard_dir, tmp_path):
     return copy, names
 
 
-def test_damaged_shards_are_skipped_counted_and_named_once(shard_dir, tmp_path, caplog):
+def test_damaged_shards_are_skipped_counted_and_named_once(pairs_dir, tmp_path, caplog):
+    shard_dir = pairs_dir
     copy, names = _damaged_copy(shard_dir, tmp_path)
     ds = ShardStream(str(copy), batch_size=16, shuffle=0)
     with caplog.at_level(logging.WARNING, logger="shards"):
@@ -153,11 +168,15 @@ def test_unknown_counts_under_ddp_need_an_explicit_epoch_length(shard_dir, tmp_p
     assert len(list(ds)) == 3
 
 
-def test_plain_webdataset_reads_the_shards(shard_dir):
+def test_plain_webdataset_reads_the_shards(pairs_dir, blocks_dir):
     wds = pytest.importorskip("webdataset")
-    sample = next(iter(wds.WebDataset(str(shard_dir / "train-000000.tar"), shardshuffle=False).decode()))
+    sample = next(iter(wds.WebDataset(str(pairs_dir / "train-000000.tar"), shardshuffle=False).decode()))
     assert sample["x.npy"].shape == (16, 2, 25, 25, 25) and sample["x.npy"].dtype == np.uint8
     assert sample["y.npy"].shape == (16,) and sample["loc.npy"].shape == (16, 3) and len(sample["scan.json"]) == 16
+    sample = next(iter(wds.WebDataset(str(blocks_dir / "train-000000.tar"), shardshuffle=False).decode()))
+    k = len(sample["y.npy"])
+    assert sample["block.npy"].shape == (2, 40, 40, 40) and sample["off.npy"].shape == (k, 3)
+    assert set(sample["meta.json"]) == {"scan", "origin", "patch"}
 
 
 def test_views():

@@ -54,6 +54,9 @@ def main() -> None:
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt at its step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
+@click.option("--cut-on-device", is_flag=True,
+              help="Blocks shards: keep the pool of blocks on the training device and cut pairs there "
+                   "(each block crosses the bus once). Same batches as the default CPU cut.")
 @click.option("--class-weights", default=None, metavar="W0,W1", help="Cross-entropy class weights.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
@@ -68,7 +71,7 @@ def main() -> None:
 @click.option("--retries", type=click.IntRange(min=1), default=3, show_default=True,
               help="Attempts to open a shard before training stops with an error.")
 def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, batch_size, lr, workers, seed, resume, device,
-        amp, class_weights, eval_every, val_batches, log_every, checkpoint_every, widths, hidden, pretrained, finetune,
+        amp, cut_on_device, class_weights, eval_every, val_batches, log_every, checkpoint_every, widths, hidden, pretrained, finetune,
         timeout, retries) -> None:
     """Train a model on streamed shards (one process, or DDP under torchrun)."""
     from shards.manifest import ManifestError
@@ -79,7 +82,7 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
 
     cfg = TrainConfig(
         shards=shards, out=run_dir, val_shards=val_shards, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, amp=amp,
+        batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, amp=amp, cut_on_device=cut_on_device,
         class_weights=_pair(class_weights), eval_every=eval_every, val_batches=val_batches, log_every=log_every,
         checkpoint_every=checkpoint_every, timeout=timeout, retries=retries,
     )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 
 from shards import atomic_write_text
+from shards.blocks import DeviceCutter
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
 from trainer import checkpoint as ckpt_io
@@ -44,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    cut_on_device: bool = False
     class_weights: tuple[float, float] | None = None
     shuffle: int = 1024
     log_every: int = 10
@@ -94,7 +96,7 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     if steps_per_epoch < 1:
         raise TrainError(f"{cfg.shards}: {probe.total_samples} samples are fewer than one batch per rank")
     train = ShardStream(cfg.shards, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
-                        batches_per_epoch=steps_per_epoch, **stream_kw)
+                        batches_per_epoch=steps_per_epoch, device_cut=cfg.cut_on_device, **stream_kw)
     val = None
     if cfg.val_shards:
         val = ShardStream(cfg.val_shards, batch_size=cfg.batch_size, shuffle=0, seed=cfg.seed,
@@ -134,6 +136,7 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
             })
 
     loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    to_device = DeviceCutter(device, manifest["config"]["patch"])  # moves x, or cuts blocks on the device
     seen = []  # sample fingerprints, for the rank audit
     window = {"loss": 0.0, "samples": 0, "wait": 0.0, "skipped": 0, "start": time.perf_counter()}
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
@@ -147,9 +150,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                 batch = next(batches)
                 waited = time.perf_counter() - t0
                 if i < done_in_epoch:
+                    to_device.load(batch)  # a device pool must still see the blocks these batches brought
                     continue
                 model.train()
-                x, y = batch["x"].to(device, non_blocking=True), batch["y"].to(device, non_blocking=True)
+                x, y = to_device(batch), batch["y"].to(device, non_blocking=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     logits = model(raw.prepare(x))
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
