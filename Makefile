@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(VENV)/bin/atlas-shards ingest $(DEMO)/release $(DEMO)/store.zarr --workers $(WORKERS)
 	@echo "== 3/7 exploratory figures =="
 	$(VENV)/bin/atlas-shards eda $(DEMO)/store.zarr $(DEMO)/eda
-	@echo "== 4/7 balanced training shards (43.7% lesion; 2% of lesion voxels to keep the demo small) =="
-	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/train --split train --lesion-rate 0.02 --shard-size-mb 64 --workers $(WORKERS)
+	@echo "== 4/7 balanced training shards at the paper's sample (every lesion voxel, 43.7% lesion), as 32^3 blocks =="
+	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/train --split train --shard-size-mb 64 --workers $(WORKERS)
 	@echo "== 5/7 un-upsampled validation stream (0.2% of brain voxels) =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/val --split val --natural 0.002 --shard-size-mb 64 --workers $(WORKERS)
 	$(VENV)/bin/atlas-shards inspect $(DEMO)/shards/train --verify
@@ -58,5 +58,6 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/bench_synth_ingest.py --subjects 8 --workers $(WORKERS)
 	$(PY) bench/bench_shards.py --subjects 8 --workers $(WORKERS) --out bench-out
+	$(PY) bench/bench_blocks.py --subjects 16 --workers $(WORKERS) --out bench-out/blocks
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out

@@ -113,8 +113,8 @@ def eda(store, out_dir) -> None:
 @click.option("--format", "fmt", type=click.Choice(["blocks", "pairs"]), default="blocks", show_default=True,
               help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
                    "pairs: records of ready-cut pairs. The same samples either way.")
-@click.option("--block", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Block edge in voxels (blocks format).")
+@click.option("--block", type=click.IntRange(min=1), default=None,
+              help="Block edge in voxels (blocks format).  [default: 32]")
 @click.option("--target-lesion-fraction", type=float, default=None,
               help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]")
 @click.option("--background-rate", type=float, default=None, help="Explicit background sampling rate (paper: 0.01).")
@@ -142,7 +142,7 @@ def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, back
     if target_lesion_fraction is None and background_rate is None:
         target_lesion_fraction = 0.437
     config = BuildConfig(
-        split=split, patch=patch, format=fmt, block=block, mode="natural" if natural_rate is not None else "balanced",
+        split=split, patch=patch, format=fmt, **({"block": block} if block else {}), mode="natural" if natural_rate is not None else "balanced",
         target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
         lesion_rate=lesion_rate, background_rate=background_rate, natural_rate=natural_rate, norm=norm,
         samples_per_record=samples_per_record, shard_size_mb=shard_size_mb, num_shards=num_shards, seed=seed,

@@ -4,8 +4,8 @@ Usage: .venv/bin/python bench/bench_shards.py [--subjects 8] [--workers 2] [--ou
 
 1. Synthesises an R1.2 phantom release (every scan labelled) of 2N+2 subjects and ingests it twice:
    once with N training subjects, once with 2N (the rest go to val/test).
-2. Builds balanced train shards from each (lesion rate --lesion-rate, target
-   43.7%): build throughput (samples/s per worker, MB/s written) and peak
+2. Builds balanced train shards (pairs format; blocks: bench_blocks.py) from
+   each (lesion rate --lesion-rate, target 43.7%): build throughput (samples/s per worker, MB/s written) and peak
    memory for N and 2N scans: each process's high-water mark (VmHWM), the
    largest and the sum, and the tree's RSS sampled every 20 ms.
 3. Reads the 2N-scan shards (page cache warm; median of 3 runs after a
@@ -68,9 +68,9 @@ def tree_memory_kb(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
-def run_build(store: Path, out: Path, workers: int, lesion_rate: float) -> dict:
+def run_build(store: Path, out: Path, workers: int, lesion_rate: float, fmt: str = "pairs") -> dict:
     cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), str(out), "--split", "train",
-           "--lesion-rate", str(lesion_rate), "--shard-size-mb", "64", "--workers", str(workers)]
+           "--lesion-rate", str(lesion_rate), "--shard-size-mb", "64", "--workers", str(workers), "--format", fmt]
     shutil.rmtree(out, ignore_errors=True)
     peak_sum, hwm, start = 0, {}, time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,6 +97,8 @@ def run_build(store: Path, out: Path, workers: int, lesion_rate: float) -> dict:
         "peak_rss_mb_tree_sampled": round(peak_sum / 1024),  # sampled every 20 ms
         "peak_rss_mb_per_process": sorted(round(h / 1024) for h in hwm.values()),
         "bytes_per_sample": round(t["bytes_per_sample"]),
+        "bytes": t["bytes"],
+        "records": sum(s["records"] for s in manifest["shards"]),
     }
 
 

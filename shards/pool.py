@@ -14,8 +14,8 @@ The sample data itself is turned into ``x`` by a *store*, vectorised:
   (``shards.blocks.cut_pairs``), or, for the device path, the new blocks and
   each sample's (slot, offset) handed on so the consumer cuts on its device.
 
-A pool of blocks holds many records cheaply (one block is ~128 KB, however
-many samples it carries), so its fill target also counts blocks: a batch then
+A pool of blocks holds many records cheaply (one block is ~350 KB at 32^3,
+however many samples it carries), so its fill target also counts blocks: a batch then
 draws from many blocks and scans.
 """
 
@@ -29,15 +29,22 @@ from shards.blocks import cut_pairs
 
 
 class SamplePool:
-    """Which samples are left to draw, and from which slot (record) each comes."""
+    """Which samples are left to draw, and from which slot (record) each comes.
+
+    Rows live in preallocated column buffers (grown by doubling): adding a
+    record and drawing a batch cost O(record) and O(batch), not O(pool). A
+    random draw fills its holes with rows from the end; a stream-order draw
+    advances a head.
+    """
 
     def __init__(self):
         self.left = np.zeros(0, dtype=np.int64)  # samples still to draw, per slot
-        self.cols: dict[str, np.ndarray] = {}  # one row per sample left, in arrival order
+        self.cols: dict[str, np.ndarray] = {}  # rows [head, n) are the samples left
+        self.head = self.n = 0
 
     @property
     def available(self) -> int:
-        return len(self.cols["slot"]) if self.cols else 0
+        return self.n - self.head
 
     @property
     def records(self) -> int:
@@ -45,32 +52,62 @@ class SamplePool:
 
     def add(self, columns: dict[str, np.ndarray]) -> int:
         """Take a record's per-sample ``columns`` (equal lengths, > 0); return its slot."""
-        n = len(columns["y"])
+        k = len(columns["y"])
         free = np.flatnonzero(self.left == 0)
         slot = int(free[0]) if len(free) else len(self.left)
         if slot == len(self.left):
             self.left = np.append(self.left, 0)
-        self.left[slot] = n
-        columns = {**columns, "slot": np.full(n, slot, dtype=np.int64)}
-        if not self.cols:
-            self.cols = {k: np.asarray(v) for k, v in columns.items()}
-        else:
-            self.cols = {k: np.concatenate([self.cols[k], columns[k]]) for k in self.cols}
+        self.left[slot] = k
+        columns = {**columns, "slot": np.full(k, slot, dtype=np.int64)}
+        if self.head:  # stream order: move the rows left to the front (few: about a batch)
+            for v in self.cols.values():
+                v[: self.available] = v[self.head : self.n]
+            self.n, self.head = self.available, 0
+        if not self.cols or self.n + k > len(self.cols["y"]):
+            size = max(1024, 2 * (self.n + k))
+            grown = {name: np.empty((size,) + np.shape(v)[1:], dtype=np.asarray(v).dtype) for name, v in columns.items()}
+            for name, v in self.cols.items():
+                grown[name][: self.n] = v[: self.n]
+            self.cols = grown
+        for name, v in columns.items():
+            self.cols[name][self.n : self.n + k] = v
+        self.n += k
         return slot
 
     def draw(self, size: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        """``size`` rows: a uniform random subset in random order, or (no ``rng``) the oldest ones."""
+        """``size`` rows: a uniform random subset grouped by slot, or (no ``rng``) the oldest ones."""
         if rng is None:
-            taken = {k: v[:size] for k, v in self.cols.items()}
-            self.cols = {k: v[size:] for k, v in self.cols.items()}
+            taken = {k: v[self.head : self.head + size].copy() for k, v in self.cols.items()}
+            self.head += size
         else:
-            sel = rng.choice(self.available, size, replace=False)
-            keep = np.ones(self.available, dtype=bool)
-            keep[sel] = False
+            n, cut = self.n, self.n - size
+            sel = rng.choice(n, size, replace=False)
+            # A batch is a set: its rows go out in memory order (by record), which
+            # makes the gather or cut that follows about 1.5x faster than random order.
+            sel = sel[np.argsort(self.cols["slot"][sel], kind="stable")]
             taken = {k: v[sel] for k, v in self.cols.items()}
-            self.cols = {k: v[keep] for k, v in self.cols.items()}
+            drawn_tail = np.zeros(size, dtype=bool)
+            drawn_tail[sel[sel >= cut] - cut] = True
+            holes, movers = sel[sel < cut], cut + np.flatnonzero(~drawn_tail)
+            for v in self.cols.values():
+                v[holes] = v[movers]
+            self.n = cut
         self.left -= np.bincount(taken["slot"], minlength=len(self.left))
         return taken
+
+
+class ScanCodes:
+    """Scan ids as small integers inside the pool (no object arrays to move), names on the way out."""
+
+    def __init__(self):
+        self.codes: dict[str, int] = {}
+        self.names = np.zeros(0, dtype=object)
+
+    def __call__(self, scans: list[str]) -> np.ndarray:
+        for s in set(scans) - self.codes.keys():
+            self.codes[s] = len(self.codes)
+            self.names = np.append(self.names, np.array([s], dtype=object))
+        return np.array([self.codes[s] for s in scans], dtype=np.int32)
 
 
 class PairStore:
@@ -78,10 +115,10 @@ class PairStore:
 
     def __init__(self):
         self.records: dict[int, np.ndarray] = {}
+        self.scans = ScanCodes()
 
     def columns(self, rec: dict) -> dict[str, np.ndarray]:
-        return {"y": rec["y"], "loc": rec["loc"], "scan": np.asarray(rec["scan"], dtype=object),
-                "item": np.arange(len(rec["y"]))}
+        return {"y": rec["y"], "loc": rec["loc"], "scan": self.scans(rec["scan"]), "item": np.arange(len(rec["y"]))}
 
     def put(self, slot: int, rec: dict) -> None:
         self.records[slot] = rec["x"]
@@ -109,10 +146,11 @@ class BlockStore:
         self.patch, self.device_cut = patch, device_cut
         self.blocks: np.ndarray | None = None
         self.new: list[tuple[int, np.ndarray]] = []
+        self.scans = ScanCodes()
 
     def columns(self, rec: dict) -> dict[str, np.ndarray]:
-        n = len(rec["y"])
-        return {"y": rec["y"], "loc": rec["loc"], "scan": np.full(n, rec["scan"], dtype=object), "off": rec["off"]}
+        code = self.scans([rec["scan"]])[0]
+        return {"y": rec["y"], "loc": rec["loc"], "scan": np.full(len(rec["y"]), code, np.int32), "off": rec["off"]}
 
     def put(self, slot: int, rec: dict) -> None:
         block = rec["block"]
@@ -144,7 +182,7 @@ def batch_samples(
     shuffle: int,
     rng: np.random.Generator,
     drop_last: bool,
-    pool_blocks: int = 256,
+    pool_blocks: int = 128,
     device_cut: bool = False,
 ) -> Iterator[dict]:
     """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
@@ -175,6 +213,6 @@ def batch_samples(
         if size == 0 or (size < batch_size and drop_last):
             return
         taken = pool.draw(size, draw_rng)
-        out = {"y": taken["y"], "loc": taken["loc"], "scan": taken["scan"]}
+        out = {"y": taken["y"], "loc": taken["loc"], "scan": store.scans.names[taken["scan"]]}
         store.fill(out, taken)
         yield out

@@ -167,7 +167,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         timeout, retries: per HTTP connection; an unreachable shard raises
             ``ShardSourceError`` within about ``retries * (timeout + 2)`` s.
         pool_blocks: with blocks shards and ``shuffle`` > 0, the pool also
-            holds at least this many blocks (~128 KB each at 16^3), so that a
+            holds at least this many blocks (~350 KB each at 32^3), so that a
             batch mixes many blocks and scans.
         device_cut: with blocks shards, leave the cut to the consumer: batches
             carry new blocks and per-sample (slot, offset) instead of ``x``;
@@ -191,7 +191,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         handler: Handler = warn_and_continue,
         timeout: float = 30.0,
         retries: int = 3,
-        pool_blocks: int = 256,
+        pool_blocks: int = 128,
         device_cut: bool = False,
     ):
         super().__init__()

@@ -86,9 +86,10 @@ def tiny_store(tmp_path_factory):
 
 
 def build_quietly(store, out, **config):
-    """``atlas_shards.build.build`` with a BuildConfig from keywords, no progress or log."""
+    """``atlas_shards.build.build`` with a BuildConfig from keywords (blocks of 8^3 by default), quietly."""
     from atlas_shards.build import BuildConfig, build
 
+    config.setdefault("block", 8)  # tiny test volumes: many blocks per scan, as real scans have at 32
     return build(store, out, BuildConfig(**config), progress=False, log=lambda message: None)
 
 

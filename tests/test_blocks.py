@@ -23,13 +23,13 @@ from shards.schema import decode_block_record, decode_npy, encode_block_record
 from shards.sources import resolve
 from shards.tario import iter_grouped, write_shard
 
-CONFIG = dict(split="train", num_shards=3)
+CONFIG = dict(split="train", num_shards=3, block=8)
 
 
 @pytest.fixture(scope="module")
 def both(tiny_store, tmp_path_factory):
     """The same configuration built in both formats."""
-    base = tmp_path_factory.mktemp("formats")
+    base = tmp_path_factory.mktemp("formats")  # blocks of 8^3: tiny volumes, many blocks a scan
     blocks = build_quietly(tiny_store, base / "blocks", **CONFIG)
     pairs = build_quietly(tiny_store, base / "pairs", format="pairs", samples_per_record=16, **CONFIG)
     return base, blocks, pairs
@@ -75,7 +75,7 @@ def test_every_sample_in_one_record_every_shard_mixes_every_scan(both):
         for r in recs:
             assert (r["scan"], *r["origin"].tolist()) not in origins  # one record a block
             origins.add((r["scan"], *r["origin"].tolist()))
-            assert np.all(r["origin"] % 16 == 0) and np.all((r["off"] >= 0) & (r["off"] < 16))
+            assert np.all(r["origin"] % 8 == 0) and np.all((r["off"] >= 0) & (r["off"] < 8))
             ids = {(r["scan"], *loc) for loc in r["loc"].tolist()}
             assert not ids & seen
             seen |= ids
@@ -85,7 +85,7 @@ def test_every_sample_in_one_record_every_shard_mixes_every_scan(both):
 def test_manifest_records_format_block_and_bytes(both):
     base, blocks, pairs = both
     assert read_manifest(base / "blocks") == blocks
-    assert blocks["format"] == blocks["config"]["format"] == "blocks" and blocks["config"]["block"] == 16
+    assert blocks["format"] == blocks["config"]["format"] == "blocks" and blocks["config"]["block"] == 8
     assert pairs["format"] == "pairs" and blocks["schema_version"] == 2
     assert blocks["totals"]["records"] == sum(s["records"] for s in blocks["shards"])
     assert blocks["totals"]["bytes"] == sum((base / "blocks" / s["name"]).stat().st_size for s in blocks["shards"])
@@ -156,7 +156,7 @@ def test_a_batch_mixes_many_blocks_and_scans(both):
     base, blocks, _ = both
     first = next(iter(ShardStream(str(base / "blocks"), batch_size=64, shuffle=64, seed=0)))
     assert len(set(first["scan"])) == len(blocks["scans"])
-    blocks_hit = {(s, *loc) for s, loc in zip(first["scan"], (first["loc"] // 16).tolist())}
+    blocks_hit = {(s, *loc) for s, loc in zip(first["scan"], (first["loc"] // 8).tolist())}
     assert len(blocks_hit) > 8
 
 
@@ -220,13 +220,13 @@ def test_dry_run_gives_both_formats_bytes(tiny_store, both, tmp_path):
     plan = build(tiny_store, tmp_path / "dry", BuildConfig(**CONFIG), dry_run=True, progress=False, log=lines.append)
     assert plan["blocks"] == blocks["totals"]["records"] and not (tmp_path / "dry").exists()
     text = "\n".join(lines)
-    assert "as pairs: about" in text and f"as blocks of 16^3: {plan['blocks']} blocks" in text
+    assert "as pairs: about" in text and f"as blocks of 8^3: {plan['blocks']} blocks" in text
 
 
 def test_any_block_size(tiny_store, both, tmp_path):
     _, blocks, _ = both
     for n in (1, 5, 40):
-        manifest = build_quietly(tiny_store, tmp_path / f"b{n}", block=n, **CONFIG)
+        manifest = build_quietly(tiny_store, tmp_path / f"b{n}", **{**CONFIG, "block": n})
         assert manifest["totals"]["samples"] == blocks["totals"]["samples"]
         assert manifest["sample"]["stored_as"]["block"]["shape"] == [2] + [n + 24] * 3
         assert verify(tmp_path / f"b{n}") == []

@@ -29,7 +29,7 @@ def pairs_dir(tiny_store, tmp_path_factory):
 def blocks_dir(tiny_store, tmp_path_factory):
     """5 blocks shards."""
     out = tmp_path_factory.mktemp("reader") / "train"
-    build_quietly(tiny_store, out, split="train", format="blocks", num_shards=5)
+    build_quietly(tiny_store, out, split="train", format="blocks", block=8, num_shards=5)
     return out
 
 
@@ -175,7 +175,7 @@ def test_plain_webdataset_reads_the_shards(pairs_dir, blocks_dir):
     assert sample["y.npy"].shape == (16,) and sample["loc.npy"].shape == (16, 3) and len(sample["scan.json"]) == 16
     sample = next(iter(wds.WebDataset(str(blocks_dir / "train-000000.tar"), shardshuffle=False).decode()))
     k = len(sample["y.npy"])
-    assert sample["block.npy"].shape == (2, 40, 40, 40) and sample["off.npy"].shape == (k, 3)
+    assert sample["block.npy"].shape == (2, 32, 32, 32) and sample["off.npy"].shape == (k, 3)
     assert set(sample["meta.json"]) == {"scan", "origin", "patch"}
 
 

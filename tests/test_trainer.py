@@ -181,3 +181,27 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     steps = manifest["totals"]["samples"] // (2 * 16)  # 5 shards over 2 ranks: still equal steps
     assert ckpt_io.load(tmp_path / "ddp")["step"] == steps
     assert int(read_rows(tmp_path / "ddp" / "metrics.csv")[-1]["step"]) == steps
+
+
+def test_cut_on_device_trains_like_the_cpu_cut_and_resumes_exactly(shards, tmp_path, monkeypatch):
+    """The device path (here on CPU tensors, with 2 DataLoader workers) gives the same weights, also after a resume."""
+    import trainer.fit as fit_mod
+
+    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, workers=2), ModelConfig(),
+                   progress=False, log=lambda m: None)
+    real = fit_mod._log_row
+
+    def interrupt_at_15(window, step, *args):
+        if step == 15:
+            raise KeyboardInterrupt
+        return real(window, step, *args)
+
+    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
+    cfg = _cfg(shards, tmp_path / "d", steps_per_epoch=12, epochs=2, workers=2, cut_on_device=True)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
+    monkeypatch.setattr(fit_mod, "_log_row", real)
+    resumed = fit(cfg, ModelConfig(), resume=True, progress=False, log=lambda m: None)
+    assert resumed["steps"] == straight["steps"] == 24
+    a, d = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "d")["model"]
+    assert all(torch.equal(a[k], d[k]) for k in a)
