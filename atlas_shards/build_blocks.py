@@ -5,10 +5,11 @@ samples a pairs build takes), group them by the ``block``^3 tile of the grid
 they fall in, put the blocks in a seeded random order, and write each block
 pair (``shards.blocks.BlockCutter``) with its samples to ``.build/spill/``.
 
-*shard* (per shard): block r of scan i goes to shard (offset_i + r) mod S,
-offset_i being the number of blocks of the scans before it, so every shard
-holds blocks of every scan (a scan has hundreds of blocks) and shard sizes
-differ by at most one block. The shard's blocks are shuffled (seeded per
+*shard* (per shard): the blocks of scan i, heaviest first, are dealt over
+the S shards in a snake from shard offset_i on (``shard_blocks``), offset_i
+being the number of blocks of the scans before it, so every shard holds
+blocks of every scan (a scan has about a hundred blocks at 32^3), block
+counts differ by at most one, and sample counts stay close. The shard's blocks are shuffled (seeded per
 shard) and written one record a block.
 """
 
@@ -56,7 +57,10 @@ def spill_blocks(args: tuple) -> dict:
     scan_id = entry["scan_id"]
     root, data, labels, locs, order, starts = _blocks_of(store_path, entry, config, with_t1=True)
     nb, n = len(starts) - 1, config.block
-    perm = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode()), 0xB10C]).permutation(nb)
+    # Heaviest blocks first (seeded order among equals): dealt in a snake over
+    # the shards (``shard_blocks``), they even out the shards' sample counts.
+    ties = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode()), 0xB10C]).random(nb)
+    perm = np.lexsort((ties, -np.diff(starts)))
     origins = (locs[order[starts[:-1]]] // n * n).astype(np.int64)[perm]
     members = [order[starts[b] : starts[b + 1]] for b in perm]
     counts = np.array([len(m) for m in members], dtype=np.int64)
@@ -89,6 +93,20 @@ def block_layout(config: BuildConfig, spilled: list[dict]) -> dict:
     return {"num_shards": num_shards, "offsets": [int(v) for v in np.cumsum([0] + blocks[:-1])]}
 
 
+def shard_blocks(k: int, offset: int, blocks: int, shards: int) -> np.ndarray:
+    """Which of a scan's ``blocks`` go to shard ``k``: a snake deal from shard ``offset`` on.
+
+    Block r sits in round q = r // S at position j = r % S (reversed in odd
+    rounds) and goes to shard (offset + j) mod S. With the blocks heaviest
+    first, each round gives the shards that got the lighter blocks of the last
+    round the heavier ones of this round.
+    """
+    j = (k - offset) % shards
+    rounds = np.arange(-(-blocks // shards))
+    r = rounds * shards + np.where(rounds % 2 == 0, j, shards - 1 - j)
+    return r[r < blocks]
+
+
 def write_block_shard(args: tuple) -> None:
     """Worker: shard k's blocks from every scan's spill, shuffled, one record a block."""
     out_dir, k, plan, layout, cfg, shard_name, work = args
@@ -99,12 +117,12 @@ def write_block_shard(args: tuple) -> None:
     for i, entry in enumerate(plan["scans"]):
         base = Path(work) / "spill" / f"{i:06d}"
         counts = np.load(f"{base}.counts.npy")
-        first = (k - layout["offsets"][i]) % num
-        if first < len(counts):
+        mine = shard_blocks(k, layout["offsets"][i], len(counts), num)
+        if len(mine):
             starts = np.concatenate([[0], np.cumsum(counts)])
             spills[i] = (np.load(f"{base}.blocks.npy", mmap_mode="r"), np.load(f"{base}.off.npy", mmap_mode="r"),
                          np.load(f"{base}.y.npy", mmap_mode="r"), np.load(f"{base}.origins.npy"), starts)
-            picks += [(i, r) for r in range(first, len(counts), num)]
+            picks += [(i, int(r)) for r in mine]
     perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(picks))
     samples = lesion = 0
 

@@ -127,10 +127,9 @@ class PairStore:
         slot, item = taken["slot"], taken["item"]
         first = self.records[int(slot[0])]
         x = np.empty((len(slot),) + first.shape[1:], dtype=first.dtype)
-        order = np.argsort(slot, kind="stable")
-        cuts = np.flatnonzero(np.diff(slot[order])) + 1
-        for group in np.split(order, cuts):  # one copy per sample, one numpy call per record
-            x[group] = self.records[int(slot[group[0]])][item[group]]
+        bounds = [0, *(np.flatnonzero(np.diff(slot)) + 1), len(slot)]  # draws come grouped by record
+        for a, b in zip(bounds[:-1], bounds[1:]):  # one copy per sample, one numpy call per record
+            x[a:b] = self.records[int(slot[a])][item[a:b]]
         out["x"] = x
 
 
@@ -145,7 +144,8 @@ class BlockStore:
     def __init__(self, patch: int, device_cut: bool = False):
         self.patch, self.device_cut = patch, device_cut
         self.blocks: np.ndarray | None = None
-        self.new: list[tuple[int, np.ndarray]] = []
+        self.new: list[tuple[int, np.ndarray]] = []  # device cut: blocks not yet handed on
+        self.shape: tuple = ()
         self.scans = ScanCodes()
 
     def columns(self, rec: dict) -> dict[str, np.ndarray]:
@@ -154,6 +154,7 @@ class BlockStore:
 
     def put(self, slot: int, rec: dict) -> None:
         block = rec["block"]
+        self.shape = block.shape
         if self.device_cut:
             self.new.append((slot, block))
             return
@@ -169,8 +170,7 @@ class BlockStore:
         if not self.device_cut:
             out["x"] = cut_pairs(self.blocks, taken["slot"], taken["off"], self.patch)
             return
-        shape = (0, 2) + (self.patch,) * 3 if not self.new else self.new[0][1].shape
-        out["blocks"] = np.stack([b for _, b in self.new]) if self.new else np.zeros((0,) + shape[1:], np.uint8)
+        out["blocks"] = np.stack([b for _, b in self.new]) if self.new else np.zeros((0, *self.shape), np.uint8)
         out["block_slots"] = np.array([s for s, _ in self.new], dtype=np.int64)
         out["slot"], out["off"] = taken["slot"], taken["off"]
         self.new = []

@@ -230,3 +230,15 @@ def test_any_block_size(tiny_store, both, tmp_path):
         assert manifest["totals"]["samples"] == blocks["totals"]["samples"]
         assert manifest["sample"]["stored_as"]["block"]["shape"] == [2] + [n + 24] * 3
         assert verify(tmp_path / f"b{n}") == []
+
+
+@pytest.mark.parametrize("blocks,shards,offset", [(10, 3, 0), (10, 3, 2), (7, 7, 3), (2, 5, 1), (130, 13, 5)])
+def test_snake_deal_places_every_block_once_and_evens_the_shards(blocks, shards, offset):
+    mine = [build_blocks.shard_blocks(k, offset, blocks, shards) for k in range(shards)]
+    assert sorted(np.concatenate(mine).tolist()) == list(range(blocks))
+    assert max(map(len, mine)) - min(map(len, mine)) <= 1
+    weights = np.arange(blocks, 0, -1) ** 2  # blocks come heaviest first
+    full = [k for k in range(shards) if len(mine[k]) == blocks // shards]
+    snake = [weights[mine[k]].sum() for k in full]
+    plain = [weights[(k - offset) % shards :: shards].sum() for k in full]  # round robin, for comparison
+    assert max(snake) - min(snake) <= max(plain) - min(plain)
