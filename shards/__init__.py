@@ -1,10 +1,14 @@
 """The shard contract shared by the sharder, the trainer and the evaluator.
 
-- ``shards.schema``: record keys, dtypes, shapes and schema version;
+- ``shards.schema``: record keys, dtypes, shapes and schema version of both
+  formats (blocks, pairs);
 - ``shards.norm`` and ``shards.patches``: the normalisation and pair cutting
   that the build and the evaluator both use;
+- ``shards.blocks``: blocks of the grid, and pairs cut from them (numpy on
+  the CPU, torch on any device: ``DeviceCutter``);
 - ``shards.manifest``: ``manifest.json`` read/write/verify;
-- ``shards.sources`` and ``shards.reader``: the streaming reader;
+- ``shards.sources``, ``shards.pool`` and ``shards.reader``: the streaming
+  reader (sources, the shuffle pool, the stream);
 - ``shards.views``: model-specific views of a batch;
 - ``shards.atomic``: output written to a temporary name, renamed into place.
 

@@ -82,8 +82,8 @@ class SamplePool:
         else:
             n, cut = self.n, self.n - size
             sel = rng.choice(n, size, replace=False)
-            # A batch is a set: its rows go out in memory order (by record), which
-            # makes the gather or cut that follows about 1.5x faster than random order.
+            # A batch is a set: its rows go out grouped by record, which made the
+            # cut that follows about 1.3x faster than random order (BENCHMARKS.md).
             sel = sel[np.argsort(self.cols["slot"][sel], kind="stable")]
             taken = {k: v[sel] for k, v in self.cols.items()}
             drawn_tail = np.zeros(size, dtype=bool)

@@ -80,19 +80,20 @@ def _cfg(shards, out, **kw):
 
 
 def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
-    summary = fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40, batch_size=32, lr=3e-3), ModelConfig(),
+    # 80 steps at 1e-3: at 40 steps and 3e-3 some seeds and sample orders stall at ln 2 (tried on 4 seeds, both formats)
+    summary = fit(_cfg(shards, tmp_path / "run", steps_per_epoch=80, batch_size=32, lr=1e-3), ModelConfig(),
                   progress=False, log=lambda m: None)
-    assert summary["steps"] == 40
+    assert summary["steps"] == 80
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     losses = [float(r["loss"]) for r in rows]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
-    assert [int(r["step"]) for r in rows] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [int(r["step"]) for r in rows] == list(range(5, 81, 5))
     assert all(r["val_dice"] != "" for r in rows if int(r["step"]) % 10 == 0)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["name"] == "cnn3d-sym" and config["preprocessing"]["norm"]["method"] == "histeq"
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     ckpt = ckpt_io.load(tmp_path / "run")
-    assert ckpt["step"] == 40 and ckpt["model_config"]["norm"] == config["preprocessing"]["norm"]
+    assert ckpt["step"] == 80 and ckpt["model_config"]["norm"] == config["preprocessing"]["norm"]
     assert not any(k.startswith("module.") for k in ckpt["model"])
     with pytest.raises(TrainError, match="holds a run already"):
         fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40), ModelConfig(), progress=False, log=lambda m: None)
