@@ -242,3 +242,24 @@ def test_snake_deal_places_every_block_once_and_evens_the_shards(blocks, shards,
     snake = [weights[mine[k]].sum() for k in full]
     plain = [weights[(k - offset) % shards :: shards].sum() for k in full]  # round robin, for comparison
     assert max(snake) - min(snake) <= max(plain) - min(plain)
+    if blocks >= 2 * shards:  # whole rounds to even out: strictly better than plain round robin
+        assert max(snake) - min(snake) < max(plain) - min(plain)
+
+
+def test_sample_pool_draws_each_sample_once_and_reuses_freed_slots():
+    from shards.pool import SamplePool
+
+    rng, pool, seen = np.random.default_rng(0), SamplePool(), []
+    for r in range(40):  # records of 10 samples in, batches of 7 out, the pool kept at >= 25 samples
+        slot = pool.add({"y": np.zeros(10, np.uint8), "id": np.arange(r * 10, r * 10 + 10)})
+        assert slot < 12  # spent records free their slot: without that, slots would reach 40
+        while pool.available >= 25:
+            taken = pool.draw(7, rng)
+            assert np.all(np.diff(taken["slot"]) >= 0)  # grouped by record
+            seen += taken["id"].tolist()
+    seen += pool.draw(pool.available, rng)["id"].tolist()
+    assert sorted(seen) == list(range(400)) and seen != sorted(seen)
+    fifo = SamplePool()
+    for r in range(3):
+        fifo.add({"y": np.zeros(4, np.uint8), "id": np.arange(r * 4, r * 4 + 4)})
+    assert [fifo.draw(5, None)["id"].tolist() for _ in range(2)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
