@@ -2,8 +2,9 @@
 
 *spill* (per scan): draw the scan's samples (``plan.draw_voxels``, the same
 samples a pairs build takes), group them by the ``block``^3 tile of the grid
-they fall in, put the blocks in a seeded random order, and write each block
-pair (``shards.blocks.BlockCutter``) with its samples to ``.build/spill/``.
+they fall in, order the blocks heaviest first (seeded among equals), and
+write each block pair (``shards.blocks.BlockCutter``) with its samples to
+``.build/spill/``.
 
 *shard* (per shard): the blocks of scan i, heaviest first, are dealt over
 the S shards in a snake from shard offset_i on (``shard_blocks``), offset_i
@@ -51,7 +52,7 @@ def count_blocks(args: tuple) -> int:
 
 
 def spill_blocks(args: tuple) -> dict:
-    """Worker: one scan's blocks and their samples, in seeded block order; returns its counts."""
+    """Worker: one scan's blocks and their samples, heaviest block first; returns its counts."""
     store_path, spill, index, entry, cfg = args
     config = BuildConfig(**cfg)
     scan_id = entry["scan_id"]

@@ -105,6 +105,27 @@ def encode_record(x: np.ndarray, y: np.ndarray, loc: np.ndarray, scans: list[str
     }
 
 
+def _members(fields: dict[str, bytes], names: tuple[str, ...]) -> list:
+    """The named members of a record: ``.npy`` decoded, ``.json`` parsed.
+
+    Raises:
+        RecordError: a member is missing or unreadable.
+    """
+    missing = [f for f in names if f not in fields]
+    if missing:
+        raise RecordError(f"missing field(s) {', '.join(missing)}")
+    out = []
+    for name in names:
+        if not name.endswith(".json"):
+            out.append(decode_npy(fields[name]))
+            continue
+        try:
+            out.append(json.loads(fields[name]))
+        except ValueError as exc:
+            raise RecordError(f"bad {name}: {exc}") from None
+    return out
+
+
 def record_format(fields: dict[str, bytes]) -> str:
     """``blocks`` or ``pairs``, from the members a record has."""
     return "blocks" if BLOCK_NPY in fields else "pairs"
@@ -116,14 +137,7 @@ def decode_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
     Raises:
         RecordError: a field is missing or does not match the schema.
     """
-    missing = [f for f in FIELDS if f not in fields]
-    if missing:
-        raise RecordError(f"missing field(s) {', '.join(missing)}")
-    try:
-        scans = json.loads(fields[SCAN])
-    except ValueError as exc:
-        raise RecordError(f"bad scan.json: {exc}") from None
-    x, y, loc = decode_npy(fields[X]), decode_npy(fields[Y]), decode_npy(fields[LOC])
+    x, y, loc, scans = _members(fields, FIELDS)
     validate(x, y, loc, scans, patch)
     return {"x": x, "y": y, "loc": loc, "scan": scans}
 
@@ -166,14 +180,7 @@ def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> d
     Raises:
         RecordError: a field is missing or does not match the schema.
     """
-    missing = [f for f in BLOCK_FIELDS if f not in fields]
-    if missing:
-        raise RecordError(f"missing field(s) {', '.join(missing)}")
-    try:
-        meta = json.loads(fields[META])
-    except ValueError as exc:
-        raise RecordError(f"bad meta.json: {exc}") from None
-    block, off, y = decode_npy(fields[BLOCK_NPY]), decode_npy(fields[OFF]), decode_npy(fields[Y])
+    block, off, y, meta = _members(fields, BLOCK_FIELDS)
     validate_block(block, off, y, meta, patch)
     origin = np.asarray(meta["origin"], dtype=LOC_DTYPE)
     return {"block": block, "off": off, "y": y, "loc": (off + origin).astype(LOC_DTYPE), "scan": meta["scan"],

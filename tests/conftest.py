@@ -93,6 +93,24 @@ def build_quietly(store, out, **config):
     return build(store, out, BuildConfig(**config), progress=False, log=lambda message: None)
 
 
+def build_killed_after_one_shard(monkeypatch, writer: str, store, out, config) -> None:
+    """Run a build whose shard writer (``atlas_shards.build.<writer>``) dies after one shard; then restore it."""
+    from atlas_shards import build as build_mod
+
+    real, calls = getattr(build_mod, writer), []
+
+    def dies_after_one(args):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        real(args)
+
+    monkeypatch.setattr(build_mod, writer, dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        build_mod.build(store, out, config, progress=False, log=lambda m: None)
+    monkeypatch.setattr(build_mod, writer, real)
+
+
 def sample_ids(batches) -> list[tuple]:
     """(scan, i, j, k) of every sample of reader batches, in order."""
     return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from atlas_shards import build as build_mod
 from atlas_shards import build_blocks
 from atlas_shards import store as zstore
 from atlas_shards.build import BuildConfig, build
-from conftest import build_quietly, sample_ids
+from conftest import build_killed_after_one_shard, build_quietly, sample_ids
 from shards.blocks import BlockCutter, DeviceCutter, cut_pairs, cut_pairs_torch, group_by_block
 from shards.manifest import read_manifest, verify
 from shards.norm import normalise
@@ -195,19 +194,8 @@ def test_block_records_round_trip_and_refuse_bad_offsets():
 
 def test_resume_workers_and_reruns_give_the_same_bytes(tiny_store, both, tmp_path, monkeypatch):
     _, reference, _ = both
-    real, calls = build_blocks.write_block_shard, []
-
-    def dies_after_one(args):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(args[1])
-        real(args)
-
-    monkeypatch.setattr(build_mod, "write_block_shard", dies_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        build(tiny_store, tmp_path / "r", BuildConfig(**CONFIG), progress=False, log=lambda m: None)
+    build_killed_after_one_shard(monkeypatch, "write_block_shard", tiny_store, tmp_path / "r", BuildConfig(**CONFIG))
     assert len(list((tmp_path / "r").glob("*.tar"))) == 1 and not (tmp_path / "r" / "manifest.json").exists()
-    monkeypatch.setattr(build_mod, "write_block_shard", real)
     again = build(tiny_store, tmp_path / "r", BuildConfig(**CONFIG), progress=False, log=lambda m: None)
     two = build(tiny_store, tmp_path / "w", BuildConfig(**CONFIG), workers=2, progress=False, log=lambda m: None)
     sha = [s["sha256"] for s in reference["shards"]]

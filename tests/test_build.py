@@ -11,6 +11,7 @@ import pytest
 from atlas_shards import build as build_mod
 from atlas_shards import store as zstore
 from atlas_shards.build import BuildConfig, BuildError, build, make_plan
+from conftest import build_killed_after_one_shard
 from shards.manifest import read_manifest, verify
 from shards.norm import normalise
 from shards.patches import extract_pairs
@@ -108,21 +109,10 @@ def test_same_config_twice_is_a_no_op_and_another_config_is_refused(tiny_store, 
 def test_interrupted_build_resumes_to_the_same_bytes(tiny_store, built, tmp_path, monkeypatch):
     _, reference = built
     out = tmp_path / "train"
-    real, calls = build_mod._write_one_shard, []
-
-    def dies_after_one(args):
-        if calls:
-            raise KeyboardInterrupt
-        calls.append(args[1])
-        real(args)
-
-    monkeypatch.setattr(build_mod, "_write_one_shard", dies_after_one)
-    with pytest.raises(KeyboardInterrupt):
-        build(tiny_store, out, BuildConfig(split="train", **SMALL), progress=False, log=lambda m: None)
+    build_killed_after_one_shard(monkeypatch, "_write_one_shard", tiny_store, out, BuildConfig(split="train", **SMALL))
     finished = sorted(p.name for p in out.glob("*.tar"))
     assert len(finished) == 1 and not (out / "manifest.json").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".train")]  # no temporary shard left behind
-    monkeypatch.setattr(build_mod, "_write_one_shard", real)
     again = build(tiny_store, out, BuildConfig(split="train", **SMALL), progress=False, log=lambda m: None)
     assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in reference["shards"]]
 

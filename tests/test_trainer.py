@@ -99,9 +99,14 @@ def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
         fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40), ModelConfig(), progress=False, log=lambda m: None)
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch):
-    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2), ModelConfig(), progress=False,
-                   log=lambda m: None)
+@pytest.mark.parametrize("straight_kw, interrupted_kw", [
+    ({}, {}),
+    # the device path (here on CPU tensors, 2 DataLoader workers): the same weights as the CPU cut, also after a resume
+    ({"workers": 2}, {"workers": 2, "cut_on_device": True}),
+], ids=["cpu-cut", "cut-on-device"])
+def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch, straight_kw, interrupted_kw):
+    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, **straight_kw), ModelConfig(),
+                   progress=False, log=lambda m: None)
     import trainer.fit as fit_mod
 
     real = fit_mod._log_row
@@ -112,12 +117,12 @@ def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch
         return real(window, step, *args)
 
     monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
+    cfg = _cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2, **interrupted_kw)
     with pytest.raises(KeyboardInterrupt):
-        fit(_cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2), ModelConfig(), progress=False, log=lambda m: None)
+        fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
     assert ckpt_io.load(tmp_path / "b")["step"] == 15  # Ctrl-C saved a checkpoint mid-epoch 2
     monkeypatch.setattr(fit_mod, "_log_row", real)
-    resumed = fit(_cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2), ModelConfig(), resume=True,
-                  progress=False, log=lambda m: None)
+    resumed = fit(cfg, ModelConfig(), resume=True, progress=False, log=lambda m: None)
     assert resumed["steps"] == straight["steps"] == 24
     a, b = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same data order, same RNG: the same weights
@@ -183,26 +188,3 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     assert ckpt_io.load(tmp_path / "ddp")["step"] == steps
     assert int(read_rows(tmp_path / "ddp" / "metrics.csv")[-1]["step"]) == steps
 
-
-def test_cut_on_device_trains_like_the_cpu_cut_and_resumes_exactly(shards, tmp_path, monkeypatch):
-    """The device path (here on CPU tensors, with 2 DataLoader workers) gives the same weights, also after a resume."""
-    import trainer.fit as fit_mod
-
-    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, workers=2), ModelConfig(),
-                   progress=False, log=lambda m: None)
-    real = fit_mod._log_row
-
-    def interrupt_at_15(window, step, *args):
-        if step == 15:
-            raise KeyboardInterrupt
-        return real(window, step, *args)
-
-    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
-    cfg = _cfg(shards, tmp_path / "d", steps_per_epoch=12, epochs=2, workers=2, cut_on_device=True)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
-    monkeypatch.setattr(fit_mod, "_log_row", real)
-    resumed = fit(cfg, ModelConfig(), resume=True, progress=False, log=lambda m: None)
-    assert resumed["steps"] == straight["steps"] == 24
-    a, d = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "d")["model"]
-    assert all(torch.equal(a[k], d[k]) for k in a)
