@@ -179,7 +179,8 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
 
     store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
     cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), "", "--split", "train", "--patch", "9",
-           "--background-rate", "0.5", "--num-shards", "7", "--samples-per-record", "64", "--workers", "2"]
+           "--background-rate", "0.5", "--num-shards", "7", "--samples-per-record", "64", "--workers", "2",
+           "--format", "pairs"]
 
     def run(out, kill_after=None):
         cmd[5] = str(out)
