@@ -85,6 +85,20 @@ def tiny_store(tmp_path_factory):
     return write_tiny_store(tmp_path_factory.mktemp("tiny") / "store.zarr")
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(store, run directory): a cnn3d-sym run trained briefly on a tiny store (for the evaluator's tests)."""
+    from trainer.fit import TrainConfig, fit
+    from trainer.models import ModelConfig
+
+    base = tmp_path_factory.mktemp("eval")
+    store = write_tiny_store(base / "store.zarr", n_scans=6)
+    build_quietly(store, base / "train", split="train", num_shards=2, samples_per_record=32)
+    fit(TrainConfig(shards=str(base / "train"), out=str(base / "run"), batch_size=32, lr=3e-3, workers=0,
+                    steps_per_epoch=30, log_every=10), ModelConfig(), progress=False, log=lambda m: None)
+    return store, base / "run"
+
+
 def build_quietly(store, out, **config):
     """``atlas_shards.build.build`` with a BuildConfig from keywords (blocks of 8^3 by default), quietly."""
     from atlas_shards.build import BuildConfig, build
@@ -114,6 +128,17 @@ def build_killed_after_one_shard(monkeypatch, writer: str, store, out, config) -
 def sample_ids(batches) -> list[tuple]:
     """(scan, i, j, k) of every sample of reader batches, in order."""
     return [(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())]
+
+
+def need_nginx() -> None:
+    """Skip without Debian's nginx on a developer's machine; fail in CI (``CI`` set), which must run the real server."""
+    import os
+
+    from atlas_shards.serve import find_nginx
+
+    if not find_nginx():
+        message = "nginx not installed (CI installs Debian's nginx)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
 
 
 def heavy_modules_after_import(module: str, heavy: tuple[str, ...]) -> list[str]:

@@ -12,6 +12,7 @@ import yaml
 
 from atlas_shards.cli import main as shards_cli
 from atlas_shards.serve import CONF, find_nginx
+from conftest import need_nginx
 from evaluate.cli import main as evaluate_cli
 from trainer.cli import main as train_cli
 
@@ -133,8 +134,8 @@ def test_dockerfile_installs_every_package():
     assert "torch==${TORCH_VERSION}" in text and "pip install -e ." in text
 
 
-@pytest.mark.skipif(not find_nginx(), reason="nginx not installed (CI installs Debian's nginx)")
 def test_nginx_accepts_the_config():
+    need_nginx()
     done = subprocess.run([find_nginx(), "-t", "-c", str(CONF)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_quietly, write_tiny_store
+from conftest import build_quietly
 from evaluate.metrics import case_metrics, dice, lesion_count_difference, lesion_f1, summarise
 from evaluate.predictors import DenseCNN, Predictor, load_run
 from evaluate.run import evaluate_split
 from evaluate.volume import lesion_logits
 from shards.norm import normalise
 from shards.patches import PairCutter
-from trainer.fit import TrainConfig, fit
 from trainer.models import ModelConfig, build_model
 
 
@@ -95,16 +94,6 @@ def test_concat_layout_has_no_dense_twin():
 
     with pytest.raises(EvaluateError, match="patch-by-patch"):
         DenseCNN(build_model(ModelConfig(name="cnn3d-sym", layout="concat")))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    base = tmp_path_factory.mktemp("eval")
-    store = write_tiny_store(base / "store.zarr", n_scans=6)
-    build_quietly(store, base / "train", split="train", num_shards=2, samples_per_record=32)
-    fit(TrainConfig(shards=str(base / "train"), out=str(base / "run"), batch_size=32, lr=3e-3, workers=0,
-                    steps_per_epoch=30, log_every=10), ModelConfig(), progress=False, log=lambda m: None)
-    return store, base / "run"
 
 
 def test_run_writes_documented_outputs(trained, tmp_path):

@@ -81,12 +81,9 @@ def test_ranks_get_disjoint_data_and_equal_batch_counts(shard_dir, world):
     expected = streams[0].manifest["totals"]["samples"] // (world * 20)
     assert [len(b) for b in per_rank] == [expected] * world
     assert all(len(b["y"]) == 20 for batches in per_rank for b in batches)
-    assigned = [set(s.url for s in st.assignment(r, world, 0, 1)[0]) for r, st in enumerate(streams)]
-    if world <= 5:  # whole shards per rank, no shard on two ranks
-        assert all(not (assigned[i] & assigned[j]) for i in range(world) for j in range(i))
-    else:  # fewer shards than ranks: split by record, still disjoint
-        firsts = [set(sample_ids(b[:1])) for b in per_rank]
-        assert len(set().union(*firsts)) == sum(len(f) for f in firsts)
+    seen = [set(sample_ids(batches)) for batches in per_rank]  # what each rank actually yielded
+    assert all(not (seen[i] & seen[j]) for i in range(world) for j in range(i))
+    assert sum(map(len, seen)) >= world * expected * 20 * 0.5  # and not by yielding next to nothing
 
 
 def test_dataloader_workers_split_the_shards(shard_dir):
@@ -155,7 +152,7 @@ def test_unreachable_url_fails_clearly_in_bounded_time():
         list(ShardStream(url, batch_size=8, timeout=1.0, retries=2))  # the manifest beside it, first
     with pytest.raises(ShardSourceError, match="unreachable after 2 tries"):
         list(read_records([Shard(url)], timeout=1.0, retries=2))
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # a guard against a hang (4 tries of about 1-3 s each), not a speed test
 
 
 def test_unknown_counts_under_ddp_need_an_explicit_epoch_length(shard_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from atlas_shards.serve import free_port
 from conftest import build_quietly, heavy_modules_after_import
 from trainer.cli import main
 
@@ -48,11 +49,12 @@ def test_rf_command(train_shards, tmp_path):
     (["fit", "--shards", "{missing}", "--out", "{out}"], "no such shard"),
     (["fit", "--shards", "{shards}", "--out", "{out}", "--widths", "8,8"], "5 widths"),
     (["fit", "--shards", "{shards}", "--out", "{out}", "--class-weights", "1"], "two comma-separated"),
-    (["fit", "--shards", "http://127.0.0.1:9/train-{{000000..000001}}.tar", "--out", "{out}"], "unreachable"),
+    (["fit", "--shards", "http://127.0.0.1:{port}/train-{{000000..000001}}.tar", "--out", "{out}"], "unreachable"),
     (["rf", "--shards", "{missing}", "--out", "{out}"], "no such shard"),
 ])
 def test_errors_are_one_line(train_shards, tmp_path, args, message):
-    fill = {"missing": str(tmp_path / "nope.tar"), "out": str(tmp_path / "out"), "shards": str(train_shards)}
+    fill = {"missing": str(tmp_path / "nope.tar"), "out": str(tmp_path / "out"), "shards": str(train_shards),
+            "port": free_port()}  # a port nothing listens on
     r = CliRunner().invoke(main, [a.format(**fill) for a in args])
     assert r.exit_code != 0 and message in r.output, r.output
     assert "Traceback" not in r.output

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_quietly
+from conftest import build_quietly, sample_ids
 from trainer import checkpoint as ckpt_io
 from trainer.curves import read_rows
 from trainer.fit import TrainConfig, TrainError, fit
@@ -185,6 +185,32 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     assert audit["samples_compared_per_rank"] > 0 and audit["samples_seen_by_two_ranks"] == 0
     manifest = json.loads((train / "manifest.json").read_text())
     steps = manifest["totals"]["samples"] // (2 * 16)  # 5 shards over 2 ranks: still equal steps
-    assert ckpt_io.load(tmp_path / "ddp")["step"] == steps
+    ckpt = ckpt_io.load(tmp_path / "ddp")
+    assert ckpt["step"] == steps
     assert int(read_rows(tmp_path / "ddp" / "metrics.csv")[-1]["step"]) == steps
+
+    # Independent oracle: replay the same global batches (rank 0's and rank 1's, read here with the ranks' own
+    # stream settings) in one process; DDP's averaged gradients equal the mean loss's over the 32 samples.
+    from shards.reader import ShardStream
+
+    per_rank = [list(ShardStream(str(train), batch_size=16, shuffle=1024, seed=0, rank=r, world_size=2,
+                                 batches_per_epoch=steps)) for r in range(2)]
+    ids = [set(sample_ids(batches)) for batches in per_rank]
+    assert not ids[0] & ids[1]  # the samples each rank trained on are disjoint
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for b0, b1 in zip(*per_rank):
+        x, y = torch.cat([b0["x"], b1["x"]]), torch.cat([b0["y"], b1["y"]])
+        loss = torch.nn.functional.cross_entropy(model(model.prepare(x)).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    replay = model.state_dict()
+    assert replay.keys() == ckpt["model"].keys()
+    # Tensor by tensor. Float sums in another order differ by ~1e-7; Adam scales each step to ~lr (1e-3) whatever
+    # the gradient's size, so an element whose gradient is near zero may move by a few 1e-5: allow 10% of one step.
+    # Training on one rank's batches only, or on batches the ranks did not see, moves them by whole steps.
+    for key, value in ckpt["model"].items():
+        assert torch.allclose(value, replay[key], rtol=0, atol=1e-4), (key, (value - replay[key]).abs().max().item())
 
