@@ -166,7 +166,8 @@ def test_verify_catches_a_damaged_shard(built, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("fmt", ["pairs", "blocks"])
+def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path, fmt):
     """Real SIGKILLs of the build process; no final-named shard is ever partial."""
     import os
     import signal
@@ -180,12 +181,17 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
     store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
     cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), "", "--split", "train", "--patch", "9",
            "--background-rate", "0.5", "--num-shards", "7", "--samples-per-record", "64", "--workers", "2",
-           "--format", "pairs"]
+           "--format", fmt, "--block", "8"]
 
     def run(out, kill_after=None):
+        """Seconds from the build's plan on disk (its work has started: not interpreter start-up) to its end."""
         cmd[5] = str(out)
-        start = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120  # a guard against a hang only
+        while not (out / build_mod.BUILD_DIR / "plan.json").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = time.monotonic()
         if kill_after is None:
             assert proc.wait(120) == 0
         else:
@@ -201,7 +207,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_same_bytes(tmp_path):
     rng = np.random.default_rng(7)
     for trial in range(3):
         out = tmp_path / f"killed{trial}"
-        run(out, kill_after=float(rng.uniform(0.2, 0.8)) * elapsed)
+        run(out, kill_after=float(rng.uniform(0.1, 0.7)) * elapsed)
         time.sleep(0.5)  # let orphaned pool workers notice and exit
         assert not (out / "manifest.json").exists()  # the kill did interrupt the build
 
