@@ -176,11 +176,16 @@ def _existing(out_dir: Path, plan: dict) -> dict | None:
 def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
     """Start or resume ``.build``; a different plan's leftovers are discarded."""
     plan_file = work / "plan.json"
+    shards = sorted(out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if not plan_file.exists() and shards:  # no build of ours left them: they are someone else's
+        raise BuildError(f"{out_dir}: holds shard files this command did not make ({shards[0].name}"
+                         + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
+                         + "); build into an empty directory, or remove them")
     if plan_file.exists() and json.loads(plan_file.read_text()).get("plan_id") != plan["plan_id"]:
+        for stale in shards:
+            stale.unlink()  # shards of an unfinished build of ours (its .build/ is here; no manifest)
         shutil.rmtree(work)
     if not plan_file.exists():
-        for stale in out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            stale.unlink()  # shards of an unfinished build (no manifest): never a finished one
         (work / "spill").mkdir(parents=True, exist_ok=True)
         (work / "shards").mkdir(parents=True, exist_ok=True)
         atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))

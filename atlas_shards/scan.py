@@ -23,6 +23,9 @@ MIRROR_DISAGREEMENT_WARN_VOXELS = 5.0
 HEMISPHERE_MIDLINE_MM = 5.0
 
 
+MAX_NONFINITE = 0.01  # a few NaN/inf voxels are set to 0; more than this share is a damaged image
+
+
 class ScanError(Exception):
     """The scan cannot be used; the message is the reason in the report."""
 
@@ -51,6 +54,9 @@ def _load(path: Path, what: str, repairs: list[str]) -> tuple[np.ndarray, np.nda
     if data.ndim != 3:
         raise ScanError(f"{what} {path.name} is {data.ndim}D (shape {data.shape}), expected a 3D volume")
     bad = ~np.isfinite(data)
+    if bad.mean() > MAX_NONFINITE:
+        raise ScanError(f"{what} {path.name} has {bad.mean():.1%} NaN/inf voxels (more than {MAX_NONFINITE:.0%}): "
+                        "too damaged to repair")
     if bad.any():
         repairs.append(f"{what} had {int(bad.sum())} NaN/inf voxels, set to 0")
         data[bad] = 0

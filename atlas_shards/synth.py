@@ -70,6 +70,8 @@ def synthesize_release(
     if subjects < 1:
         raise ValueError("--subjects must be at least 1")
     out = Path(out_dir)
+    defects = {"mismatched_masks": mismatched_masks, "truncated": truncated, "empty_masks": empty_masks}
+    _check_output(out, {"layout": layout, "seed": seed, "subjects": subjects, "defects": defects})
     rng = np.random.default_rng([seed, 7919])
     plans = _plan(layout, subjects, rng)
     _assign_defects(plans, rng, mismatched_masks=mismatched_masks, truncated=truncated, empty_masks=empty_masks)
@@ -91,10 +93,29 @@ def synthesize_release(
         "layout": layout,
         "seed": seed,
         "subjects": subjects,
+        "defects": defects,
         "scans": [asdict(p) for p in done],
     }
     atomic_write_text(out / TRUTH_FILE, json.dumps(truth, indent=1))
     return truth
+
+
+def _check_output(out: Path, params: dict) -> None:
+    """Refuse an output that is a file, or a non-empty directory that is not this very phantom (mixing releases)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    truth = out / TRUTH_FILE
+    try:
+        previous = json.loads(truth.read_text())
+        previous.setdefault("defects", {k: 0 for k in params["defects"]})
+        same = all(previous.get(k) == v for k, v in params.items())
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise ValueError(f"{out}: not empty (and not this phantom: layout, subjects, seed and defects); "
+                         "synth writes into a new or empty directory")
 
 
 def _plan(layout: str, n: int, rng: np.random.Generator) -> list[ScanPlan]:

@@ -59,8 +59,8 @@ def save_nifti(path: Path, canonical: np.ndarray, attrs: dict, dtype=np.uint8) -
     data = from_canonical(canonical.astype(dtype), attrs["canonical_transform"], tuple(attrs["original_shape"][:3]))
     img = nib.Nifti1Image(data, np.asarray(attrs["original_affine"], dtype=float))
     img.header.set_data_dtype(dtype)
-    with atomic_path(path, suffix=".nii.gz") as tmp:
-        nib.save(img, tmp)
+    with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
+        nib.save(img, tmp)  # nibabel compresses by the extension: .nii.gz or .nii, as the caller named it
 
 
 def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5", prior_correction: bool = True,

@@ -34,6 +34,13 @@ def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: st
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
+    inputs = {t1} | ({Path(brain_mask).resolve()} if brain_mask else set())
+    outputs = [Path(p).resolve() for p in (out_mask, probabilities) if p]
+    for path in outputs:
+        if path in inputs:
+            raise EvaluateError(f"{path}: is an input; write the prediction elsewhere")
+    if len(outputs) == 2 and outputs[0] == outputs[1]:
+        raise EvaluateError(f"{outputs[0]}: given for both the mask and the probabilities")
     try:
         space = guess_space(t1) if space == "auto" else space
     except Exception as exc:  # nibabel's errors for a file that is not an image

@@ -157,6 +157,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
                     logits = model(raw.prepare(x))
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
+                if not _finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
+                    save_checkpoint()
+                    raise TrainError(f"step {step + 1}: the loss is not finite ({loss.item()}); stopped with the last "
+                                     f"finite weights in {out / ckpt_io.LAST} (step {step}); try a lower --lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -193,6 +197,14 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
         plot(rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
     return {"run_dir": str(out), "steps": step, "checkpoint": str(out / ckpt_io.LAST),
             "last": rows[-1] if rows else {}, "world_size": world, "audit": audit}
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Is the loss finite on every rank? (All ranks must stop together, or DDP would hang.)"""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if world > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
 
 
 def _resume_point(out: Path, resume: bool, model_name: str) -> dict | None:

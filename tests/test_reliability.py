@@ -1,0 +1,107 @@
+"""Bad inputs and faults (issue: reliability): outputs never destroy inputs, damaged data is refused by name."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import build_quietly
+
+
+def _tree(path) -> dict:
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_predict_refuses_to_write_over_its_input_and_follows_the_extension(trained, tmp_path):
+    from evaluate.cli import main
+
+    _, run_dir = trained
+    t1 = np.random.default_rng(0).normal(100, 20, (31, 28, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "t1.nii.gz")
+    before = _tree(tmp_path)
+    for out in (tmp_path / "t1.nii.gz", tmp_path / "sub" / ".." / "t1.nii.gz"):
+        r = CliRunner().invoke(main, ["predict", "--model", str(run_dir), str(tmp_path / "t1.nii.gz"), str(out),
+                                      "--space", "native"])
+        assert r.exit_code == 1 and "is an input" in r.output and "Traceback" not in r.output, r.output
+        assert _tree(tmp_path) == before
+    r = CliRunner().invoke(main, ["predict", "--model", str(run_dir), str(tmp_path / "t1.nii.gz"),
+                                  str(tmp_path / "mask.nii"), "--space", "native", "--probabilities",
+                                  str(tmp_path / "p.nii.gz")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "mask.nii").read_bytes()[:2] != b"\x1f\x8b"  # .nii: not gzip
+    gzip.decompress((tmp_path / "p.nii.gz").read_bytes())  # .nii.gz: gzip
+    assert nib.load(tmp_path / "mask.nii").shape == t1.shape
+
+
+def test_build_never_removes_shard_files_it_did_not_make(tiny_store, tmp_path):
+    from atlas_shards.build import BuildError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's data")
+    (out / "notes.txt").write_text("mine")
+    before = _tree(out)
+    with pytest.raises(BuildError, match="did not make"):
+        build_quietly(tiny_store, out, split="train", num_shards=2)
+    assert _tree(out) == before
+
+
+def test_synth_refuses_a_directory_that_holds_something_else(tmp_path):
+    from atlas_shards.cli import main
+
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "mine.nii.gz").write_bytes(b"not yours")
+    r = CliRunner().invoke(main, ["synth", str(release), "--subjects", "1"])
+    assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
+    assert list(release.iterdir()) == [release / "mine.nii.gz"] and (release / "mine.nii.gz").read_bytes() == b"not yours"
+    (tmp_path / "file").write_text("x")
+    r = CliRunner().invoke(main, ["synth", str(tmp_path / "file"), "--subjects", "1"])
+    assert r.exit_code != 0 and "file" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_mostly_infinite_t1_is_refused_not_repaired(tmp_path):
+    from atlas_shards.discover import ScanSource
+    from atlas_shards.scan import ScanError, prepare_scan
+
+    t1 = np.full((20, 20, 20), np.inf, np.float32)
+    t1[:3] = 100.0  # 85% infinite
+    nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "t1.nii.gz")
+    source = ScanSource(scan_id="s", subject_id="s", session="", cohort="", layout="generic", space="native",
+                        t1="t1.nii.gz", labelled=False)
+    with pytest.raises(ScanError, match=r"t1.nii.gz has 85.0% NaN/inf voxels"):
+        prepare_scan(tmp_path, source)
+
+
+def test_a_non_finite_loss_stops_training_with_the_last_finite_weights(tiny_store, tmp_path):
+    from trainer import checkpoint as ckpt_io
+    from trainer.fit import TrainConfig, TrainError, fit
+    from trainer.models import ModelConfig
+
+    build_quietly(tiny_store, tmp_path / "train", split="train", num_shards=2)
+    cfg = TrainConfig(shards=str(tmp_path / "train"), out=str(tmp_path / "run"), batch_size=16, lr=1e12, workers=0,
+                      steps_per_epoch=40, log_every=5, checkpoint_every=1)
+    with pytest.raises(TrainError, match=r"step \d+: the loss is not finite") as info:
+        fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
+    ckpt = ckpt_io.load(tmp_path / "run")
+    assert f"(step {ckpt['step']})" in str(info.value)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_synth_may_rewrite_the_same_phantom(tmp_path):
+    import json
+
+    from atlas_shards.synth import TRUTH_FILE, _check_output
+
+    params = {"layout": "r2.0", "seed": 0, "subjects": 3, "defects": {"mismatched_masks": 0, "truncated": 0,
+                                                                      "empty_masks": 0}}
+    (tmp_path / TRUTH_FILE).write_text(json.dumps({"layout": "r2.0", "seed": 0, "subjects": 3, "scans": []}))
+    _check_output(tmp_path, params)  # the same phantom (a truth file from before defects were recorded): allowed
+    with pytest.raises(ValueError, match="not empty"):
+        _check_output(tmp_path, {**params, "seed": 1})
