@@ -51,6 +51,7 @@ from shards.schema import LOC_DTYPE, MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, 
 from shards.tario import write_shard
 
 BUILD_DIR = ".build"
+TEMP_SHARDS = ".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.*.tmp"  # what shards.atomic names a shard being written
 CHUNK = 512  # samples cut and written at a time (16 MB at P=25)
 
 
@@ -95,6 +96,8 @@ def build(
         if done is not None:
             log(f"{out_dir}: already built with this configuration; nothing to do")
             shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)  # killed after the manifest landed
+            for leftover in out_dir.glob(TEMP_SHARDS):
+                leftover.unlink(missing_ok=True)
             return done
         work = out_dir / BUILD_DIR
         _prepare(out_dir, work, plan)
@@ -176,6 +179,8 @@ def _existing(out_dir: Path, plan: dict) -> dict | None:
 def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
     """Start or resume ``.build``; a different plan's leftovers are discarded."""
     plan_file = work / "plan.json"
+    for leftover in out_dir.glob(TEMP_SHARDS):  # a killed build's half-written shard (our own temporary name)
+        leftover.unlink(missing_ok=True)
     shards = sorted(out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if not plan_file.exists() and shards:  # no build of ours left them: they are someone else's
         raise BuildError(f"{out_dir}: holds shard files this command did not make ({shards[0].name}"

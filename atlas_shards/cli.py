@@ -5,16 +5,23 @@ Heavy imports live inside the commands so ``--help`` is instant.
 
 from __future__ import annotations
 
+import math
+
 import click
 
+from shards.params import POSITIVE, RATE, SEED, FiniteFloat
 
-def _numbers(kind: type, text: str | None) -> tuple | None:
+
+def _numbers(kind: type, text: str | None, name: str) -> tuple | None:
     if text is None:
         return None
     try:
-        return tuple(kind(v) for v in text.split(","))
+        values = tuple(kind(v) for v in text.split(","))
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=name) from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise click.BadParameter(f"expected finite non-negative numbers, got {text!r}", param_hint=name)
+    return values
 
 
 @click.group()
@@ -26,7 +33,7 @@ def main() -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--layout", type=click.Choice(["r1.1", "r1.2", "r2.0", "native"]), default="r2.0", show_default=True)
 @click.option("--subjects", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--mismatched-masks", type=click.IntRange(min=0), default=0, help="Scans whose mask grid differs from the T1.")
 @click.option("--truncated", type=click.IntRange(min=0), default=0, help="Scans whose T1 file is cut short.")
 @click.option("--empty-masks", type=click.IntRange(min=0), default=0, help="Scans whose lesion masks are all zero.")
@@ -51,7 +58,7 @@ def synth(out_dir, layout, subjects, seed, mismatched_masks, truncated, empty_ma
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--split", "split_counts", metavar="TRAIN,VAL,TEST", help="Exact subject counts, e.g. 100,25,25.")
 @click.option("--split-fractions", metavar="TRAIN,VAL,TEST", help="Subject fractions, e.g. 0.67,0.17,0.16.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the subject split.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the subject split.")
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True,
               help="Which scans to take when a release holds both standard-space and native scans.")
 def ingest(release_dir, store, workers, split_counts, split_fractions, seed, space) -> None:
@@ -63,10 +70,13 @@ def ingest(release_dir, store, workers, split_counts, split_fractions, seed, spa
 
     if split_counts and split_fractions:
         raise click.UsageError("give --split or --split-fractions, not both")
+    counts, fractions = _numbers(int, split_counts, "--split"), _numbers(float, split_fractions, "--split-fractions")
+    for name, values in (("--split", counts), ("--split-fractions", fractions)):
+        if values is not None and (len(values) != 3 or sum(values) == 0):
+            raise click.BadParameter("three numbers TRAIN,VAL,TEST, not all 0", param_hint=name)  # before any work
     try:
         s = run_ingest(
-            release_dir, store, workers=workers, split_counts=_numbers(int, split_counts),
-            split_fractions=_numbers(float, split_fractions), seed=seed, space=space,
+            release_dir, store, workers=workers, split_counts=counts, split_fractions=fractions, seed=seed, space=space,
         )
     except (DiscoveryError, IngestError, StoreError, SplitError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -115,19 +125,19 @@ def eda(store, out_dir) -> None:
                    "pairs: records of ready-cut pairs. The same samples either way.")
 @click.option("--block", type=click.IntRange(min=1), default=None,
               help="Block edge in voxels (blocks format).  [default: 32]")
-@click.option("--target-lesion-fraction", type=float, default=None,
+@click.option("--target-lesion-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
               help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]")
-@click.option("--background-rate", type=float, default=None, help="Explicit background sampling rate (paper: 0.01).")
-@click.option("--lesion-rate", type=float, default=1.0, show_default=True, help="Share of lesion voxels sampled.")
-@click.option("--natural", "natural_rate", type=float, default=None, metavar="RATE",
+@click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
+@click.option("--lesion-rate", type=RATE, default=1.0, show_default=True, help="Share of lesion voxels sampled.")
+@click.option("--natural", "natural_rate", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="RATE",
               help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).")
 @click.option("--norm", type=click.Choice(["histeq", "zscore"]), default="histeq", show_default=True)
 @click.option("--samples-per-record", type=click.IntRange(min=1), default=256, show_default=True,
               help="Pairs per record (pairs format).")
-@click.option("--shard-size-mb", type=float, default=128.0, show_default=True)
+@click.option("--shard-size-mb", type=POSITIVE, default=128.0, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
 def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, background_rate, lesion_rate, natural_rate, norm,
           samples_per_record, shard_size_mb, num_shards, workers, seed, dry_run) -> None:

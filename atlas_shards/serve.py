@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import subprocess
 import tempfile
 import threading
@@ -70,6 +71,17 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """http.server without a traceback each time a client closes its connection early (a reader that stopped)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serving(directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
             server: str = "auto") -> Iterator[tuple[str, str]]:
@@ -94,7 +106,7 @@ def serving(directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0
                 proc.wait(10)
         return
     handler = functools.partial(_Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer((host, port), handler)
+    httpd = _QuietServer((host, port), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:

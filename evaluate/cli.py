@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from shards.params import FiniteFloat
+
 
 @click.group()
 def main() -> None:
@@ -49,7 +51,7 @@ def run(run_dir, store, split, out_dir, threshold, prior_correction, device, til
 @click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
 @click.option("--shards", required=True, help="Shards (build --natural for un-upsampled voxel scores).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option("--prior-correction/--no-prior-correction", default=False, show_default=True,
               help="Off by default: the same numbers as the training curve.")
 @click.option("--device", default="cpu", show_default=True)
@@ -81,7 +83,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @click.argument("out_mask", type=click.Path(dir_okay=False))
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)
 @click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option("--prior-correction/--no-prior-correction", default=True, show_default=True)
 @click.option("--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here.")
 @click.option("--device", default="cpu", show_default=True)

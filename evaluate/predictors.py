@@ -21,6 +21,7 @@ from torch import nn
 from shards.views import dequantise
 from trainer import checkpoint as ckpt_io
 from trainer.forest import FOREST, ForestModel
+from trainer.devices import resolve_device
 from trainer.models import ModelConfig, PatchCNN, build_model
 
 
@@ -122,6 +123,10 @@ class Predictor:
 def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Predictor:
     """Load a training run directory (``last.pt``, or ``forest.npz`` for the forest)."""
     run_dir = Path(run_dir)
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise EvaluateError(str(exc)) from None
     if (run_dir / FOREST).is_file():
         forest = ForestModel.load(run_dir)
         pre = forest.config.get("preprocessing")
@@ -137,7 +142,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Pr
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
-    pred = Predictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=torch.device(device))
+    pred = Predictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=device)
     if dense and isinstance(model, PatchCNN) and cfg.layout == "channels":
         pred.dense = DenseCNN(model).eval().to(device)
     return pred

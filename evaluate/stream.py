@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from evaluate.predictors import load_run
+from evaluate.predictors import EvaluateError, load_run
 from evaluate.volume import to_probability
+from shards.manifest import ManifestError, check_compatible
 from shards.reader import ShardStream
 from trainer.curves import voxel_scores
 
@@ -28,6 +29,11 @@ def score_stream(run_dir, spec: str, threshold: float = 0.5, prior_correction: b
     pred = load_run(run_dir, device=device, dense=False)
     shift = pred.prior_shift() if prior_correction else 0.0
     stream = ShardStream(spec, batch_size=batch_size, shuffle=0)
+    if stream.manifest is not None:
+        try:
+            check_compatible(pred.preprocessing, f"run {run_dir}", stream.manifest, f"shards {spec}")
+        except ManifestError as exc:
+            raise EvaluateError(str(exc)) from None
     pos, neg = np.zeros(BINS), np.zeros(BINS)
     counts = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     skipped = 0

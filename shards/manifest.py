@@ -76,6 +76,28 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
     return manifest
 
 
+def preprocessing_of(m: dict) -> dict:
+    """Patch size and normalisation of a manifest, or of a run's ``preprocessing`` record (``{"norm", "build"}``)."""
+    build = m.get("config") or m.get("build") or {}
+    norm = m.get("norm") or {}
+    return {"patch": build.get("patch"), "norm": norm.get("method"), "offset": norm.get("offset"),
+            "scale": norm.get("scale")}
+
+
+def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
+    """Refuse to mix samples cut or normalised differently (patch size, normalisation method and parameters).
+
+    Raises:
+        ManifestError: one line naming both sides and what differs.
+    """
+    pa, pb = preprocessing_of(a), preprocessing_of(b)
+    differ = [k for k in pa if pa[k] != pb[k]]
+    if differ:
+        show = lambda p: ", ".join(f"{k} {p[k]}" for k in differ)  # noqa: E731
+        raise ManifestError(f"{a_name} ({show(pa)}) and {b_name} ({show(pb)}) were preprocessed differently; "
+                            "they cannot be used together")
+
+
 def count_shard(path: str | os.PathLike, patch: int | None = None, fmt: str | None = None) -> dict:
     """Records, samples and lesion samples in one shard file, decoding every record."""
     records = samples = lesion = 0
@@ -111,6 +133,9 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         for key in ("records", "samples", "lesion_samples"):
             if counts[key] != shard[key]:
                 problems.append(f"{path}: {counts[key]} {key.replace('_', ' ')}, manifest says {shard[key]}")
+    for leftover in sorted(out_dir.glob(".*.tmp")):
+        problems.append(f"{leftover}: a temporary file left by a killed build ({leftover.stat().st_size} bytes); "
+                        "the next build into this directory removes it")
     total = sum(s["samples"] for s in manifest["shards"])
     if total != manifest["totals"]["samples"]:
         problems.append(f"{out_dir}: shards hold {total} samples, totals say {manifest['totals']['samples']}")

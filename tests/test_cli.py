@@ -95,7 +95,7 @@ def test_build_and_inspect(tiny_store, tmp_path):
         (["build", "{store}", "{out}", "--split", "train", "--natural", "0.1", "--background-rate", "0.01"], "--natural"),
         (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "0.4", "--background-rate", "0.1"],
          "not both"),
-        (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "1.5"], "(0, 1)"),
+        (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "1.5"], "0<x<1"),
         (["inspect", "{store}"], "no manifest.json"),
     ],
 )

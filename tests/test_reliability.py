@@ -105,3 +105,67 @@ def test_synth_may_rewrite_the_same_phantom(tmp_path):
     _check_output(tmp_path, params)  # the same phantom (a truth file from before defects were recorded): allowed
     with pytest.raises(ValueError, match="not empty"):
         _check_output(tmp_path, {**params, "seed": 1})
+
+
+@pytest.fixture(scope="module")
+def inputs(trained, tmp_path_factory):
+    """A store, a run, histeq train shards and zscore validation shards (another normalisation)."""
+    store, run_dir = trained
+    base = tmp_path_factory.mktemp("bad")
+    build_quietly(store, base / "train", split="train", num_shards=2)
+    build_quietly(store, base / "zval", split="val", norm="zscore", mode="natural", natural_rate=0.3,
+                  target_lesion_fraction=None)
+    return {"store": store, "run": run_dir, "train": base / "train", "zval": base / "zval"}
+
+
+BAD = [
+    ("shards", ["build", "{store}", "{out}", "--split", "train", "--shard-size-mb", "nan"], "--shard-size-mb"),
+    ("shards", ["build", "{store}", "{out}", "--split", "train", "--seed", "-1"], "--seed"),
+    ("shards", ["build", "{store}", "{out}", "--split", "train", "--lesion-rate", "inf"], "--lesion-rate"),
+    ("shards", ["ingest", "{out}", "{out2}", "--split-fractions", "nan,1,1"], "--split-fractions"),
+    ("shards", ["ingest", "{out}", "{out2}", "--split", "3,1"], "--split"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--lr", "-1"], "--lr"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--lr", "nan"], "--lr"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--device", "banana"], "not a device"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--class-weights", "nan,1"], "class weights"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--val-shards", "{zval}"], "preprocessed differently"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{run}", "--resume", "--widths", "8,8,8,8,8"],
+     "trained with widths"),
+    ("train", ["fit", "--shards", "{zval}", "--out", "{run}", "--resume"], "preprocessed differently"),
+    ("evaluate", ["stream", "--model", "{run}", "--shards", "{zval}", "--out", "{out}"], "preprocessed differently"),
+    ("evaluate", ["run", "--model", "{run}", "--store", "{store}", "--out", "{out}", "--device", "cuda:7"], "cuda"),
+]
+if not torch.cuda.is_available():
+    BAD.append(("train", ["fit", "--shards", "{train}", "--out", "{out}", "--device", "cuda"], "no CUDA GPU"))
+
+
+@pytest.mark.parametrize("cli, args, message", BAD, ids=[" ".join(a[:1] + a[-2:]) for _, a, _ in BAD])
+def test_bad_arguments_fail_in_one_line_before_any_work(inputs, tmp_path, cli, args, message):
+    from atlas_shards.cli import main as shards_cli
+    from evaluate.cli import main as evaluate_cli
+    from trainer.cli import main as train_cli
+
+    main = {"shards": shards_cli, "train": train_cli, "evaluate": evaluate_cli}[cli]
+    fill = {**{k: str(v) for k, v in inputs.items()}, "out": str(tmp_path / "out"), "out2": str(tmp_path / "out2")}
+    before = {k: _tree(v) for k, v in inputs.items()}
+    r = CliRunner().invoke(main, [a.format(**fill) for a in args])
+    assert r.exit_code != 0, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.output, r.output
+    assert {k: _tree(v) for k, v in inputs.items()} == before  # every input byte-identical
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_shard_of_another_patch_size_is_skipped_and_counted(tiny_store, tmp_path):
+    import shutil
+
+    from shards.reader import ShardStream
+
+    build_quietly(tiny_store, tmp_path / "p25", split="train", num_shards=2, format="pairs", samples_per_record=16)
+    build_quietly(tiny_store, tmp_path / "p21", split="train", num_shards=2, format="pairs", samples_per_record=16,
+                  patch=21)
+    shutil.copy(tmp_path / "p21" / "train-000000.tar", tmp_path / "p25" / "train-000009.tar")  # mixed in by mistake
+    spec = [str(tmp_path / "p25" / "train-000000.tar"), str(tmp_path / "p25" / "train-000009.tar")]
+    batches = list(ShardStream(spec, batch_size=16, shuffle=0))
+    assert {tuple(b["x"].shape[2:]) for b in batches} == {(25, 25, 25)}
+    assert sum(int(b["skipped"]) for b in batches) > 0

@@ -5,7 +5,11 @@ Heavy imports (torch, scikit-learn) live inside the commands so ``--help`` is in
 
 from __future__ import annotations
 
+import math
+
 import click
+
+from shards.params import POSITIVE, SEED, FiniteFloat
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -15,6 +19,8 @@ def _pair(text: str | None) -> tuple[float, float] | None:
         a, b = (float(v) for v in text.split(","))
     except ValueError:
         raise click.BadParameter(f"expected two comma-separated numbers (background,lesion), got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in (a, b)) or a + b == 0:
+        raise click.BadParameter(f"class weights must be finite, non-negative and not both 0, got {text!r}")
     return a, b
 
 
@@ -48,9 +54,9 @@ def main() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=float, default=1e-5, show_default=True)
+@click.option("--lr", type=POSITIVE, default=1e-5, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers per rank.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt at its step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
@@ -66,7 +72,7 @@ def main() -> None:
 @click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="cnn3d: first fully connected layer.")
 @click.option("--pretrained", default="none", show_default=True, help="resnet2d: imagenet, none or a weights PATH.")
 @click.option("--finetune", type=click.Choice(["last", "all"]), default="last", show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
               help="Seconds per HTTP connection attempt to the shard server.")
 @click.option("--retries", type=click.IntRange(min=1), default=3, show_default=True,
               help="Attempts to open a shard before training stops with an error.")
@@ -110,7 +116,7 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
               help="Samples drawn from the stream to fit on (held in RAM: 625 floats each).")
 @click.option("--grid", is_flag=True, help="3-fold grid search over n_estimators, max_depth, min_samples_split.")
 @click.option("--val-shards", default=None, help="Score voxel Dice/precision/recall on this stream.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def rf(shards, run_dir, max_samples, grid, val_shards, seed) -> None:
     """Random-forest baseline on the 25x25 axial slice (paper: 50 trees, depth 6, split 2)."""
     from shards.manifest import ManifestError

@@ -9,6 +9,7 @@ steps because ``ShardStream`` gives each the same number of batches.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import zlib
@@ -21,10 +22,12 @@ from torch import distributed as dist
 
 from shards import atomic_write_text
 from shards.blocks import DeviceCutter
+from shards.manifest import check_compatible
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
 from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, voxel_scores, write_rows
+from trainer.devices import resolve_device
 from trainer.models import ModelConfig, build_model
 
 
@@ -60,7 +63,13 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     """Train ``model_cfg`` on ``cfg.shards``; returns a summary (rank 0's view)."""
     # -- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) --
     ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available() and cfg.device not in ("cpu",)
+    try:
+        chosen = resolve_device(cfg.device)  # before any work: a GPU that is not there is a one-line error
+    except ValueError as exc:
+        raise TrainError(str(exc)) from None
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise TrainError(f"--lr must be a finite positive number, got {cfg.lr}")
+    cuda = chosen.type == "cuda"
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
         rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,7 +78,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
             torch.cuda.set_device(device)
     else:
         rank, world = 0, 1
-        device = torch.device("cuda" if cuda else "cpu") if cfg.device == "auto" else torch.device(cfg.device)
+        device = chosen
     master = rank == 0
     out = Path(cfg.out)
     try:
@@ -101,6 +110,16 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     if cfg.val_shards:
         val = ShardStream(cfg.val_shards, batch_size=cfg.batch_size, shuffle=0, seed=cfg.seed,
                           batches_per_epoch=cfg.val_batches, **stream_kw)
+        if val.manifest is not None:
+            check_compatible(manifest, f"training shards {cfg.shards}", val.manifest, f"validation shards {cfg.val_shards}")
+    if ckpt is not None:
+        check_compatible(ckpt["preprocessing"], f"checkpoint {out / ckpt_io.LAST}", manifest, f"shards {cfg.shards}")
+        saved = ModelConfig.from_dict(ckpt["model_config"]).to_dict()
+        asked = {**model_cfg.to_dict(), "patch": saved["patch"], "norm": saved["norm"]}
+        changed = [k for k in saved if saved[k] != asked.get(k)]
+        if changed:
+            raise TrainError(f"{out / ckpt_io.LAST}: trained with " + ", ".join(f"{k} {saved[k]}" for k in changed)
+                             + "; this command asks for " + ", ".join(f"{k} {asked.get(k)}" for k in changed))
     total_steps = cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or max(1, total_steps // 10)
 

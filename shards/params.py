@@ -1,0 +1,24 @@
+"""Command-line number types shared by the three CLIs (click only: ``--help`` stays instant)."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+
+class FiniteFloat(click.FloatRange):
+    """A ``click.FloatRange`` that also refuses nan and inf (a plain range lets nan through: every comparison is false)."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+POSITIVE = FiniteFloat(min=0, min_open=True)
+RATE = FiniteFloat(0, 1)  # a share, 0..1
+SEED = click.IntRange(min=0)  # numpy seeds are non-negative
