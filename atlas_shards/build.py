@@ -96,8 +96,7 @@ def build(
         if done is not None:
             log(f"{out_dir}: already built with this configuration; nothing to do")
             shutil.rmtree(out_dir / BUILD_DIR, ignore_errors=True)  # killed after the manifest landed
-            for leftover in out_dir.glob(TEMP_SHARDS):
-                leftover.unlink(missing_ok=True)
+            _remove_leftovers(out_dir)
             return done
         work = out_dir / BUILD_DIR
         _prepare(out_dir, work, plan)
@@ -176,11 +175,16 @@ def _existing(out_dir: Path, plan: dict) -> dict | None:
     return manifest
 
 
+def _remove_leftovers(out_dir: Path) -> None:
+    """A killed build's half-written shards (under our own temporary names) go."""
+    for leftover in out_dir.glob(TEMP_SHARDS):
+        leftover.unlink(missing_ok=True)
+
+
 def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
     """Start or resume ``.build``; a different plan's leftovers are discarded."""
     plan_file = work / "plan.json"
-    for leftover in out_dir.glob(TEMP_SHARDS):  # a killed build's half-written shard (our own temporary name)
-        leftover.unlink(missing_ok=True)
+    _remove_leftovers(out_dir)
     shards = sorted(out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if not plan_file.exists() and shards:  # no build of ours left them: they are someone else's
         raise BuildError(f"{out_dir}: holds shard files this command did not make ({shards[0].name}"
