@@ -32,6 +32,9 @@ from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, d
 from shards.tario import iter_grouped, sha256_file
 
 
+REQUIRED = ("config", "norm", "shards", "totals")  # what the reader, trainer and evaluator rely on
+
+
 class ManifestError(ValueError):
     """A manifest is missing, unreadable, or of another schema."""
 
@@ -71,6 +74,9 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
         raise ManifestError(
             f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; rebuild the shards"
         )
+    missing = [k for k in REQUIRED if not isinstance(manifest.get(k), dict if k in ("config", "norm", "totals") else list)]
+    if missing or not isinstance(manifest["config"].get("patch"), int):
+        raise ManifestError(f"{where}: damaged manifest: {', '.join(missing) or 'config.patch'} missing or malformed")
     manifest.setdefault("format", "pairs")
     manifest["config"].setdefault("format", manifest["format"])
     return manifest

@@ -169,3 +169,33 @@ def test_a_shard_of_another_patch_size_is_skipped_and_counted(tiny_store, tmp_pa
     batches = list(ShardStream(spec, batch_size=16, shuffle=0))
     assert {tuple(b["x"].shape[2:]) for b in batches} == {(25, 25, 25)}
     assert sum(int(b["skipped"]) for b in batches) > 0
+
+
+@pytest.mark.parametrize("damage", ["config", "shards", "norm"])
+def test_a_manifest_with_keys_missing_is_one_line(inputs, tmp_path, damage):
+    import json
+    import shutil
+
+    from trainer.cli import main
+
+    shutil.copytree(inputs["train"], tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest[damage]
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, ["fit", "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and f"damaged manifest: {damage}" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_a_checkpoint_with_keys_missing_is_one_line(trained, tmp_path):
+    import shutil
+
+    from evaluate.cli import main
+
+    _, run_dir = trained
+    shutil.copytree(run_dir, tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    del ckpt["preprocessing"]
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    r = CliRunner().invoke(main, ["stream", "--model", str(tmp_path / "run"), "--shards", str(tmp_path), "--out",
+                                  str(tmp_path / "rep")])
+    assert r.exit_code == 1 and "damaged checkpoint: preprocessing missing" in r.output and "Traceback" not in r.output
