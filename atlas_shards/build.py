@@ -42,7 +42,8 @@ import numpy as np
 from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
 from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
-from shards import atomic_path, atomic_write_text
+from atlas_shards.spill import write_spill
+from shards import atomic_write_text
 from shards.blocks import block_size
 from shards.manifest import read_manifest, write_manifest
 from shards.norm import dequantisation, normalise
@@ -248,21 +249,10 @@ def _spill_scan(args: tuple) -> dict:
     del lesion, brain
     cutter = PairCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch)
     p = config.patch
-    base = Path(spill) / f"{index:06d}"
-    # x goes straight to disk chunk by chunk: a scan's samples can be GBs.
-    # Every file goes through a temporary name: a worker orphaned by a killed
-    # build may still be finishing this scan while a rerun redoes it.
-    with atomic_path(f"{base}.x.npy") as tmp, open(tmp, "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (n, 2, p, p, p)}
-        np.lib.format.write_array_header_1_0(f, header)
-        for start in range(0, n, CHUNK):
-            f.write(cutter(locs[start : start + CHUNK]).data)
-    for name, array in (("y", labels), ("loc", locs), ("offsets", offsets)):
-        with atomic_path(f"{base}.{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, array)
-    done = {"samples": int(n), "lesion_samples": int(labels.sum())}
-    atomic_write_text(f"{base}.done", json.dumps(done))  # last: the scan's spill is whole
-    return done
+    pieces = (cutter(locs[start : start + CHUNK]) for start in range(0, n, CHUNK))  # x: chunk by chunk to disk
+    return write_spill(Path(spill) / f"{index:06d}", "x", (n, 2, p, p, p), pieces,
+                       {"y": labels, "loc": locs, "offsets": offsets},
+                       {"samples": int(n), "lesion_samples": int(labels.sum())})
 
 
 def _write_one_shard(args: tuple) -> None:

@@ -25,10 +25,11 @@ import numpy as np
 
 from atlas_shards import store as zstore
 from atlas_shards.plan import BuildConfig, draw_voxels, shards_for
-from shards import atomic_path, atomic_write_text
+from atlas_shards.spill import write_spill
+from shards import atomic_write_text
 from shards.blocks import BlockCutter, block_size, group_by_block
 from shards.norm import normalise
-from shards.schema import LOC_DTYPE, X_DTYPE, encode_block_record, record_key
+from shards.schema import LOC_DTYPE, encode_block_record, record_key
 from shards.tario import write_shard
 
 
@@ -70,20 +71,9 @@ def spill_blocks(args: tuple) -> dict:
     mirror = float(root[scan_id].attrs["mirror_index"])
     cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
     s = block_size(n, config.patch)
-    base = Path(spill) / f"{index:06d}"
-    # Blocks go to disk one by one (a scan's can be hundreds of MB), each file
-    # through a temporary name (see build._spill_scan).
-    with atomic_path(f"{base}.blocks.npy") as tmp, open(tmp, "wb") as f:
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(X_DTYPE)), "fortran_order": False, "shape": (nb, 2, s, s, s)}
-        np.lib.format.write_array_header_1_0(f, header)
-        for origin in origins:
-            f.write(cutter(origin).data)
-    for name, array in (("y", labels[sample]), ("off", off), ("origins", origins), ("counts", counts)):
-        with atomic_path(f"{base}.{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, array)
-    done = {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)}
-    atomic_write_text(f"{base}.done", json.dumps(done))  # last: the scan's spill is whole
-    return done
+    return write_spill(Path(spill) / f"{index:06d}", "blocks", (nb, 2, s, s, s), (cutter(o) for o in origins),
+                       {"y": labels[sample], "off": off, "origins": origins, "counts": counts},
+                       {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)})
 
 
 def block_layout(config: BuildConfig, spilled: list[dict]) -> dict:
@@ -115,7 +105,7 @@ def write_block_shard(args: tuple) -> None:
     num = layout["num_shards"]
     picks = []  # (scan index, block index in the scan's spill)
     spills = {}
-    for i, entry in enumerate(plan["scans"]):
+    for i in range(len(plan["scans"])):
         base = Path(work) / "spill" / f"{i:06d}"
         counts = np.load(f"{base}.counts.npy")
         mine = shard_blocks(k, layout["offsets"][i], len(counts), num)

@@ -48,7 +48,7 @@ class BlockCutter:
     """Cuts stored blocks out of one scan's normalised volume (the build side)."""
 
     def __init__(self, volume: np.ndarray, mirror_index: float, patch: int, block: int):
-        self.block, self.size = block, block_size(block, patch)
+        self.size = block_size(block, patch)
         pair = padded_pair(volume, mirror_index, patch)
         # Zero past the end, so the last (partial) blocks have the full size too.
         self._padded = np.pad(pair, ((0, 0), (0, block), (0, block), (0, block)))

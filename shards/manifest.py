@@ -32,7 +32,7 @@ from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, d
 from shards.tario import iter_grouped, sha256_file
 
 
-REQUIRED = ("config", "norm", "shards", "totals")  # what the reader, trainer and evaluator rely on
+REQUIRED = {"config": dict, "norm": dict, "shards": list, "totals": dict}  # what the reader, trainer and evaluator use
 
 
 class ManifestError(ValueError):
@@ -74,7 +74,7 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
         raise ManifestError(
             f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; rebuild the shards"
         )
-    missing = [k for k in REQUIRED if not isinstance(manifest.get(k), dict if k in ("config", "norm", "totals") else list)]
+    missing = [k for k, kind in REQUIRED.items() if not isinstance(manifest.get(k), kind)]
     if missing or not isinstance(manifest["config"].get("patch"), int):
         raise ManifestError(f"{where}: damaged manifest: {', '.join(missing) or 'config.patch'} missing or malformed")
     manifest.setdefault("format", "pairs")

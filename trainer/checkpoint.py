@@ -45,7 +45,8 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(words), None))
 
 
-REQUIRED = ("model", "model_config", "preprocessing", "optimizer", "rng")  # what resuming and evaluating rely on
+REQUIRED = {"model": dict, "model_config": dict, "preprocessing": dict, "optimizer": dict, "rng": dict,
+            "step": int}  # what resuming and evaluating rely on
 
 
 def save(path: str | os.PathLike, payload: dict) -> Path:
@@ -79,8 +80,7 @@ def load(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not an atlas-train checkpoint")
     if ckpt.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')}, this trainer reads {VERSION}")
-    missing = [k for k in REQUIRED if not isinstance(ckpt.get(k), dict)] + [k for k in ("step",)
-                                                                          if not isinstance(ckpt.get(k), int)]
+    missing = [k for k, kind in REQUIRED.items() if not isinstance(ckpt.get(k), kind)]
     if missing:
         raise CheckpointError(f"{path}: damaged checkpoint: {', '.join(missing)} missing")
     return ckpt
