@@ -43,7 +43,7 @@ from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
 from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
 from atlas_shards.spill import write_spill
-from shards import atomic_write_text
+from shards import atomic_write_text, check_output_dir
 from shards.blocks import block_size
 from shards.manifest import read_manifest, write_manifest
 from shards.norm import dequantisation, normalise
@@ -70,6 +70,7 @@ def build(
     With ``dry_run`` only the plan is computed and returned (nothing written).
     """
     config.check()
+    check_output_dir(out_dir)
     store_path, out_dir = Path(store_path).resolve(), Path(out_dir).resolve()
     if out_dir == store_path or store_path in out_dir.parents:
         raise BuildError(f"{out_dir}: the shard directory must not be inside the store {store_path}")
@@ -153,8 +154,10 @@ def _count_scan(args: tuple[str, str]) -> dict:
         mirror = group.attrs.get("mirror_index")
         if not isinstance(mirror, (int, float)) or not np.isfinite(mirror):
             return {"problem": f"attribute mirror_index missing or invalid ({mirror!r})"}
-        data = zstore.read_scan(root, scan_id, ("lesion", "brain"))
-    except Exception as exc:  # a damaged chunk, an unreadable group: this scan only
+        data = zstore.read_scan(root, scan_id)  # all three: each verified against its ingest checks
+    except zstore.DamagedScan as exc:
+        return {"problem": f"damaged: {str(exc).removeprefix(f'{scan_id}: ')}"}
+    except Exception as exc:  # an unreadable group: this scan only
         return {"problem": f"unreadable: {type(exc).__name__}: {exc}"}
     lesion, brain = data["lesion"] > 0, data["brain"] > 0
     if not brain.any():

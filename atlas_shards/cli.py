@@ -9,6 +9,7 @@ import math
 
 import click
 
+from shards.cli_errors import OneLineErrors
 from shards.params import POSITIVE, RATE, SEED, FiniteFloat
 
 
@@ -24,7 +25,7 @@ def _numbers(kind: type, text: str | None, name: str) -> tuple | None:
     return values
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 def main() -> None:
     """Stroke-lesion data: phantom releases, Zarr ingestion, EDA, patch-pair shards."""
 
@@ -183,6 +184,38 @@ def inspect(out_dir, verify) -> None:
             click.echo("verify: every shard matches the manifest (size, sha256, records, samples, lesion samples)")
     except ManifestError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def verify(path) -> None:
+    """Check a whole STORE (every scan against its checksums and counts) or a shard directory.
+
+    Exit status 1 when anything is damaged; each damaged scan or shard is named with its reason.
+    """
+    from pathlib import Path
+
+    from atlas_shards.store import StoreError, verify_store
+    from shards.manifest import ManifestError, verify as verify_shards
+    from shards.schema import MANIFEST
+
+    try:
+        if (Path(path) / MANIFEST).exists():
+            problems = verify_shards(path)
+            for problem in problems:
+                click.echo(f"  PROBLEM {problem}")
+            kind, checked = "shard directory", "every shard matches the manifest"
+        else:
+            results = verify_store(path)
+            for scan_id, status in results:
+                click.echo(f"  {scan_id}: {status}")
+            problems = [r for r in results if r[1] != "ok" and not r[1].startswith("unverified")]
+            kind, checked = "store", f"{len(results)} scans read, every chunk and array as ingest wrote it"
+    except (StoreError, ManifestError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if problems:
+        raise click.ClickException(f"{path}: {len(problems)} problem(s) found in the {kind}")
+    click.echo(f"verify: {checked}")
 
 
 @main.command()

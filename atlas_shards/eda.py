@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import atomic_path, atomic_write_text
+from shards import atomic_path, atomic_write_text, check_output_dir
 
 from atlas_shards import store
 
@@ -75,6 +75,7 @@ def run_eda(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     import matplotlib
 
     matplotlib.use("Agg")
+    check_output_dir(out_dir)
     group = store.open_store(store_path, mode="r")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards import atomic_write_text
+from shards import atomic_write_text, check_output_dir
 
 from atlas_shards import metadata, store
 from atlas_shards.discover import ScanSource, discover, release_layout
@@ -60,6 +60,7 @@ def ingest(
     """Ingest every usable scan of ``release`` into the store at ``store_path``."""
     from tqdm import tqdm
 
+    check_output_dir(store_path)
     release = Path(release).resolve()
     store_path = Path(store_path).resolve()
     if store_path == release or release in store_path.parents:

@@ -10,17 +10,25 @@ Layout::
 
 A scan group is written under ``STORE/.partial/<scan_id>`` and renamed into
 place once complete, so a group under its final name is always whole.
+
+Integrity: every chunk carries a crc32c checksum (zarr's codec: a flipped
+byte fails the read), and each scan's ``checks`` attribute records, per
+array, its shape, its nonzero voxel count (the lesion and brain voxel counts)
+and a crc32 of the whole array. ``read_scan`` verifies them, so a chunk file
+that went missing (zarr would read it back as zeros) is caught too:
+``DamagedScan`` names the scan, the array and what differs.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 FORMAT = "atlas-zarr"
 FORMAT_VERSION = 1
@@ -33,8 +41,33 @@ class StoreError(Exception):
     """The path is not a store this project wrote, or not a compatible one."""
 
 
-def _compressor() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+class DamagedScan(StoreError):
+    """A scan's arrays no longer match what ingest wrote (a chunk missing, damaged or rewritten)."""
+
+
+def _codecs() -> list:
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), Crc32cCodec()]
+
+
+def array_checks(data: np.ndarray) -> dict:
+    """What ``read_scan`` verifies of one array: shape, nonzero voxels, crc32 of its bytes."""
+    data = np.ascontiguousarray(data)
+    return {"shape": list(data.shape), "nonzero": int(np.count_nonzero(data)),
+            "crc32": zlib.crc32(memoryview(data).cast("B"))}
+
+
+def _verify(scan_id: str, name: str, data: np.ndarray, recorded: dict | None) -> None:
+    if recorded is None:
+        return  # ingested before checks were recorded: nothing to compare with
+    found = array_checks(data)
+    if found["shape"] != recorded["shape"]:
+        raise DamagedScan(f"{scan_id}: {name} has shape {found['shape']}, {recorded['shape']} at ingest")
+    if found["nonzero"] != recorded["nonzero"]:
+        raise DamagedScan(f"{scan_id}: {name} has {found['nonzero']:,} nonzero voxels, {recorded['nonzero']:,} at "
+                          "ingest (a chunk is missing or was rewritten)")
+    if found["crc32"] != recorded["crc32"]:
+        raise DamagedScan(f"{scan_id}: {name} differs from what ingest wrote (crc32 {found['crc32']:08x}, "
+                          f"{recorded['crc32']:08x} at ingest; a chunk is missing or was rewritten)")
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
@@ -94,9 +127,10 @@ def write_scan(path: str | os.PathLike, scan_id: str, arrays: dict[str, np.ndarr
     group = zarr.open_group(tmp, mode="w")
     for name, data in arrays.items():
         chunks = tuple(min(c, s) for c, s in zip(CHUNKS, data.shape))
-        arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=_compressor())
+        arr = group.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, compressors=_codecs())
         arr[...] = data
-    group.attrs.update({**attrs, "complete": True})
+    checks = {name: array_checks(data) for name, data in arrays.items()}
+    group.attrs.update({**attrs, "checks": checks, "complete": True})
     final = path / scan_id
     if final.exists():
         shutil.rmtree(final)
@@ -104,9 +138,51 @@ def write_scan(path: str | os.PathLike, scan_id: str, arrays: dict[str, np.ndarr
 
 
 def read_scan(group: zarr.Group, scan_id: str, arrays: tuple[str, ...] = ARRAYS) -> dict[str, np.ndarray]:
-    """Load a scan's arrays (those present) fully into memory."""
+    """Load a scan's arrays (those present) fully into memory, verified against its ``checks``.
+
+    Raises:
+        DamagedScan: a chunk fails its checksum or cannot be decoded, or an
+            array differs from what ingest recorded.
+    """
     scan = group[scan_id]
-    return {name: scan[name][...] for name in arrays if name in scan}
+    checks = scan.attrs.get("checks", {})
+    out = {}
+    for name in arrays:
+        if name not in scan:
+            continue
+        try:
+            out[name] = scan[name][...]
+        except Exception as exc:  # zarr: a crc32c mismatch, a truncated or undecodable chunk
+            why = "a chunk fails its crc32c checksum" if "checksum" in str(exc) else f"{type(exc).__name__}: {exc}"
+            raise DamagedScan(f"{scan_id}: {name} cannot be read ({why})") from None
+        _verify(scan_id, name, out[name], checks.get(name))
+    return out
+
+
+def verify_store(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Every scan of the store read and verified: ``(scan_id, "ok" | "unverified: ..." | problem)``."""
+    root = open_store(path, "r")
+    listed = set(root.attrs.get("scans", {})) | set(root.attrs.get("unlabelled_scans", []))
+    results = []
+    for scan_id in sorted(listed | set(complete_scans(path))):
+        if scan_id not in root:
+            results.append((scan_id, "listed in the store's scans but its group is missing"))
+            continue
+        try:
+            read_scan(root, scan_id)
+        except DamagedScan as exc:
+            results.append((scan_id, str(exc).removeprefix(f"{scan_id}: ")))
+            continue
+        attrs = root[scan_id].attrs
+        needed = ARRAYS if attrs.get("labelled", scan_id in root.attrs.get("scans", {})) else ("t1", "brain")
+        absent = [a for a in needed if a not in root[scan_id]]
+        if absent:
+            results.append((scan_id, f"no {'/'.join(absent)} array"))
+        elif "checks" not in attrs:
+            results.append((scan_id, "unverified: ingested before checksums were recorded (re-ingest to add them)"))
+        else:
+            results.append((scan_id, "ok"))
+    return results
 
 
 def split_scans(group: zarr.Group, split: str) -> list[str]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import click
 
+from shards.cli_errors import OneLineErrors
 from shards.params import FiniteFloat
 
 
-@click.group()
+@click.group(cls=OneLineErrors)
 def main() -> None:
     """Evaluate trained runs: whole volumes, shard streams, single scans, the model ladder."""
 
@@ -62,9 +63,10 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 
     from evaluate.predictors import EvaluateError
     from evaluate.stream import score_stream
-    from shards import atomic_write_text
+    from shards import atomic_write_text, check_output_dir
     from shards.sources import ShardSourceError
 
+    check_output_dir(out_dir)
     try:
         result = score_stream(run_dir, shards, threshold=threshold, prior_correction=prior_correction, device=device)
     except (EvaluateError, ShardSourceError) as exc:

@@ -13,7 +13,7 @@ from atlas_shards.orient import from_canonical
 from evaluate.metrics import case_metrics, summarise
 from evaluate.predictors import EvaluateError, Predictor, load_run
 from evaluate.volume import lesion_logits, to_probability
-from shards import atomic_path, atomic_write_text
+from shards import atomic_path, atomic_write_text, check_output_dir
 from trainer.curves import write_csv
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -34,21 +34,29 @@ def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool)
     return logits, {**data, "attrs": attrs}
 
 
-def choose_threshold(pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool) -> float:
-    """The threshold with the best mean Dice over the *validation* split."""
+def choose_threshold(pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool,
+                     log=print) -> float:
+    """The threshold with the best mean Dice over the *validation* split (damaged scans left out, by name)."""
     from tqdm import tqdm
 
     scans = split_scans(root, "val")
     if not scans:
         raise EvaluateError("--threshold auto needs a validation split in the store")
-    dice = np.zeros(len(THRESHOLDS))
+    dice, used = np.zeros(len(THRESHOLDS)), 0
     for scan_id in tqdm(scans, desc="threshold on val", unit="scan", disable=not progress):
-        logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+        try:
+            logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+        except zstore.DamagedScan as exc:
+            log(f"  {scan_id} (val): skipped, damaged: {str(exc).removeprefix(f'{scan_id}: ')}")
+            continue
+        used += 1
         prob, truth = to_probability(logits, shift), data["lesion"] > 0
         for i, t in enumerate(THRESHOLDS):
             p = prob > t
             inter, total = int((p & truth).sum()), int(p.sum()) + int(truth.sum())
             dice[i] += 1.0 if total == 0 else 2 * inter / total
+    if not used:
+        raise EvaluateError("--threshold auto: every validation scan is damaged (see atlas-shards verify STORE)")
     return float(THRESHOLDS[int(np.argmax(dice))])
 
 
@@ -71,6 +79,7 @@ def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5",
 
     from evaluate.report import write_report
 
+    check_output_dir(out)
     pred = load_run(run_dir, device=device)
     try:
         root = zstore.open_store(store_path, "r")
@@ -81,7 +90,7 @@ def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5",
         raise EvaluateError(f"{store_path}: split {split!r} has no labelled scans")
     shift = pred.prior_shift() if prior_correction else 0.0
     if threshold == "auto":
-        value = choose_threshold(pred, root, shift, tile, use_dense, progress)
+        value = choose_threshold(pred, root, shift, tile, use_dense, progress, log)
         log(f"threshold chosen on the validation split: {value}")
     else:
         value = float(threshold)
@@ -101,6 +110,9 @@ def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5",
             if save_probabilities:
                 save_nifti(out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32)
             masks[scan_id] = np.packbits(mask)
+        except zstore.DamagedScan as exc:  # never used silently: skipped, and subjects.csv says why
+            row = {"scan_id": scan_id, "status": f"damaged: {str(exc).removeprefix(f'{scan_id}: ')}"}
+            log(f"  {scan_id}: {row['status']}")
         except Exception as exc:  # one bad scan is reported; the others go on
             row = {"scan_id": scan_id, "status": f"failed: {type(exc).__name__}: {exc}"}
             log(f"  {scan_id}: {row['status']}")

@@ -12,6 +12,7 @@ from atlas_shards.scan import ScanError, prepare_scan
 from evaluate.predictors import EvaluateError, load_run
 from evaluate.run import save_nifti
 from evaluate.volume import lesion_logits, to_probability
+from shards import check_output_dir
 
 MNI_SHAPE = (197, 233, 189)
 
@@ -36,6 +37,8 @@ def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: st
         raise EvaluateError(f"{t1}: no such file")
     inputs = {t1} | ({Path(brain_mask).resolve()} if brain_mask else set())
     outputs = [Path(p).resolve() for p in (out_mask, probabilities) if p]
+    for path in outputs:
+        check_output_dir(path.parent)
     for path in outputs:
         if path in inputs:
             raise EvaluateError(f"{path}: is an input; write the prediction elsewhere")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -32,6 +33,11 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         # mkstemp creates 0600; shards and reports are meant to be shared/served.
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, final)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.filename is None and exc.strerror:  # a failed write() names no file: name the output
+            raise type(exc)(exc.errno, exc.strerror, str(final)) from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -46,3 +52,17 @@ def atomic_write_bytes(final: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(final: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``final`` atomically."""
     atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output directory that cannot be made: a file at it or above it.
+
+    Raises:
+        NotADirectoryError: naming the output and the file in the way.
+    """
+    path = Path(path).absolute()
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, f"cannot be an output directory: {where} is a file", str(path))
+            return

@@ -230,15 +230,17 @@ def test_unusable_scans_are_skipped_with_a_reason(tmp_path):
     root = zarr.open_group(store, mode="a")
     del root["sub-000_ses-1"].attrs["mirror_index"]
     del root["sub-001_ses-1"]["brain"]
-    root["sub-002_ses-1"]["lesion"][0, 0, 0] = 1  # still usable
+    root["sub-002_ses-1"]["lesion"][0, 0, 0] = 1  # rewritten after ingest: it no longer matches its checks
+    del root["sub-003_ses-1"].attrs["checks"]  # ingested before checks were recorded: still usable
     scans = dict(root.attrs["scans"])
     scans["sub-999_ses-1"] = "sub-003"  # listed, never written
     root.attrs["scans"] = scans
     manifest = build(store, tmp_path / "out", BuildConfig(split="train", num_shards=2), progress=False,
                      log=lambda m: None)
     used = {s["scan_id"] for s in manifest["scans"]}
-    assert used == {"sub-002_ses-1", "sub-003_ses-1"}
+    assert used == {"sub-003_ses-1"}
     notes = " | ".join(manifest["notes"])
+    assert "sub-002_ses-1 skipped: damaged: lesion has 81 nonzero voxels, 80 at ingest" in notes
     assert "sub-000_ses-1 skipped: attribute mirror_index" in notes
     assert "sub-001_ses-1 skipped: no brain array" in notes
     assert "sub-999_ses-1 skipped: listed in the split but not in the store" in notes

@@ -134,6 +134,13 @@ BAD = [
     ("train", ["fit", "--shards", "{zval}", "--out", "{run}", "--resume"], "preprocessed differently"),
     ("evaluate", ["stream", "--model", "{run}", "--shards", "{zval}", "--out", "{out}"], "preprocessed differently"),
     ("evaluate", ["run", "--model", "{run}", "--store", "{store}", "--out", "{out}", "--device", "cuda:7"], "cuda"),
+    # an output path under a file: refused by name before any work
+    ("shards", ["build", "{store}", "{file}/out", "--split", "train"], "file is a file"),
+    ("shards", ["ingest", "{out}", "{file}/store"], "file is a file"),
+    ("shards", ["eda", "{store}", "{file}/eda"], "file is a file"),
+    ("train", ["fit", "--shards", "{train}", "--out", "{file}/run"], "file is a file"),
+    ("evaluate", ["run", "--model", "{run}", "--store", "{store}", "--out", "{file}/ev"], "file is a file"),
+    ("evaluate", ["stream", "--model", "{run}", "--shards", "{train}", "--out", "{file}/st"], "file is a file"),
 ]
 if not torch.cuda.is_available():
     BAD.append(("train", ["fit", "--shards", "{train}", "--out", "{out}", "--device", "cuda"], "no CUDA GPU"))
@@ -146,7 +153,9 @@ def test_bad_arguments_fail_in_one_line_before_any_work(inputs, tmp_path, cli, a
     from trainer.cli import main as train_cli
 
     main = {"shards": shards_cli, "train": train_cli, "evaluate": evaluate_cli}[cli]
-    fill = {**{k: str(v) for k, v in inputs.items()}, "out": str(tmp_path / "out"), "out2": str(tmp_path / "out2")}
+    fill = {**{k: str(v) for k, v in inputs.items()}, "out": str(tmp_path / "out"), "out2": str(tmp_path / "out2"),
+            "file": str(tmp_path / "file")}
+    (tmp_path / "file").write_text("not a directory")
     before = {k: _tree(v) for k, v in inputs.items()}
     r = CliRunner().invoke(main, [a.format(**fill) for a in args])
     assert r.exit_code != 0, r.output
@@ -154,6 +163,7 @@ def test_bad_arguments_fail_in_one_line_before_any_work(inputs, tmp_path, cli, a
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in r.output, r.output
     assert {k: _tree(v) for k, v in inputs.items()} == before  # every input byte-identical
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+    assert (tmp_path / "file").read_text() == "not a directory"
 
 
 def test_a_shard_of_another_patch_size_is_skipped_and_counted(tiny_store, tmp_path):
@@ -199,3 +209,117 @@ def test_a_checkpoint_with_keys_missing_is_one_line(trained, tmp_path):
     r = CliRunner().invoke(main, ["stream", "--model", str(tmp_path / "run"), "--shards", str(tmp_path), "--out",
                                   str(tmp_path / "rep")])
     assert r.exit_code == 1 and "damaged checkpoint: preprocessing missing" in r.output and "Traceback" not in r.output
+
+
+def _chunk_files(store, scan_id: str, array: str) -> list:
+    return sorted(p for p in (store / scan_id / array / "c").rglob("*") if p.is_file())
+
+
+def test_a_damaged_store_is_found_by_name_and_never_used_silently(trained, tmp_path):
+    """A chunk gone (zarr reads zeros), a byte flipped (crc32c), an array rewritten: verify, build, evaluate."""
+    import csv
+    import json
+
+    import zarr
+
+    from atlas_shards.cli import main as shards_cli
+    from conftest import write_tiny_store
+    from evaluate.cli import main as evaluate_cli
+
+    _, run_dir = trained
+    subjects = [f"sub-{i:03d}" for i in range(8)]
+    store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, split={
+        "train": subjects[:4], "val": subjects[4:6], "test": subjects[6:], "unassigned": []})
+    _chunk_files(store, "sub-000_ses-1", "lesion")[0].unlink()
+    zarr.open_group(store, mode="a")["sub-001_ses-1"]["t1"][5, 5, 5] = 0.5  # valid chunks, other content
+    chunk = _chunk_files(store, "sub-004_ses-1", "t1")[0]
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    before = _tree(store)
+
+    r = CliRunner().invoke(shards_cli, ["verify", str(store)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "sub-000_ses-1: lesion has 0 nonzero voxels, 80 at ingest (a chunk is missing" in r.output
+    assert "sub-001_ses-1: t1 differs from what ingest wrote (crc32" in r.output
+    assert "sub-004_ses-1: t1 cannot be read (a chunk fails its crc32c checksum)" in r.output
+    assert r.output.count(": ok") == 5
+    assert [line for line in r.output.splitlines() if line.startswith("Error")] == [
+        f"Error: {store}: 3 problem(s) found in the store"]
+
+    r = CliRunner().invoke(shards_cli, ["build", str(store), str(tmp_path / "shards"), "--split", "train", "--patch",
+                                        "9", "--block", "8"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert {s["scan_id"] for s in manifest["scans"]} == {"sub-002_ses-1", "sub-003_ses-1"}
+    notes = " | ".join(manifest["notes"])
+    assert "scan sub-000_ses-1 skipped: damaged: lesion has 0 nonzero voxels" in notes
+    assert "scan sub-001_ses-1 skipped: damaged: t1 differs" in notes
+
+    r = CliRunner().invoke(evaluate_cli, ["run", "--model", str(run_dir), "--store", str(store), "--split", "val",
+                                          "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "eval" / "subjects.csv") as f:
+        status = {row["scan_id"]: row["status"] for row in csv.DictReader(f)}
+    assert status == {"sub-004_ses-1": "damaged: t1 cannot be read (a chunk fails its crc32c checksum)",
+                      "sub-005_ses-1": "ok"}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["failed"] == ["sub-004_ses-1"]
+    assert _tree(store) == before  # read only, whatever it found
+
+
+def _cli(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from atlas_shards.cli import main; sys.argv[0] = 'atlas-shards'; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_traceback_only_when_asked_for(tiny_store, tmp_path):
+    (tmp_path / "file").write_text("x")
+    args = ["build", str(tiny_store), str(tmp_path / "file" / "out"), "--split", "train"]
+    plain = _cli(*args, env={"ATLAS_DEBUG": ""})
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    assert plain.stderr.strip().splitlines() == [
+        f"Error: {tmp_path / 'file' / 'out'}: cannot be an output directory: {tmp_path / 'file'} is a file"]
+    for asked in (_cli("--debug", *args), _cli(*args, env={"ATLAS_DEBUG": "1"})):
+        assert asked.returncode == 1 and "Traceback" in asked.stderr and "NotADirectoryError" in asked.stderr
+    # an expected error (raised by the command as one line) shows its cause when asked for
+    asked = _cli("--debug", "build", str(tmp_path / "file"), str(tmp_path / "out"), "--split", "train")
+    assert asked.returncode == 1 and "Traceback" in asked.stderr and "BuildError: " in asked.stderr
+    assert asked.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_same_command_finishes_after(tiny_store, tmp_path):
+    """A real full disk: a 64 KiB tmpfs in a private mount namespace (unshare), grown to 64 MiB for the rerun."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs util-linux unshare for a private tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    build = f"{sys.executable} -m atlas_shards.cli build {tiny_store} {disk}/out --split train --patch 9 --block 8"
+    script = f"""
+        mount -t tmpfs -o size=64k tmpfs {disk} || exit 97
+        {build} >/dev/null 2>{tmp_path}/err1; echo "first=$?"
+        find {disk}/out -name '*.tmp*' | sed 's/^/temp /'
+        mount -o remount,size=64m {disk}
+        {build} >/dev/null 2>&1; echo "second=$?"
+        {sys.executable} -m atlas_shards.cli verify {disk}/out >/dev/null 2>&1; echo "verify=$?"
+    """
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    if done.returncode == 97 or "first=" not in done.stdout:
+        pytest.skip(f"no private tmpfs here (unshare -rm, mount): {done.stderr.strip()[-200:]}")
+    lines = done.stdout.split()
+    assert "first=1" in lines and "second=0" in lines and "verify=0" in lines, done.stdout + done.stderr
+    assert not [line for line in done.stdout.splitlines() if line.startswith("temp ")]  # no temporary left behind
+    err = [line for line in (tmp_path / "err1").read_text().splitlines() if line.startswith("Error")]
+    assert len(err) == 1 and f"{disk}/out/" in err[0] and "No space left on device" in err[0], err
+    assert "the disk is full" in err[0]
+    assert "Traceback" not in (tmp_path / "err1").read_text()

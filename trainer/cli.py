@@ -9,6 +9,7 @@ import math
 
 import click
 
+from shards.cli_errors import OneLineErrors, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat
 
 
@@ -31,15 +32,7 @@ def _ints(text: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _one_line(exc: Exception) -> str:
-    """The error itself, without the traceback a DataLoader worker wraps around it."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    return text
-
-
-@click.group()
+@click.group(cls=OneLineErrors)
 def main() -> None:
     """Train the paper's models on streamed patch-pair shards."""
 
@@ -97,7 +90,7 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
     try:
         summary = run_fit(cfg, model_cfg, resume=resume, log=click.echo)
     except (TrainError, ModelError, CheckpointError, ShardSourceError, ManifestError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     if summary is None:

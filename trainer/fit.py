@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 
-from shards import atomic_write_text
+from shards import atomic_write_text, check_output_dir
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible
 from shards.reader import ShardStream
@@ -69,6 +69,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
         raise TrainError(str(exc)) from None
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise TrainError(f"--lr must be a finite positive number, got {cfg.lr}")
+    check_output_dir(cfg.out)
     cuda = chosen.type == "cuda"
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo")
