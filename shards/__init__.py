@@ -10,7 +10,9 @@
 - ``shards.sources``, ``shards.pool`` and ``shards.reader``: the streaming
   reader (sources, the shuffle pool, the stream);
 - ``shards.views``: model-specific views of a batch;
-- ``shards.atomic``: output written to a temporary name, renamed into place.
+- ``shards.atomic``: output written to a temporary name, renamed into place;
+- ``shards.params`` and ``shards.cli_errors``: what the three command lines
+  share (validated argument types; one-line errors, ``--debug``).
 
 This package imports none of ``atlas_shards``, ``trainer`` or ``evaluate``.
 Heavy modules (the reader needs torch) are imported from their submodules.
