@@ -39,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas_shards import publish
 from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
 from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
 from atlas_shards.spill import write_spill
-from shards import atomic_write_text, check_output_dir
+from shards import atomic_write_text, check_output_dir, remote
 from shards.blocks import block_size
-from shards.manifest import read_manifest, write_manifest
+from shards.manifest import ManifestError, read_manifest, write_manifest
 from shards.norm import dequantisation, normalise
 from shards.patches import PairCutter
 from shards.schema import LOC_DTYPE, MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, encode_record, record_key
@@ -70,10 +71,14 @@ def build(
     With ``dry_run`` only the plan is computed and returned (nothing written).
     """
     config.check()
+    if remote.is_remote(str(out_dir)):
+        return _build_into_object_store(store_path, str(out_dir), config, workers, progress, dry_run, log)
     check_output_dir(out_dir)
-    store_path, out_dir = Path(store_path).resolve(), Path(out_dir).resolve()
-    if out_dir == store_path or store_path in out_dir.parents:
-        raise BuildError(f"{out_dir}: the shard directory must not be inside the store {store_path}")
+    out_dir = Path(out_dir).resolve()
+    if not remote.is_remote(str(store_path)):  # a store on object storage is read through zarr's fsspec store
+        store_path = Path(store_path).resolve()
+        if out_dir == store_path or store_path in out_dir.parents:
+            raise BuildError(f"{out_dir}: the shard directory must not be inside the store {store_path}")
     try:
         root = zstore.open_store(store_path, "r")
     except zstore.StoreError as exc:
@@ -130,6 +135,28 @@ def build(
     manifest = _manifest(plan, config, shards, spilled, store_path, root)
     write_manifest(out_dir, manifest)
     shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _build_into_object_store(store_path, url: str, config: BuildConfig, workers: int, progress: bool, dry_run: bool,
+                             log: Callable[[str], None]) -> dict:
+    """A local build staged for ``url``, then uploaded shard by shard, the manifest last."""
+    if not remote.is_object_store(url):
+        raise BuildError(f"{url}: shards are written to a local directory or object storage (s3://...), "
+                         f"not to {remote.scheme(url)}:")
+    try:
+        existing = publish.published(url)
+    except ManifestError as exc:
+        raise BuildError(str(exc)) from None
+    staged = publish.staging_dir(url)
+    log(f"staging the build for {url} in {staged}")
+    manifest = build(store_path, staged, config, workers, progress, dry_run, log)
+    if dry_run:
+        return manifest
+    if existing is not None and existing.get("plan_id") != manifest["plan_id"]:
+        raise BuildError(f"{url}: already holds shards of another build (split "
+                         f"{existing['config'].get('split')!r}, plan {existing.get('plan_id')}); use another prefix")
+    publish.publish(staged, url, log)
     return manifest
 
 
@@ -305,7 +332,7 @@ def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
 
 
-def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list[dict], store_path: Path, root) -> dict:
+def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list[dict], store_path, root) -> dict:
     samples = sum(s["samples"] for s in shards)
     lesion = sum(s["lesion_samples"] for s in shards)
     records = sum(s["records"] for s in shards)

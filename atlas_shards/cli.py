@@ -10,7 +10,7 @@ import math
 import click
 
 from shards.cli_errors import OneLineErrors
-from shards.params import POSITIVE, RATE, SEED, FiniteFloat
+from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat
 
 
 def _numbers(kind: type, text: str | None, name: str) -> tuple | None:
@@ -96,7 +96,7 @@ def ingest(release_dir, store, workers, split_counts, split_fractions, seed, spa
 
 
 @main.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=LOCATION)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def eda(store, out_dir) -> None:
     """Exploratory figures and eda.json from an ingested STORE."""
@@ -167,7 +167,7 @@ def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, back
 
 
 @main.command()
-@click.argument("out_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=LOCATION)
 @click.option("--verify", is_flag=True, help="Re-read every shard: sizes, sha256, record/sample/lesion counts.")
 def inspect(out_dir, verify) -> None:
     """Print the manifest of a shard directory (and check it with --verify)."""
@@ -187,20 +187,19 @@ def inspect(out_dir, verify) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=LOCATION)
 def verify(path) -> None:
     """Check a whole STORE (every scan against its checksums and counts) or a shard directory.
 
     Exit status 1 when anything is damaged; each damaged scan or shard is named with its reason.
     """
-    from pathlib import Path
-
     from atlas_shards.store import StoreError, verify_store
+    from shards import remote
     from shards.manifest import ManifestError, verify as verify_shards
     from shards.schema import MANIFEST
 
     try:
-        if (Path(path) / MANIFEST).exists():
+        if remote.exists(remote.join(path, MANIFEST)):
             problems = verify_shards(path)
             for problem in problems:
                 click.echo(f"  PROBLEM {problem}")

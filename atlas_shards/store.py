@@ -30,6 +30,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from shards import remote
+
 FORMAT = "atlas-zarr"
 FORMAT_VERSION = 1
 CHUNKS = (64, 64, 64)
@@ -76,6 +78,8 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
     Raises:
         StoreError: the path exists but is not one of our stores.
     """
+    if remote.is_remote(str(path)):
+        return _open_remote(str(path), mode)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path}: exists and is not a directory (not a Zarr store)")
@@ -96,6 +100,21 @@ def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:
     else:
         group = zarr.open_group(path, mode="a")
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
+    return group
+
+
+def _open_remote(url: str, mode: str) -> zarr.Group:
+    """A store on object storage (``s3://bucket/store.zarr``...), through zarr's fsspec store: read only."""
+    if mode != "r":
+        raise StoreError(f"{url}: a store on object storage is read only here; ingest into a local store, then copy it")
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=remote.storage_options(url))
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreError(f"{url}: not a Zarr store (no zarr.json)") from None
+    except Exception as exc:
+        raise StoreError(f"{url}: cannot open the store ({type(exc).__name__}: {exc})") from None
+    if group.attrs.get("format") != FORMAT:
+        raise StoreError(f"{url}: Zarr group without the {FORMAT} attributes (not an ingested store)")
     return group
 
 
@@ -164,7 +183,8 @@ def verify_store(path: str | os.PathLike) -> list[tuple[str, str]]:
     root = open_store(path, "r")
     listed = set(root.attrs.get("scans", {})) | set(root.attrs.get("unlabelled_scans", []))
     results = []
-    for scan_id in sorted(listed | set(complete_scans(path))):
+    found = set() if remote.is_remote(str(path)) else set(complete_scans(path))
+    for scan_id in sorted(listed | found):
         if scan_id not in root:
             results.append((scan_id, "listed in the store's scans but its group is missing"))
             continue

@@ -21,15 +21,15 @@ Keys (schema version 2; version 1, from before blocks, is read as pairs)::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from shards import remote
 from shards.atomic import atomic_write_text
 from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, decode_any
-from shards.tario import iter_grouped, sha256_file
+from shards.tario import iter_grouped
 
 
 REQUIRED = {"config": dict, "norm": dict, "shards": list, "totals": dict}  # what the reader, trainer and evaluator use
@@ -50,22 +50,21 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> Path:
 
 
 def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
-    """Read a manifest from a directory, a file path or an ``http(s)://`` URL."""
+    """Read a manifest from a directory, a file path or a URL (``http(s)://``, ``s3://``...)."""
     where = str(where)
     try:
-        if where.startswith(("http://", "https://")):
-            with urllib.request.urlopen(where, timeout=timeout) as resp:
-                text = resp.read().decode()
+        if remote.is_remote(where):
+            url = where if where.endswith(".json") else remote.join(where, MANIFEST)  # a file, or its directory
+            text = remote.read_bytes(url, timeout=timeout).decode()
         else:
             path = Path(where)
             text = (path / MANIFEST if path.is_dir() else path).read_text()
         manifest = json.loads(text)
-    except FileNotFoundError:
-        raise ManifestError(f"{where}: no {MANIFEST} (not a shard directory, or the build has not finished)") from None
-    except urllib.error.HTTPError as exc:
-        raise ManifestError(f"{where}: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise ManifestUnreachable(f"{where}: unreachable ({exc.reason})") from None
+    except (FileNotFoundError, remote.NotFound) as exc:
+        why = str(exc).removeprefix(f"{where}: ") if isinstance(exc, remote.NotFound) else f"no {MANIFEST}"
+        raise ManifestError(f"{where}: {why} (not a shard directory, or the build has not finished)") from None
+    except remote.Unreachable as exc:
+        raise ManifestUnreachable(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise ManifestError(f"{where}: cannot read the shard manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
@@ -104,47 +103,77 @@ def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
                             "they cannot be used together")
 
 
-def count_shard(path: str | os.PathLike, patch: int | None = None, fmt: str | None = None) -> dict:
-    """Records, samples and lesion samples in one shard file, decoding every record."""
-    records = samples = lesion = 0
-    with open(path, "rb") as f:
-        for _, fields in iter_grouped(f):
+class _Hashing:
+    """A read stream that hashes and counts what passes through it."""
+
+    def __init__(self, stream):
+        self.stream, self.sha, self.size = stream, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 22):
+            pass
+
+
+def _check_shard(stream, shard: dict, where: str, patch: int, fmt: str) -> list[str]:
+    """One pass over a shard: its size, sha256 and record/sample/lesion counts against the manifest."""
+    hashing, problems = _Hashing(stream), []
+    counts = {"records": 0, "samples": 0, "lesion_samples": 0}
+    try:
+        for _, fields in iter_grouped(hashing):
             rec = decode_any(fields, patch, fmt)
-            records += 1
-            samples += len(rec["y"])
-            lesion += int(rec["y"].sum())
-    return {"records": records, "samples": samples, "lesion_samples": lesion}
+            counts["records"] += 1
+            counts["samples"] += len(rec["y"])
+            counts["lesion_samples"] += int(rec["y"].sum())
+        hashing.drain()
+    except Exception as exc:  # tarfile, record and I/O errors alike
+        problems.append(f"{where}: unreadable: {type(exc).__name__}: {exc}")
+        counts = None
+        try:
+            hashing.drain()
+        except Exception:
+            return problems
+    whole = []
+    if hashing.size != shard["bytes"]:
+        whole.append(f"{where}: {hashing.size} bytes, manifest says {shard['bytes']}")
+    if hashing.sha.hexdigest() != shard["sha256"]:
+        whole.append(f"{where}: sha256 differs from the manifest")
+    for key in ("records", "samples", "lesion_samples") if counts else ():
+        if counts[key] != shard[key]:
+            problems.append(f"{where}: {counts[key]} {key.replace('_', ' ')}, manifest says {shard[key]}")
+    return whole + problems
 
 
-def verify(out_dir: str | os.PathLike) -> list[str]:
-    """Check every shard against the manifest; return the problems found (empty when sound)."""
-    out_dir = Path(out_dir)
-    manifest = read_manifest(out_dir)
+def verify(where: str | os.PathLike) -> list[str]:
+    """Check every shard of a directory or URL against its manifest; return the problems found (empty when sound)."""
+    where = str(where)
+    manifest = read_manifest(where)
     patch = manifest["config"]["patch"]
     problems = []
     for shard in manifest["shards"]:
-        path = out_dir / shard["name"]
-        if not path.is_file():
+        path = remote.join(where, shard["name"])
+        try:
+            stream = remote.open_read(path)
+        except (FileNotFoundError, remote.NotFound):
             problems.append(f"{path}: missing")
             continue
-        if path.stat().st_size != shard["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {shard['bytes']}")
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest")
-        try:
-            counts = count_shard(path, patch, manifest["format"])
-        except Exception as exc:  # tarfile, record and I/O errors alike
-            problems.append(f"{path}: unreadable: {type(exc).__name__}: {exc}")
+        except OSError as exc:
+            problems.append(f"{path}: cannot be read: {exc}")
             continue
-        for key in ("records", "samples", "lesion_samples"):
-            if counts[key] != shard[key]:
-                problems.append(f"{path}: {counts[key]} {key.replace('_', ' ')}, manifest says {shard[key]}")
-    for leftover in sorted(out_dir.glob(".*.tmp")):
-        problems.append(f"{leftover}: a temporary file left by a killed build ({leftover.stat().st_size} bytes); "
-                        "the next build into this directory removes it")
+        with stream:
+            problems += _check_shard(stream, shard, path, patch, manifest["format"])
+    if not remote.is_remote(where):
+        for leftover in sorted(Path(where).glob(".*.tmp")):
+            problems.append(f"{leftover}: a temporary file left by a killed build ({leftover.stat().st_size} bytes); "
+                            "the next build into this directory removes it")
     total = sum(s["samples"] for s in manifest["shards"])
     if total != manifest["totals"]["samples"]:
-        problems.append(f"{out_dir}: shards hold {total} samples, totals say {manifest['totals']['samples']}")
+        problems.append(f"{where}: shards hold {total} samples, totals say {manifest['totals']['samples']}")
     return problems
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
+
+from shards import remote
 
 
 class FiniteFloat(click.FloatRange):
@@ -22,3 +25,18 @@ class FiniteFloat(click.FloatRange):
 POSITIVE = FiniteFloat(min=0, min_open=True)
 RATE = FiniteFloat(0, 1)  # a share, 0..1
 SEED = click.IntRange(min=0)  # numpy seeds are non-negative
+
+
+class Location(click.ParamType):
+    """A local path that must exist, or a URL (``s3://``, ``http(s)://``...) taken as it is."""
+
+    name = "path|url"
+
+    def convert(self, value, param, ctx):
+        value = str(value)
+        if not remote.is_remote(value) and not Path(value).exists():
+            self.fail(f"{value}: no such file or directory", param, ctx)
+        return value
+
+
+LOCATION = Location()

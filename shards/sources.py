@@ -1,24 +1,24 @@
-"""Where shards come from: specs, manifests, opening local files and URLs.
+"""Where shards come from: specs, manifests, opening shards.
 
-A *spec* is a local shard directory or ``manifest.json``, an ``http(s)://``
-URL of either, one or more shard paths/URLs, or a brace pattern such as
-``http://host/train-{000000..000031}.tar``. When a manifest can be found
-beside the shards, each shard's sample count is known; the reader needs
-those counts to give every DDP rank the same number of batches.
+A *spec* is a shard directory or ``manifest.json``, local or at a URL
+(``http(s)://``, ``s3://`` and any other object store fsspec knows: see
+``shards.remote``), one or more shard paths/URLs (``pipe:`` commands too), or
+a brace pattern such as ``s3://bucket/train-{000000..000031}.tar``. When a
+manifest can be found beside the shards, each shard's sample count is known;
+the reader needs those counts to give every DDP rank the same number of
+batches. Shards are found through the manifest: no bucket listing is needed.
 """
 
 from __future__ import annotations
 
 import os
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from braceexpand import braceexpand
 
+from shards import remote
 from shards.manifest import ManifestError, ManifestUnreachable, read_manifest
 from shards.schema import MANIFEST
 
@@ -35,21 +35,13 @@ class Shard:
 
 
 def is_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if is_url(base) else str(Path(base) / name)
-
-
-def _parent(url: str) -> str:
-    return url.rsplit("/", 1)[0] if is_url(url) else str(Path(url).parent)
+    return remote.is_remote(spec)
 
 
 def _from_manifest(where: str, timeout: float) -> tuple[list[Shard], dict]:
     manifest = read_manifest(where, timeout=timeout)
-    base = _parent(where)
-    shards = [Shard(_join(base, s["name"]), s["samples"], s["records"]) for s in manifest["shards"]]
+    base = remote.parent(where)
+    shards = [Shard(remote.join(base, s["name"]), s["samples"], s["records"]) for s in manifest["shards"]]
     return shards, manifest
 
 
@@ -70,9 +62,15 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
     spec = str(spec)
     if not spec:
         raise ShardSourceError("empty shard spec")
+    try:
+        remote.check_scheme(spec)
+    except remote.RemoteError as exc:
+        raise ShardSourceError(str(exc)) from None
     local_dir = not is_url(spec) and Path(spec).is_dir()
-    if spec.endswith(MANIFEST) or local_dir or (is_url(spec) and spec.endswith("/")):
-        where = _join(spec, MANIFEST) if (local_dir or spec.endswith("/")) else spec
+    # a URL of a directory: a trailing slash, or a last name without an extension (s3://bucket/shards/train)
+    url_dir = is_url(spec) and remote.scheme(spec) != "pipe" and (spec.endswith("/") or "." not in spec.rsplit("/", 1)[-1])
+    if spec.endswith(MANIFEST) or local_dir or url_dir:
+        where = remote.join(spec, MANIFEST) if (local_dir or url_dir) else spec
         try:
             return _from_manifest(where, timeout)
         except ManifestError as exc:
@@ -84,7 +82,9 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
             raise ShardSourceError(f"{missing[0]}: no such shard file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     # Counts from a manifest beside the shards, when there is one (best effort).
     try:
-        listed, manifest = _from_manifest(_join(_parent(urls[0]), MANIFEST), timeout)
+        if remote.scheme(urls[0]) == "pipe":
+            return [Shard(u) for u in urls], None  # a command's output: no manifest beside it
+        listed, manifest = _from_manifest(remote.join(remote.parent(urls[0]), MANIFEST), timeout)
     except ManifestUnreachable as exc:
         raise ShardSourceError(str(exc)) from None
     except ManifestError:
@@ -94,29 +94,18 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
 
 
 def open_shard(url: str, timeout: float = 30.0, retries: int = 3) -> BinaryIO:
-    """Open a shard for sequential reading: a local file, or an HTTP stream.
+    """Open a shard for sequential reading: a local file, an HTTP or object-store stream, a command's output.
 
     Connection failures are retried ``retries`` times with a short backoff, so
     the whole call ends within about ``retries * (timeout + 2)`` seconds.
 
     Raises:
-        ShardSourceError: the shard cannot be opened.
+        ShardSourceError: the shard cannot be opened ("unreachable" when the
+            server or bucket did not answer).
     """
-    if not is_url(url):
-        try:
-            return open(url, "rb", buffering=1 << 20)
-        except OSError as exc:
-            raise ShardSourceError(f"{url}: cannot open shard: {exc.strerror or exc}") from None
-    last: Exception | None = None
-    for attempt in range(max(1, retries)):
-        try:
-            return urllib.request.urlopen(url, timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:  # 404 and friends: retrying will not help
-                raise ShardSourceError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            last = exc
-        except (urllib.error.URLError, OSError) as exc:
-            last = exc
-        time.sleep(min(2.0, 0.25 * 2**attempt))
-    reason = getattr(last, "reason", last)
-    raise ShardSourceError(f"{url}: unreachable after {max(1, retries)} tries ({reason})")
+    try:
+        return remote.open_read(url, timeout=timeout, retries=retries)
+    except remote.RemoteError as exc:
+        raise ShardSourceError(str(exc)) from None
+    except OSError as exc:
+        raise ShardSourceError(f"{url}: cannot open shard: {exc.strerror or exc}") from None
