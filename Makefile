@@ -59,5 +59,6 @@ bench: $(STAMP)
 	$(PY) bench/bench_synth_ingest.py --subjects 8 --workers $(WORKERS)
 	$(PY) bench/bench_shards.py --subjects 8 --workers $(WORKERS) --out bench-out
 	$(PY) bench/bench_blocks.py --subjects 16 --workers $(WORKERS) --out bench-out/blocks
+	$(PY) bench/bench_stages.py --subjects 8 --workers $(WORKERS) --out bench-out/stages
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
