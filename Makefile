@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo-out
 WORKERS ?= 2
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench clean compose-test compose-up
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,3 +62,12 @@ bench: $(STAMP)
 	$(PY) bench/bench_stages.py --subjects 8 --workers $(WORKERS) --out bench-out/stages
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
+
+# The service stack for real (a Docker engine; not part of `make test`): see docker/compose-test.sh.
+compose-test:
+	bash docker/compose-test.sh
+
+# The stack once, end to end, on the phantom: returns the evaluator's exit status.
+compose-up:
+	docker compose version >/dev/null 2>&1 && c="docker compose" || c="docker-compose"; \
+	$$c build && $$c --profile phantom run --rm synth && $$c run --rm evaluator; status=$$?; $$c stop; exit $$status

@@ -40,6 +40,7 @@ def local_nginx_config(template: str, root: Path, host: str, port: int, tmp: Pat
     text = template.replace("listen 80;", f"listen {host}:{port};")
     text = text.replace("root /srv/shards;", f"root {root};")
     text = re.sub(r"/tmp/nginx", f"{tmp}/nginx", text)
+    text = text.replace("access_log /dev/stdout shards;", "access_log off;")  # a local server stays quiet
     head = "daemon off;\n" + ("user root;\n" if os.geteuid() == 0 else "")  # root: workers must read private dirs
     return head + text
 

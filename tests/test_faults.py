@@ -159,3 +159,25 @@ def test_bad_inputs_fail_in_one_line_and_overwrite_nothing(tiny_store, shard_dir
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert list(fake_report.iterdir()) == []
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists() and not (tmp_path / "m.nii.gz").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_a_finished_run_resumes_to_nothing(shard_dir, tmp_path):
+    """`docker stop` sends SIGTERM: a checkpoint, then --resume finishes; resuming a finished run is a no-op."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_train_cmd(str(shard_dir), out, 60, "--workers", "1", "--checkpoint-every", "100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.csv").exists() and time.monotonic() < deadline:  # training has started
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    stopped_at = ckpt_io.load(out)["step"]  # only the save on SIGTERM writes one (--checkpoint-every is out of reach)
+    assert 5 <= stopped_at < 60 and f"interrupted at step {stopped_at}" in stdout
+    for expected in (f"resuming {out} at step {stopped_at}", "already finished (60 of 60 steps); nothing to do"):
+        done = subprocess.run(_train_cmd(str(shard_dir), out, 60, "--resume"), capture_output=True, text=True,
+                              timeout=240, env=env)
+        assert done.returncode == 0 and expected in done.stdout, done.stdout + done.stderr[-2000:]
+    assert ckpt_io.load(out)["step"] == 60

@@ -97,7 +97,7 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
         return
     last = summary["last"]
     click.echo(f"trained {summary['steps']} steps (world size {summary['world_size']}); "
-               f"last loss {last.get('loss', float('nan')):.4f}" + (
+               f"last loss {float(last.get('loss') or 'nan'):.4f}" + (
                    f", validation Dice {float(last['val_dice']):.3f}" if last.get("val_dice") not in (None, "") else ""))
     click.echo(f"run: {run_dir} (checkpoint {summary['checkpoint']}, metrics.csv, curves.png, config.json)")
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -82,12 +84,26 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
         device = chosen
     master = rank == 0
     out = Path(cfg.out)
+    stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
     try:
         return _train(cfg, model_cfg, resume, progress and master, log if master else (lambda m: None),
                       rank, world, device, master, out, ddp)
     finally:
+        stop()
         if ddp:
             dist.destroy_process_group()
+
+
+def _sigterm_interrupts():
+    """Turn SIGTERM into KeyboardInterrupt while training (main thread only); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, out, ddp) -> dict:
@@ -135,6 +151,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
         step = int(ckpt["step"])
         ckpt_io.set_rng_state(ckpt["rng"])
         rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
+        if step >= total_steps:  # a finished run asked to resume (a re-run of a service): nothing to do
+            log(f"{out}: already finished ({step} of {total_steps} steps); nothing to do")
+            return {"run_dir": str(out), "steps": step, "checkpoint": str(out / ckpt_io.LAST),
+                    "last": rows[-1] if rows else {}, "world_size": world, "audit": None}
         log(f"resuming {out} at step {step}")
     raw = model
     if ddp:
