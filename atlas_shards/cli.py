@@ -144,6 +144,7 @@ def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, back
           samples_per_record, shard_size_mb, num_shards, workers, seed, dry_run) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
     from atlas_shards.build import BuildConfig, BuildError, build as run_build
+    from atlas_shards.plan import TARGET_LESION_FRACTION
     from shards.manifest import ManifestError, summarise
 
     if natural_rate is not None and (target_lesion_fraction is not None or background_rate is not None):
@@ -151,7 +152,7 @@ def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, back
     if target_lesion_fraction is not None and background_rate is not None:
         raise click.UsageError("give --target-lesion-fraction or --background-rate, not both")
     if target_lesion_fraction is None and background_rate is None:
-        target_lesion_fraction = 0.437
+        target_lesion_fraction = TARGET_LESION_FRACTION
     config = BuildConfig(
         split=split, patch=patch, format=fmt, **({"block": block} if block else {}), mode="natural" if natural_rate is not None else "balanced",
         target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
@@ -225,7 +226,7 @@ def verify(path) -> None:
 @click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
               help="Write the base URL here once the server answers (for scripts).")
 def serve(directory, host, port, server, ready_file) -> None:
-    """Serve shard DIRECTORY over HTTP until interrupted (nginx with docker/nginx.conf, else Python)."""
+    """Serve shard DIRECTORY over HTTP until interrupted (nginx with atlas_shards/nginx.conf, else Python)."""
     import signal
     import threading
 

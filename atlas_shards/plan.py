@@ -17,13 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas_shards.split import SPLITS
 from shards.norm import METHODS
 from shards.schema import BLOCK, FORMATS, PATCH, block_bytes, bytes_per_sample
 
+TARGET_LESION_FRACTION = 0.437  # the paper's balanced sample: 43.7% lesion
 RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
-
-SPLITS = ("train", "val", "test")
-
 
 class BuildError(Exception):
     """The build cannot start or finish; the message says why."""
@@ -43,7 +42,7 @@ class BuildConfig:
     format: str = "blocks"
     block: int = BLOCK
     mode: str = "balanced"
-    target_lesion_fraction: float | None = 0.437
+    target_lesion_fraction: float | None = TARGET_LESION_FRACTION
     lesion_rate: float = 1.0
     background_rate: float | None = None
     natural_rate: float | None = None

@@ -1,6 +1,6 @@
 """``atlas-shards serve``: shards over HTTP on this machine, for a local run or a demo.
 
-Uses Debian's nginx with the project's ``docker/nginx.conf`` (the config the
+Uses Debian's nginx with the project's ``atlas_shards/nginx.conf`` (the config the
 docker-compose shard server runs), rewritten for a local port, root and temp
 dir; without nginx, Python's ``http.server`` (and says so).
 """
@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[1] / "docker" / "nginx.conf"
+CONF = Path(__file__).resolve().parent / "nginx.conf"  # package data: there in any install
 
 
 class ServeError(Exception):
@@ -93,7 +93,7 @@ def serving(directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0
     port = port or free_port(host)
     nginx = find_nginx() if server in ("auto", "nginx") else None
     if server == "nginx" and (nginx is None or not CONF.is_file()):
-        raise ServeError("nginx (or docker/nginx.conf) not found; install Debian's nginx or use --server python")
+        raise ServeError("nginx (or atlas_shards/nginx.conf) not found; install Debian's nginx or use --server python")
     if nginx and CONF.is_file():
         with tempfile.TemporaryDirectory(prefix="atlas-nginx-") as tmp:
             conf = Path(tmp) / "nginx.conf"

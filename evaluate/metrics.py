@@ -1,6 +1,7 @@
 """ATLAS 2.0 challenge metrics: pure NumPy/SciPy functions of binary volumes.
 
-- Dice = 2|P∩T| / (|P| + |T|); 1.0 when both are empty.
+- Dice = 2|P∩T| / (|P| + |T|); 1.0 when both are empty (``shards.scores``,
+  with the confusion counts and precision/recall: one home for all).
 - Absolute volume difference = |ΣP - ΣT| voxels (and mL with the voxel volume).
 - Lesion-wise F1 = TP / (TP + (FP + FN) / 2) over connected components
   (``scipy.ndimage.label`` default structure: 6-connectivity); a true lesion
@@ -18,11 +19,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    p, t = pred.astype(bool), truth.astype(bool)
-    total = int(p.sum()) + int(t.sum())
-    return 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+from shards.scores import COUNTS, confusion, voxel_scores
 
 
 def lesion_f1(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -43,23 +40,19 @@ def lesion_count_difference(pred: np.ndarray, truth: np.ndarray) -> int:
     return abs(ndimage.label(pred.astype(bool))[1] - ndimage.label(truth.astype(bool))[1])
 
 
-def confusion(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
-    p, t = pred.astype(bool), truth.astype(bool)
-    return {"tp": int((p & t).sum()), "fp": int((p & ~t).sum()), "fn": int((~p & t).sum())}
-
-
 def case_metrics(pred: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001) -> dict[str, float]:
     """Every per-case score for one scan (``voxel_ml``: one voxel's volume in mL)."""
     c = confusion(pred, truth)
     vol_p, vol_t = c["tp"] + c["fp"], c["tp"] + c["fn"]
+    scores = voxel_scores(**c)
     return {
-        "dice": dice(pred, truth),
+        "dice": scores["dice"],
         "abs_volume_diff_voxels": abs(vol_p - vol_t),
         "abs_volume_diff_ml": abs(vol_p - vol_t) * voxel_ml,
         "lesion_f1": lesion_f1(pred, truth),
         "lesion_count_diff": lesion_count_difference(pred, truth),
-        "precision": c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else math.nan,
-        "recall": c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else math.nan,
+        "precision": scores["precision"],
+        "recall": scores["recall"],
         "true_voxels": vol_t,
         "predicted_voxels": vol_p,
         **c,
@@ -73,15 +66,15 @@ def summarise(cases: list[dict]) -> dict[str, float]:
         values = [c[key] for c in cases if not (isinstance(c[key], float) and math.isnan(c[key]))]
         return float(np.mean(values)) if values else math.nan
 
-    tp, fp, fn = (sum(c[k] for c in cases) for k in ("tp", "fp", "fn"))
+    pooled = voxel_scores(*(sum(c[k] for c in cases) for k in COUNTS))
     return {
         "n_subjects": len(cases),
         "mean_dice": mean("dice"),
-        "pooled_dice": 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn),
+        "pooled_dice": pooled["dice"],
         "mean_lesion_f1": mean("lesion_f1"),
         "mean_abs_volume_diff_voxels": mean("abs_volume_diff_voxels"),
         "mean_abs_volume_diff_ml": mean("abs_volume_diff_ml"),
         "mean_lesion_count_diff": mean("lesion_count_diff"),
-        "precision": tp / (tp + fp) if tp + fp else math.nan,
-        "recall": tp / (tp + fn) if tp + fn else math.nan,
+        "precision": pooled["precision"],
+        "recall": pooled["recall"],
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import logit
 from torch import nn
 
 from shards.views import dequantise
@@ -101,8 +102,7 @@ class Predictor:
     def patch_logits(self, pairs: np.ndarray, batch: int = 512) -> np.ndarray:
         """``(B, 2, P, P, P) uint8`` -> lesion logit ``(B,)`` (float64), the reference path."""
         if self.forest is not None:
-            p = np.clip(self.forest.lesion_probability(pairs), 1e-6, 1 - 1e-6)
-            return np.log(p / (1 - p))
+            return logit(np.clip(self.forest.lesion_probability(pairs), 1e-6, 1 - 1e-6))
         out = []
         for start in range(0, len(pairs), batch):
             x = torch.from_numpy(np.ascontiguousarray(pairs[start : start + batch])).to(self.device)

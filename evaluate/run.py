@@ -14,7 +14,8 @@ from evaluate.metrics import case_metrics, summarise
 from evaluate.predictors import EvaluateError, Predictor, load_run
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_path, atomic_write_text, check_output_dir
-from trainer.curves import write_csv
+from shards.scores import dice as voxel_dice
+from shards.tables import write_csv
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 SUBJECT_COLUMNS = ("scan_id", "subject_id", "hemisphere", "size_tertile", "true_voxels", "predicted_voxels", "dice",
@@ -52,9 +53,7 @@ def choose_threshold(pred: Predictor, root, shift: float, tile: int, use_dense: 
         used += 1
         prob, truth = to_probability(logits, shift), data["lesion"] > 0
         for i, t in enumerate(THRESHOLDS):
-            p = prob > t
-            inter, total = int((p & truth).sum()), int(p.sum()) + int(truth.sum())
-            dice[i] += 1.0 if total == 0 else 2 * inter / total
+            dice[i] += voxel_dice(prob > t, truth)
     if not used:
         raise EvaluateError("--threshold auto: every validation scan is damaged (see atlas-shards verify STORE)")
     return float(THRESHOLDS[int(np.argmax(dice))])

@@ -8,7 +8,7 @@ from evaluate.predictors import EvaluateError, load_run
 from evaluate.volume import to_probability
 from shards.manifest import ManifestError, check_compatible
 from shards.reader import ShardStream
-from trainer.curves import voxel_scores
+from shards.scores import add, confusion, voxel_scores
 
 BINS = 2000
 
@@ -44,10 +44,7 @@ def score_stream(run_dir, spec: str, threshold: float = 0.5, prior_correction: b
         pos += np.bincount(bins[y], minlength=BINS)
         neg += np.bincount(bins[~y], minlength=BINS)
         hit = prob > threshold
-        counts["tp"] += int((hit & y).sum())
-        counts["fp"] += int((hit & ~y).sum())
-        counts["fn"] += int((~hit & y).sum())
-        counts["tn"] += int((~hit & ~y).sum())
+        counts = add(counts, {**confusion(hit, y), "tn": int((~hit & ~y).sum())})
         skipped += int(batch["skipped"])
     scores = voxel_scores(counts["tp"], counts["fp"], counts["fn"])
     return {"model": pred.name, "shards": spec, "samples": sum(counts.values()),

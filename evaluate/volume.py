@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from scipy.special import expit
 
 from evaluate.predictors import Predictor
 from shards.norm import normalise
@@ -49,5 +50,4 @@ def lesion_logits(pred: Predictor, t1: np.ndarray, brain: np.ndarray, mirror: fl
 
 def to_probability(logits: np.ndarray, shift: float = 0.0) -> np.ndarray:
     """Sigmoid of (logit - shift): the prior correction subtracts log(lesion rate / background rate)."""
-    with np.errstate(over="ignore"):
-        return (1.0 / (1.0 + np.exp(-(logits.astype(np.float64) - shift)))).astype(np.float32)
+    return expit(logits.astype(np.float64) - shift).astype(np.float32)

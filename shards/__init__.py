@@ -12,7 +12,13 @@
 - ``shards.views``: model-specific views of a batch;
 - ``shards.atomic``: output written to a temporary name, renamed into place;
 - ``shards.params`` and ``shards.cli_errors``: what the three command lines
-  share (validated argument types; one-line errors, ``--debug``).
+  share (validated argument types; one-line errors, ``--debug``);
+- ``shards.scores``: confusion counts and voxel Dice/precision/recall, the one
+  formula of the training curve, stream scores and whole-volume metrics;
+- ``shards.tables``: small CSV tables written atomically;
+- ``shards.remote`` and ``shards.stages``: where bytes come from (local,
+  http(s), object storage through fsspec, ``pipe:``) and the reader's stages
+  in webdataset's form.
 
 This package imports none of ``atlas_shards``, ``trainer`` or ``evaluate``.
 Heavy modules (the reader needs torch) are imported from their submodules.

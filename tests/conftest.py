@@ -148,3 +148,29 @@ def heavy_modules_after_import(module: str, heavy: tuple[str, ...]) -> list[str]
 
     code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+
+
+def start_training(cmd: list[str], out):
+    """Start ``atlas-train fit`` (``cmd``) and return once it has logged its first steps (metrics.csv)."""
+    import os
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.csv").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    return proc
+
+
+def assert_stopped_unreachable(proc, out, steps: int) -> None:
+    """The shards went away mid-run: exit 1, one "unreachable" error line, a checkpoint at the step it reached."""
+    from trainer import checkpoint as ckpt_io
+
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 1, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "unreachable" in errors[0] and "Traceback" not in stderr, stderr[-2000:]
+    step = ckpt_io.load(out)["step"]  # only the save on failure writes one (--checkpoint-every is out of reach)
+    assert 5 <= step < steps and f"shards unreachable at step {step}" in stdout

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import build_quietly
-from evaluate.metrics import case_metrics, dice, lesion_count_difference, lesion_f1, summarise
+from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
+from shards.scores import dice
 from evaluate.predictors import DenseCNN, Predictor, load_run
 from evaluate.run import evaluate_split
 from evaluate.volume import lesion_logits

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from atlas_shards.cli import main as shards_cli
 from atlas_shards.serve import free_port, serving
-from conftest import build_quietly
+from conftest import assert_stopped_unreachable, build_quietly, start_training
 from evaluate.cli import main as evaluate_cli
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main as train_cli
@@ -82,17 +82,8 @@ def test_shard_server_gone_mid_epoch_leaves_a_checkpoint_and_one_line(shard_dir,
     cmd = _train_cmd(f"http://127.0.0.1:{port}/train/", out, 5000, "--timeout", "1", "--retries", "2",
                      "--checkpoint-every", "100000")
     with serving(shard_dir.parent, port=port, server="python"):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 120
-        while not (out / "metrics.csv").exists() and time.monotonic() < deadline:  # training has started
-            time.sleep(0.1)
-    stdout, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 1, stderr[-2000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1 and "unreachable" in errors[0] and "Traceback" not in stderr
-    step = ckpt_io.load(out)["step"]  # only the save on failure writes one (--checkpoint-every is out of reach)
-    assert 5 <= step < 5000 and f"shards unreachable at step {step}" in stdout
+        proc = start_training(cmd, out)
+    assert_stopped_unreachable(proc, out, 5000)
 
 
 @pytest.mark.slow

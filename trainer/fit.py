@@ -28,7 +28,8 @@ from shards.manifest import check_compatible
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
 from trainer import checkpoint as ckpt_io
-from trainer.curves import plot, read_rows, voxel_scores, write_rows
+from shards.scores import confusion, voxel_scores
+from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
 from trainer.models import ModelConfig, build_model
 
@@ -284,10 +285,9 @@ def _validate(model, raw, val: ShardStream, device, workers: int, weight) -> dic
     for batch in torch.utils.data.DataLoader(val, batch_size=None, num_workers=min(workers, 1)):
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = raw(raw.prepare(x)).float()
-        pred = logits.argmax(1)
+        c = confusion(logits.argmax(1) == 1, y == 1)
         sums += torch.tensor([F.cross_entropy(logits, y, weight=weight, reduction="sum").item(), len(y),
-                              ((pred == 1) & (y == 1)).sum().item(), ((pred == 1) & (y == 0)).sum().item(),
-                              ((pred == 0) & (y == 1)).sum().item()], dtype=torch.float64, device=device)
+                              c["tp"], c["fp"], c["fn"]], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss, n, tp, fp, fn = sums.tolist()

@@ -114,7 +114,7 @@ def train_forest(spec: str, out: str | Path, max_samples: int = 200_000, grid: b
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import GridSearchCV
 
-    from trainer.curves import voxel_scores
+    from shards.scores import confusion, voxel_scores
 
     features, labels, manifest = collect(spec, max_samples, seed=seed)
     log(f"forest: {len(labels)} samples ({int(labels.sum())} lesion) from {spec}")
@@ -134,8 +134,7 @@ def train_forest(spec: str, out: str | Path, max_samples: int = 200_000, grid: b
     if val_spec:
         vx, vy, _ = collect(val_spec, max_samples, seed=seed)
         pred = model.predict_proba(vx)[:, list(forest.classes_).index(1)] > 0.5
-        tp, fp, fn = int((pred & (vy == 1)).sum()), int((pred & (vy == 0)).sum()), int((~pred & (vy == 1)).sum())
-        result["val"] = {"samples": int(len(vy)), **voxel_scores(tp, fp, fn)}
+        result["val"] = {"samples": int(len(vy)), **voxel_scores(**confusion(pred, vy == 1))}
     model.config["result"] = result
     Path(out).mkdir(parents=True, exist_ok=True)
     model.save(out)
