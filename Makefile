@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo-out
 WORKERS ?= 2
 
-.PHONY: install test demo bench clean compose-test compose-up
+.PHONY: install test lint demo bench clean compose-test compose-up
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	@echo "== 1/7 synthesise a phantom ATLAS v2.0 release (24 subjects) =="

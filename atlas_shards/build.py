@@ -113,7 +113,9 @@ def build(
         if blocks:
             jobs = [(str(store_path), str(spill), i, plan["scans"][i], asdict(config)) for i in todo]
         else:
-            jobs = [(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo]
+            jobs = [
+                (str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo
+            ]
         total = sum(plan["scans"][i]["samples"] for i in todo)
         with _bar(progress, "cut blocks" if blocks else "cut pairs", total, "sample") as bar:
             for result in pool.map(spill_blocks if blocks else _spill_scan, jobs):
@@ -123,8 +125,10 @@ def build(
         if blocks:
             layout = block_layout(config, spilled)
             num_shards = layout["num_shards"]
-            shard_jobs = [(str(out_dir), k, plan, layout, asdict(config), shard_name(config.split, k), str(work))
-                          for k in range(num_shards)]
+            shard_jobs = [
+                (str(out_dir), k, plan, layout, asdict(config), shard_name(config.split, k), str(work))
+                for k in range(num_shards)
+            ]
         else:
             shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(num_shards)]
         shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
@@ -138,12 +142,14 @@ def build(
     return manifest
 
 
-def _build_into_object_store(store_path, url: str, config: BuildConfig, workers: int, progress: bool, dry_run: bool,
-                             log: Callable[[str], None]) -> dict:
+def _build_into_object_store(
+    store_path, url: str, config: BuildConfig, workers: int, progress: bool, dry_run: bool, log: Callable[[str], None]
+) -> dict:
     """A local build staged for ``url``, then uploaded shard by shard, the manifest last."""
     if not remote.is_object_store(url):
-        raise BuildError(f"{url}: shards are written to a local directory or object storage (s3://...), "
-                         f"not to {remote.scheme(url)}:")
+        raise BuildError(
+            f"{url}: shards are written to a local directory or object storage (s3://...), not to {remote.scheme(url)}:"
+        )
     try:
         existing = publish.published(url)
     except ManifestError as exc:
@@ -154,8 +160,10 @@ def _build_into_object_store(store_path, url: str, config: BuildConfig, workers:
     if dry_run:
         return manifest
     if existing is not None and existing.get("plan_id") != manifest["plan_id"]:
-        raise BuildError(f"{url}: already holds shards of another build (split "
-                         f"{existing['config'].get('split')!r}, plan {existing.get('plan_id')}); use another prefix")
+        raise BuildError(
+            f"{url}: already holds shards of another build (split "
+            f"{existing['config'].get('split')!r}, plan {existing.get('plan_id')}); use another prefix"
+        )
     publish.publish(staged, url, log)
     return manifest
 
@@ -218,9 +226,11 @@ def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
     _remove_leftovers(out_dir)
     shards = sorted(out_dir.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if not plan_file.exists() and shards:  # no build of ours left them: they are someone else's
-        raise BuildError(f"{out_dir}: holds shard files this command did not make ({shards[0].name}"
-                         + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
-                         + "); build into an empty directory, or remove them")
+        raise BuildError(
+            f"{out_dir}: holds shard files this command did not make ({shards[0].name}"
+            + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
+            + "); build into an empty directory, or remove them"
+        )
     if plan_file.exists() and json.loads(plan_file.read_text()).get("plan_id") != plan["plan_id"]:
         for stale in shards:
             stale.unlink()  # shards of an unfinished build of ours (its .build/ is here; no manifest)
@@ -280,9 +290,14 @@ def _spill_scan(args: tuple) -> dict:
     cutter = PairCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch)
     p = config.patch
     pieces = (cutter(locs[start : start + CHUNK]) for start in range(0, n, CHUNK))  # x: chunk by chunk to disk
-    return write_spill(Path(spill) / f"{index:06d}", "x", (n, 2, p, p, p), pieces,
-                       {"y": labels, "loc": locs, "offsets": offsets},
-                       {"samples": int(n), "lesion_samples": int(labels.sum())})
+    return write_spill(
+        Path(spill) / f"{index:06d}",
+        "x",
+        (n, 2, p, p, p),
+        pieces,
+        {"y": labels, "loc": locs, "offsets": offsets},
+        {"samples": int(n), "lesion_samples": int(labels.sum())},
+    )
 
 
 def _write_one_shard(args: tuple) -> None:
@@ -339,8 +354,13 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
     p, size = config.patch, block_size(config.block, config.patch)
     if config.format == "blocks":
         stored = {
-            "block": {"dtype": "uint8", "shape": [2, size, size, size], "block": config.block,
-                      "channels": ["volume", "mirrored volume"], "extent": "padded pair from the block's first voxel"},
+            "block": {
+                "dtype": "uint8",
+                "shape": [2, size, size, size],
+                "block": config.block,
+                "channels": ["volume", "mirrored volume"],
+                "extent": "padded pair from the block's first voxel",
+            },
             "off": {"dtype": "int16", "shape": [3], "range": [0, config.block - 1]},
             "meta": {"scan": "str", "origin": "block's first voxel, store canonical RAS", "patch": p},
         }

@@ -71,9 +71,14 @@ def spill_blocks(args: tuple) -> dict:
     mirror = float(root[scan_id].attrs["mirror_index"])
     cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
     s = block_size(n, config.patch)
-    return write_spill(Path(spill) / f"{index:06d}", "blocks", (nb, 2, s, s, s), (cutter(o) for o in origins),
-                       {"y": labels[sample], "off": off, "origins": origins, "counts": counts},
-                       {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)})
+    return write_spill(
+        Path(spill) / f"{index:06d}",
+        "blocks",
+        (nb, 2, s, s, s),
+        (cutter(o) for o in origins),
+        {"y": labels[sample], "off": off, "origins": origins, "counts": counts},
+        {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)},
+    )
 
 
 def block_layout(config: BuildConfig, spilled: list[dict]) -> dict:
@@ -111,8 +116,13 @@ def write_block_shard(args: tuple) -> None:
         mine = shard_blocks(k, layout["offsets"][i], len(counts), num)
         if len(mine):
             starts = np.concatenate([[0], np.cumsum(counts)])
-            spills[i] = (np.load(f"{base}.blocks.npy", mmap_mode="r"), np.load(f"{base}.off.npy", mmap_mode="r"),
-                         np.load(f"{base}.y.npy", mmap_mode="r"), np.load(f"{base}.origins.npy"), starts)
+            spills[i] = (
+                np.load(f"{base}.blocks.npy", mmap_mode="r"),
+                np.load(f"{base}.off.npy", mmap_mode="r"),
+                np.load(f"{base}.y.npy", mmap_mode="r"),
+                np.load(f"{base}.origins.npy"),
+                starts,
+            )
             picks += [(i, int(r)) for r in mine]
     perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(picks))
     samples = lesion = 0
@@ -124,14 +134,26 @@ def write_block_shard(args: tuple) -> None:
             blocks, off, y, origins, starts = spills[i]
             a, z = starts[b], starts[b + 1]
             samples, lesion = samples + int(z - a), lesion + int(y[a:z].sum())
-            yield record_key(k, r), encode_block_record(
-                np.asarray(blocks[b]), np.asarray(off[a:z]), np.asarray(y[a:z]), plan["scans"][i]["scan_id"],
-                origins[b], config.patch,
+            yield (
+                record_key(k, r),
+                encode_block_record(
+                    np.asarray(blocks[b]),
+                    np.asarray(off[a:z]),
+                    np.asarray(y[a:z]),
+                    plan["scans"][i]["scan_id"],
+                    origins[b],
+                    config.patch,
+                ),
             )
 
     path = Path(out_dir) / shard_name
     sha = write_shard(path, records())
-    info = {"name": shard_name, "samples": samples, "lesion_samples": lesion, "records": len(picks),
-            "bytes": path.stat().st_size, "sha256": sha}
+    info = {
+        "name": shard_name,
+        "samples": samples,
+        "lesion_samples": lesion,
+        "records": len(picks),
+        "bytes": path.stat().st_size,
+        "sha256": sha,
+    }
     atomic_write_text(Path(work) / "shards" / f"{k:06d}.json", json.dumps(info))
-

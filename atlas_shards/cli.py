@@ -35,7 +35,9 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["r1.1", "r1.2", "r2.0", "native"]), default="r2.0", show_default=True)
 @click.option("--subjects", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--mismatched-masks", type=click.IntRange(min=0), default=0, help="Scans whose mask grid differs from the T1.")
+@click.option(
+    "--mismatched-masks", type=click.IntRange(min=0), default=0, help="Scans whose mask grid differs from the T1."
+)
 @click.option("--truncated", type=click.IntRange(min=0), default=0, help="Scans whose T1 file is cut short.")
 @click.option("--empty-masks", type=click.IntRange(min=0), default=0, help="Scans whose lesion masks are all zero.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
@@ -45,8 +47,14 @@ def synth(out_dir, layout, subjects, seed, mismatched_masks, truncated, empty_ma
 
     try:
         truth = synthesize_release(
-            out_dir, layout, subjects, seed=seed, mismatched_masks=mismatched_masks,
-            truncated=truncated, empty_masks=empty_masks, workers=workers,
+            out_dir,
+            layout,
+            subjects,
+            seed=seed,
+            mismatched_masks=mismatched_masks,
+            truncated=truncated,
+            empty_masks=empty_masks,
+            workers=workers,
         )
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
@@ -60,8 +68,13 @@ def synth(out_dir, layout, subjects, seed, mismatched_masks, truncated, empty_ma
 @click.option("--split", "split_counts", metavar="TRAIN,VAL,TEST", help="Exact subject counts, e.g. 100,25,25.")
 @click.option("--split-fractions", metavar="TRAIN,VAL,TEST", help="Subject fractions, e.g. 0.67,0.17,0.16.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the subject split.")
-@click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True,
-              help="Which scans to take when a release holds both standard-space and native scans.")
+@click.option(
+    "--space",
+    type=click.Choice(["auto", "mni", "native"]),
+    default="auto",
+    show_default=True,
+    help="Which scans to take when a release holds both standard-space and native scans.",
+)
 def ingest(release_dir, store, workers, split_counts, split_fractions, seed, space) -> None:
     """Validate an ATLAS release and write it as a canonical Zarr STORE."""
     from atlas_shards.discover import DiscoveryError
@@ -77,7 +90,13 @@ def ingest(release_dir, store, workers, split_counts, split_fractions, seed, spa
             raise click.BadParameter("three numbers TRAIN,VAL,TEST, not all 0", param_hint=name)  # before any work
     try:
         s = run_ingest(
-            release_dir, store, workers=workers, split_counts=counts, split_fractions=fractions, seed=seed, space=space,
+            release_dir,
+            store,
+            workers=workers,
+            split_counts=counts,
+            split_fractions=fractions,
+            seed=seed,
+            space=space,
         )
     except (DiscoveryError, IngestError, StoreError, SplitError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -121,27 +140,68 @@ def eda(store, out_dir) -> None:
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
 @click.option("--patch", type=int, default=25, show_default=True, help="Cube edge in voxels (odd).")
-@click.option("--format", "fmt", type=click.Choice(["blocks", "pairs"]), default="blocks", show_default=True,
-              help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
-                   "pairs: records of ready-cut pairs. The same samples either way.")
-@click.option("--block", type=click.IntRange(min=1), default=None,
-              help="Block edge in voxels (blocks format).  [default: 32]")
-@click.option("--target-lesion-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None,
-              help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["blocks", "pairs"]),
+    default="blocks",
+    show_default=True,
+    help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
+    "pairs: records of ready-cut pairs. The same samples either way.",
+)
+@click.option(
+    "--block", type=click.IntRange(min=1), default=None, help="Block edge in voxels (blocks format).  [default: 32]"
+)
+@click.option(
+    "--target-lesion-fraction",
+    type=FiniteFloat(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]",
+)
 @click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
 @click.option("--lesion-rate", type=RATE, default=1.0, show_default=True, help="Share of lesion voxels sampled.")
-@click.option("--natural", "natural_rate", type=FiniteFloat(0, 1, min_open=True), default=None, metavar="RATE",
-              help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).")
+@click.option(
+    "--natural",
+    "natural_rate",
+    type=FiniteFloat(0, 1, min_open=True),
+    default=None,
+    metavar="RATE",
+    help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).",
+)
 @click.option("--norm", type=click.Choice(["histeq", "zscore"]), default="histeq", show_default=True)
-@click.option("--samples-per-record", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Pairs per record (pairs format).")
+@click.option(
+    "--samples-per-record",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Pairs per record (pairs format).",
+)
 @click.option("--shard-size-mb", type=POSITIVE, default=128.0, show_default=True)
-@click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb).")
+@click.option(
+    "--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb)."
+)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
-def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, background_rate, lesion_rate, natural_rate, norm,
-          samples_per_record, shard_size_mb, num_shards, workers, seed, dry_run) -> None:
+def build(
+    store,
+    out_dir,
+    split,
+    patch,
+    fmt,
+    block,
+    target_lesion_fraction,
+    background_rate,
+    lesion_rate,
+    natural_rate,
+    norm,
+    samples_per_record,
+    shard_size_mb,
+    num_shards,
+    workers,
+    seed,
+    dry_run,
+) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
     from atlas_shards.build import BuildConfig, BuildError, build as run_build
     from atlas_shards.plan import TARGET_LESION_FRACTION
@@ -154,10 +214,20 @@ def build(store, out_dir, split, patch, fmt, block, target_lesion_fraction, back
     if target_lesion_fraction is None and background_rate is None:
         target_lesion_fraction = TARGET_LESION_FRACTION
     config = BuildConfig(
-        split=split, patch=patch, format=fmt, **({"block": block} if block else {}), mode="natural" if natural_rate is not None else "balanced",
+        split=split,
+        patch=patch,
+        format=fmt,
+        **({"block": block} if block else {}),
+        mode="natural" if natural_rate is not None else "balanced",
         target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
-        lesion_rate=lesion_rate, background_rate=background_rate, natural_rate=natural_rate, norm=norm,
-        samples_per_record=samples_per_record, shard_size_mb=shard_size_mb, num_shards=num_shards, seed=seed,
+        lesion_rate=lesion_rate,
+        background_rate=background_rate,
+        natural_rate=natural_rate,
+        norm=norm,
+        samples_per_record=samples_per_record,
+        shard_size_mb=shard_size_mb,
+        num_shards=num_shards,
+        seed=seed,
     )
     try:
         result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)
@@ -221,10 +291,16 @@ def verify(path) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True, help="0: any free port.")
+@click.option(
+    "--port", type=click.IntRange(min=0, max=65535), default=8080, show_default=True, help="0: any free port."
+)
 @click.option("--server", type=click.Choice(["auto", "nginx", "python"]), default="auto", show_default=True)
-@click.option("--ready-file", type=click.Path(dir_okay=False), default=None,
-              help="Write the base URL here once the server answers (for scripts).")
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the base URL here once the server answers (for scripts).",
+)
 def serve(directory, host, port, server, ready_file) -> None:
     """Serve shard DIRECTORY over HTTP until interrupted (nginx with atlas_shards/nginx.conf, else Python)."""
     import signal

@@ -147,8 +147,14 @@ def _identify(rel: Path, name: str) -> ScanSource:
         subject, session = m.groups()
         cohort = next((p for p in parts if _V20_COHORT.match(p)), "")
         return ScanSource(
-            f"{subject}_{session}", subject, session, cohort, "r2.0",
-            "mni" if "space-mni" in name.lower() else "native", None, labelled="Testing" not in parts,
+            f"{subject}_{session}",
+            subject,
+            session,
+            cohort,
+            "r2.0",
+            "mni" if "space-mni" in name.lower() else "native",
+            None,
+            labelled="Testing" not in parts,
         )
     for i, part in enumerate(parts):
         m = _R12.match(part)
@@ -160,8 +166,13 @@ def _identify(rel: Path, name: str) -> ScanSource:
     if len(parts) >= 3 and _R11_SITE.match(parts[-3]) and _R11_SESSION.match(parts[-1]):
         site, subject, session = parts[-3:]
         return ScanSource(
-            f"{subject}_{session}", subject, session, site, "r1.1",
-            "mni" if "_stx" in name.lower() else "native", None,
+            f"{subject}_{session}",
+            subject,
+            session,
+            site,
+            "r1.1",
+            "mni" if "_stx" in name.lower() else "native",
+            None,
         )
     scan_id = "_".join(parts) if parts else Path(name).name.split(".")[0]
     space = "mni" if ("_stx" in name.lower() or "space-mni" in name.lower()) else "native"

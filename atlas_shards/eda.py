@@ -25,17 +25,19 @@ def collect(group) -> list[dict]:
     records = []
     for scan_id, subject in group.attrs.get("scans", {}).items():
         a = store.scan_attrs(group, scan_id)
-        records.append({
-            "scan_id": scan_id,
-            "subject_id": subject,
-            "split": split_of.get(subject, "unassigned"),
-            "lesion_voxels": a["lesion_voxels"],
-            "lesion_volume_ml": a["lesion_volume_ml"],
-            "image_voxels": int(np.prod(a["canonical_shape"])),
-            "brain_voxels": a["brain_voxels"],
-            "hemisphere": a.get("hemisphere", a.get("hemisphere_computed", "unknown")),
-            "shape": tuple(a["canonical_shape"]),
-        })
+        records.append(
+            {
+                "scan_id": scan_id,
+                "subject_id": subject,
+                "split": split_of.get(subject, "unassigned"),
+                "lesion_voxels": a["lesion_voxels"],
+                "lesion_volume_ml": a["lesion_volume_ml"],
+                "image_voxels": int(np.prod(a["canonical_shape"])),
+                "brain_voxels": a["brain_voxels"],
+                "hemisphere": a.get("hemisphere", a.get("hemisphere_computed", "unknown")),
+                "shape": tuple(a["canonical_shape"]),
+            }
+        )
     return records
 
 
@@ -60,12 +62,19 @@ def summarise(records: list[dict]) -> dict:
         "n_subjects": len({r["subject_id"] for r in records}),
         "lesion_voxel_fraction": lesion / total if total else 0.0,
         "lesion_brain_fraction": lesion / brain if brain else 0.0,
-        "lesion_volume_ml_quantiles": dict(zip(("min", "q1", "median", "q3", "max"),
-                                               np.quantile(ml, [0, 0.25, 0.5, 0.75, 1]).round(3).tolist()))
-        if ml.size else {},
-        "per_split": {k: {**v, "subjects": len(v["subjects"]),
-                          "lesion_fraction": v["lesion_voxels"] / v["voxels"] if v["voxels"] else 0.0}
-                      for k, v in sorted(per_split.items())},
+        "lesion_volume_ml_quantiles": dict(
+            zip(("min", "q1", "median", "q3", "max"), np.quantile(ml, [0, 0.25, 0.5, 0.75, 1]).round(3).tolist())
+        )
+        if ml.size
+        else {},
+        "per_split": {
+            k: {
+                **v,
+                "subjects": len(v["subjects"]),
+                "lesion_fraction": v["lesion_voxels"] / v["voxels"] if v["voxels"] else 0.0,
+            }
+            for k, v in sorted(per_split.items())
+        },
         "hemisphere_counts": dict(sorted(hemis.items())),
     }
 

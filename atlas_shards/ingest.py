@@ -23,8 +23,20 @@ from atlas_shards.split import make_split
 
 REPORT = "ingest-report.csv"
 REPORT_COLUMNS = (
-    "scan_id", "subject_id", "session", "cohort", "layout", "space", "labelled", "status", "reason",
-    "split", "lesion_voxels", "hemisphere", "t1", "masks",
+    "scan_id",
+    "subject_id",
+    "session",
+    "cohort",
+    "layout",
+    "space",
+    "labelled",
+    "status",
+    "reason",
+    "split",
+    "lesion_voxels",
+    "hemisphere",
+    "t1",
+    "masks",
 )
 
 
@@ -64,7 +76,9 @@ def ingest(
     release = Path(release).resolve()
     store_path = Path(store_path).resolve()
     if store_path == release or release in store_path.parents:
-        raise IngestError(f"{store_path}: the store must not be inside the release {release} (the release is read-only)")
+        raise IngestError(
+            f"{store_path}: the store must not be inside the release {release} (the release is read-only)"
+        )
     sources = discover(release, space=space)
     root = store.open_store(store_path, mode="a")
     previous = root.attrs.get("release_dir")
@@ -147,35 +161,44 @@ def _finish(store_path, root, release, sources, ordered, notes, seed, split_coun
     split_of = {s: name for name, subjects in split.items() for s in subjects}
     excluded = [(src.scan_id, src.t1 or ",".join(src.masks), a["excluded"]) for src, a in ordered if "excluded" in a]
     layout = release_layout(sources)
-    root.attrs.update({
-        "format": store.FORMAT,
-        "format_version": store.FORMAT_VERSION,
-        "layout": layout,
-        "space": sorted({s.space for s in sources}),
-        "release_dir": str(release),
-        "scans": {k: a["subject_id"] for k, a in sorted(labelled.items())},
-        "unlabelled_scans": sorted(k for k, a in ingested.items() if not a.get("labelled")),
-        "subjects": sorted(volumes),
-        "excluded": [{"scan_id": s, "path": p, "reason": r} for s, p, r in excluded],
-        "split": split,
-        "split_config": {
-            "seed": seed,
-            "counts": list(split_counts) if split_counts else None,
-            "fractions": list(split_fractions) if split_fractions else None,
-            "default": "paper proportions 100:25:25" if not (split_counts or split_fractions) else None,
-            "unit": "subject",
-            "stratified_by": "lesion volume",
-        },
-        "metadata_notes": notes,
-    })
+    root.attrs.update(
+        {
+            "format": store.FORMAT,
+            "format_version": store.FORMAT_VERSION,
+            "layout": layout,
+            "space": sorted({s.space for s in sources}),
+            "release_dir": str(release),
+            "scans": {k: a["subject_id"] for k, a in sorted(labelled.items())},
+            "unlabelled_scans": sorted(k for k, a in ingested.items() if not a.get("labelled")),
+            "subjects": sorted(volumes),
+            "excluded": [{"scan_id": s, "path": p, "reason": r} for s, p, r in excluded],
+            "split": split,
+            "split_config": {
+                "seed": seed,
+                "counts": list(split_counts) if split_counts else None,
+                "fractions": list(split_fractions) if split_fractions else None,
+                "default": "paper proportions 100:25:25" if not (split_counts or split_fractions) else None,
+                "unit": "subject",
+                "stratified_by": "lesion volume",
+            },
+            "metadata_notes": notes,
+        }
+    )
     _write_report(store_path / REPORT, ordered, split_of)
     store.clear_partial(store_path)
     repaired = sum(1 for a in ingested.values() if a.get("repairs"))
     return IngestSummary(
-        store=store_path, layout=layout, found=len(sources), ingested=len(ingested), repaired=repaired,
-        excluded=len(excluded), unlabelled=len(ingested) - len(labelled),
-        resumed=sum(1 for _, a in ordered if a.get("resumed")), split=split,
-        excluded_reasons=[(s, r) for s, _, r in excluded], notes=notes,
+        store=store_path,
+        layout=layout,
+        found=len(sources),
+        ingested=len(ingested),
+        repaired=repaired,
+        excluded=len(excluded),
+        unlabelled=len(ingested) - len(labelled),
+        resumed=sum(1 for _, a in ordered if a.get("resumed")),
+        split=split,
+        excluded_reasons=[(s, r) for s, _, r in excluded],
+        notes=notes,
     )
 
 
@@ -189,11 +212,22 @@ def _write_report(path: Path, ordered: list[tuple[ScanSource, dict]], split_of: 
         else:
             status = "repaired" if a.get("repairs") else "ingested"
             reason = "; ".join(a.get("repairs", []) + a.get("notes", []))
-        writer.writerow({
-            "scan_id": src.scan_id, "subject_id": src.subject_id, "session": src.session, "cohort": src.cohort,
-            "layout": src.layout, "space": src.space, "labelled": src.labelled, "status": status, "reason": reason,
-            "split": split_of.get(src.subject_id, "") if src.labelled and status != "excluded" else "",
-            "lesion_voxels": a.get("lesion_voxels", ""), "hemisphere": a.get("hemisphere", ""),
-            "t1": src.t1 or "", "masks": ";".join(src.masks),
-        })
+        writer.writerow(
+            {
+                "scan_id": src.scan_id,
+                "subject_id": src.subject_id,
+                "session": src.session,
+                "cohort": src.cohort,
+                "layout": src.layout,
+                "space": src.space,
+                "labelled": src.labelled,
+                "status": status,
+                "reason": reason,
+                "split": split_of.get(src.subject_id, "") if src.labelled and status != "excluded" else "",
+                "lesion_voxels": a.get("lesion_voxels", ""),
+                "hemisphere": a.get("hemisphere", ""),
+                "t1": src.t1 or "",
+                "masks": ";".join(src.masks),
+            }
+        )
     atomic_write_text(path, buf.getvalue())

@@ -301,5 +301,10 @@ def to_native(
     # Scanner units: int16 with a protocol-dependent gain.
     out = np.clip(np.round(out * rng.uniform(0.8, 2.5)), 0, 32767).astype(np.int16)
     midline_world = rot @ np.array([0.0, -18.0, 12.0]) + offset
-    facts = {"axcodes": codes, "voxel_mm": list(voxel), "shape": list(shape), "midline_world_mm": midline_world.round(2).tolist()}
+    facts = {
+        "axcodes": codes,
+        "voxel_mm": list(voxel),
+        "shape": list(shape),
+        "midline_world_mm": midline_world.round(2).tolist(),
+    }
     return out, out_labels, native, facts

@@ -24,6 +24,7 @@ from shards.schema import BLOCK, FORMATS, PATCH, block_bytes, bytes_per_sample
 TARGET_LESION_FRACTION = 0.437  # the paper's balanced sample: 43.7% lesion
 RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
 
+
 class BuildError(Exception):
     """The build cannot start or finish; the message says why."""
 
@@ -77,7 +78,11 @@ class BuildConfig:
                     raise BuildError(f"--{name.replace('_', '-')} must be in [0, 1], got {rate}")
         else:
             raise BuildError(f"unknown mode {self.mode!r}")
-        if self.samples_per_record < 1 or self.shard_size_mb <= 0 or (self.num_shards is not None and self.num_shards < 1):
+        if (
+            self.samples_per_record < 1
+            or self.shard_size_mb <= 0
+            or (self.num_shards is not None and self.num_shards < 1)
+        ):
             raise BuildError("--samples-per-record, --shard-size-mb and --num-shards must be positive")
 
 
@@ -125,7 +130,9 @@ def make_plan(
         raise BuildError("the sampling rates select no voxels at all; raise the rates")
     # Blocks: the shard count depends on how many blocks the samples fall in,
     # known once the scans are cut (``shards_for``).
-    num_shards = None if config.format == "blocks" else shards_for(config, offset, math.ceil(offset / config.samples_per_record))
+    num_shards = (
+        None if config.format == "blocks" else shards_for(config, offset, math.ceil(offset / config.samples_per_record))
+    )
     plan = {
         "scans": entries,
         "samples": offset,
@@ -181,15 +188,18 @@ def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | 
     shards = plan["num_shards"] or "a number of"
     lines = [
         f"build {config.split} ({config.mode}, norm {config.norm}, seed {config.seed}, {config.format}) -> {out_dir}",
-        f"  {len(plan['scans'])} scans; lesion rate {plan['lesion_rate']:.4g}, background rate {plan['background_rate']:.4g}",
+        f"  {len(plan['scans'])} scans; lesion rate {plan['lesion_rate']:.4g}, "
+        f"background rate {plan['background_rate']:.4g}",
         f"  {n} samples in {shards} shards",
     ]
     pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
     lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")
     if blocks is not None:
         size = estimate_bytes("blocks", n, blocks, config.patch, config.block)
-        lines.append(f"  as blocks of {config.block}^3: {blocks} blocks, about {size / 2**30:.2f} GiB, "
-                     f"{size / max(n, 1):,.0f} bytes/sample ({pairs / max(size, 1):.1f}x fewer bytes)")
+        lines.append(
+            f"  as blocks of {config.block}^3: {blocks} blocks, about {size / 2**30:.2f} GiB, "
+            f"{size / max(n, 1):,.0f} bytes/sample ({pairs / max(size, 1):.1f}x fewer bytes)"
+        )
     lines.append("  (and as much again while building)")
     if config.mode == "balanced":
         les = sum(s["lesion_draws"] for s in plan["scans"])

@@ -55,8 +55,10 @@ def _load(path: Path, what: str, repairs: list[str]) -> tuple[np.ndarray, np.nda
         raise ScanError(f"{what} {path.name} is {data.ndim}D (shape {data.shape}), expected a 3D volume")
     bad = ~np.isfinite(data)
     if bad.mean() > MAX_NONFINITE:
-        raise ScanError(f"{what} {path.name} has {bad.mean():.1%} NaN/inf voxels (more than {MAX_NONFINITE:.0%}): "
-                        "too damaged to repair")
+        raise ScanError(
+            f"{what} {path.name} has {bad.mean():.1%} NaN/inf voxels (more than {MAX_NONFINITE:.0%}): "
+            "too damaged to repair"
+        )
     if bad.any():
         repairs.append(f"{what} had {int(bad.sum())} NaN/inf voxels, set to 0")
         data[bad] = 0

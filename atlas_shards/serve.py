@@ -84,8 +84,9 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 
 @contextlib.contextmanager
-def serving(directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0,
-            server: str = "auto") -> Iterator[tuple[str, str]]:
+def serving(
+    directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, server: str = "auto"
+) -> Iterator[tuple[str, str]]:
     """Serve ``directory``; yield ``(base_url, description)`` while it runs."""
     root = Path(directory).resolve()
     if not root.is_dir():
@@ -111,7 +112,10 @@ def serving(directory: str | os.PathLike, host: str = "127.0.0.1", port: int = 0
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{host}:{port}", "Python's http.server (nginx not installed)" if server == "auto" else "Python's http.server"
+        yield (
+            f"http://{host}:{port}",
+            "Python's http.server (nginx not installed)" if server == "auto" else "Python's http.server",
+        )
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -17,8 +17,9 @@ from shards import atomic_path, atomic_write_text
 from shards.schema import X_DTYPE
 
 
-def write_spill(base: Path, big: str, shape: tuple, pieces: Iterable[np.ndarray], small: dict[str, np.ndarray],
-                done: dict) -> dict:
+def write_spill(
+    base: Path, big: str, shape: tuple, pieces: Iterable[np.ndarray], small: dict[str, np.ndarray], done: dict
+) -> dict:
     """Write ``{base}.{big}.npy`` (``X_DTYPE`` uint8, ``shape``) from ``pieces`` streamed to disk (a scan's can be GBs),
     then each ``{base}.{name}.npy`` of ``small``, then ``{base}.done`` holding ``done``; return ``done``."""
     with atomic_path(f"{base}.{big}.npy") as tmp, open(tmp, "wb") as f:

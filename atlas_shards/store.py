@@ -54,8 +54,11 @@ def _codecs() -> list:
 def array_checks(data: np.ndarray) -> dict:
     """What ``read_scan`` verifies of one array: shape, nonzero voxels, crc32 of its bytes."""
     data = np.ascontiguousarray(data)
-    return {"shape": list(data.shape), "nonzero": int(np.count_nonzero(data)),
-            "crc32": zlib.crc32(memoryview(data).cast("B"))}
+    return {
+        "shape": list(data.shape),
+        "nonzero": int(np.count_nonzero(data)),
+        "crc32": zlib.crc32(memoryview(data).cast("B")),
+    }
 
 
 def _verify(scan_id: str, name: str, data: np.ndarray, recorded: dict | None) -> None:
@@ -65,11 +68,15 @@ def _verify(scan_id: str, name: str, data: np.ndarray, recorded: dict | None) ->
     if found["shape"] != recorded["shape"]:
         raise DamagedScan(f"{scan_id}: {name} has shape {found['shape']}, {recorded['shape']} at ingest")
     if found["nonzero"] != recorded["nonzero"]:
-        raise DamagedScan(f"{scan_id}: {name} has {found['nonzero']:,} nonzero voxels, {recorded['nonzero']:,} at "
-                          "ingest (a chunk is missing or was rewritten)")
+        raise DamagedScan(
+            f"{scan_id}: {name} has {found['nonzero']:,} nonzero voxels, {recorded['nonzero']:,} at "
+            "ingest (a chunk is missing or was rewritten)"
+        )
     if found["crc32"] != recorded["crc32"]:
-        raise DamagedScan(f"{scan_id}: {name} differs from what ingest wrote (crc32 {found['crc32']:08x}, "
-                          f"{recorded['crc32']:08x} at ingest; a chunk is missing or was rewritten)")
+        raise DamagedScan(
+            f"{scan_id}: {name} differs from what ingest wrote (crc32 {found['crc32']:08x}, "
+            f"{recorded['crc32']:08x} at ingest; a chunk is missing or was rewritten)"
+        )
 
 
 def open_store(path: str | os.PathLike, mode: str = "r") -> zarr.Group:

@@ -114,8 +114,10 @@ def _check_output(out: Path, params: dict) -> None:
     except (OSError, ValueError):
         same = False
     if not same:
-        raise ValueError(f"{out}: not empty (and not this phantom: layout, subjects, seed and defects); "
-                         "synth writes into a new or empty directory")
+        raise ValueError(
+            f"{out}: not empty (and not this phantom: layout, subjects, seed and defects); "
+            "synth writes into a new or empty directory"
+        )
 
 
 def _plan(layout: str, n: int, rng: np.random.Generator) -> list[ScanPlan]:
@@ -128,11 +130,19 @@ def _plan(layout: str, n: int, rng: np.random.Generator) -> list[ScanPlan]:
             site = f"Site{1 + i % 9}"
             for tp in (1, 2) if i in second else (1,):
                 d = f"ATLAS_R1.1/{site}/{sid:06d}/t0{tp}"
-                plans.append(ScanPlan(
-                    f"{sid:06d}_t0{tp}", f"{sid:06d}", i, tp, site,
-                    t1=f"{d}/{sid:06d}_t1w_deface_stx.nii.gz", mask_stem=f"{d}/{sid:06d}_LesionSmooth",
-                    mask_suffixes=["_stx.nii.gz"], mask_scale=255 if i % 2 else 1,
-                ))
+                plans.append(
+                    ScanPlan(
+                        f"{sid:06d}_t0{tp}",
+                        f"{sid:06d}",
+                        i,
+                        tp,
+                        site,
+                        t1=f"{d}/{sid:06d}_t1w_deface_stx.nii.gz",
+                        mask_stem=f"{d}/{sid:06d}_LesionSmooth",
+                        mask_suffixes=["_stx.nii.gz"],
+                        mask_scale=255 if i % 2 else 1,
+                    )
+                )
     elif layout in ("r1.2", "native"):
         for i in range(n):
             cohort = f"c{1 + i % 11:04d}"
@@ -147,10 +157,20 @@ def _plan(layout: str, n: int, rng: np.random.Generator) -> list[ScanPlan]:
                     # The native T1 file name is not fixed across cohorts.
                     names = [f"{scan}_t1w.nii.gz", f"{scan}_T1.nii", "t1_mprage.nii.gz", f"{scan}.nii.gz"]
                     t1, suffix, proto = f"{d}/{names[i % len(names)]}", ".nii.gz", i % 5
-                plans.append(ScanPlan(
-                    scan, subject, i, tp, cohort, t1=t1, mask_stem=f"{d}/{scan}_LesionSmooth",
-                    mask_suffixes=[suffix], native_protocol=proto, mask_scale=255 if i % 3 == 0 else 1,
-                ))
+                plans.append(
+                    ScanPlan(
+                        scan,
+                        subject,
+                        i,
+                        tp,
+                        cohort,
+                        t1=t1,
+                        mask_stem=f"{d}/{scan}_LesionSmooth",
+                        mask_suffixes=[suffix],
+                        native_protocol=proto,
+                        mask_scale=255 if i % 3 == 0 else 1,
+                    )
+                )
     else:  # r2.0: about one subject in five goes to Testing (no masks)
         n_test = n // 5
         for i in range(n):
@@ -159,10 +179,19 @@ def _plan(layout: str, n: int, rng: np.random.Generator) -> list[ScanPlan]:
             subject = f"sub-r{1 + i % 33:03d}s{1 + i // 33:03d}"
             d = f"ATLAS_2/{'Testing' if testing else 'Training'}/{cohort}/{subject}/ses-1/anat"
             stem = f"{d}/{subject}_ses-1_{R20_SPACE}"
-            plans.append(ScanPlan(
-                f"{subject}_ses-1", subject, i, 1, cohort, t1=f"{stem}_T1w.nii.gz",
-                mask_stem=f"{stem}_label-L_desc-T1lesion", mask_suffixes=["_mask.nii.gz"], labelled=not testing,
-            ))
+            plans.append(
+                ScanPlan(
+                    f"{subject}_ses-1",
+                    subject,
+                    i,
+                    1,
+                    cohort,
+                    t1=f"{stem}_T1w.nii.gz",
+                    mask_stem=f"{stem}_label-L_desc-T1lesion",
+                    mask_suffixes=["_mask.nii.gz"],
+                    labelled=not testing,
+                )
+            )
     return plans
 
 
@@ -196,11 +225,16 @@ def _write_scan(job: tuple[Path, ScanPlan, int]) -> ScanPlan:
     # lesion); deformation, bias and noise on the scan.
     subject_rng = np.random.default_rng([seed, plan.subject_index])
     category, lesions = phantom.plan_lesions(subject_rng)
-    labels = phantom.paint_lesions(subject_rng, anatomy, lesions) if plan.labelled else np.zeros(anatomy.shape, np.uint8)
+    labels = (
+        phantom.paint_lesions(subject_rng, anatomy, lesions) if plan.labelled else np.zeros(anatomy.shape, np.uint8)
+    )
     scan_rng = np.random.default_rng([seed, plan.subject_index, plan.timepoint])
     image, labels = phantom.render_subject(anatomy, labels, scan_rng)
     affine = anatomy.affine
-    truth: dict = {"category": category if plan.labelled else None, "lesions": [asdict(l) for l in lesions] if plan.labelled else []}
+    truth: dict = {
+        "category": category if plan.labelled else None,
+        "lesions": [asdict(lesion) for lesion in lesions] if plan.labelled else [],
+    }
     if plan.native_protocol is not None:
         image, labels, affine, facts = phantom.to_native(anatomy, image, labels, scan_rng, plan.native_protocol)
         truth["native"] = facts
@@ -250,16 +284,27 @@ def _write_extras(out: Path, layout: str, plans: list[ScanPlan]) -> None:
         w.writerow(["INDI Site ID", "INDI Subject ID", "Session", "Stroke Hemisphere", "Lesion count"])
         for p in plans:
             side = (p.truth.get("category") or "").capitalize()
-            w.writerow([f" {p.cohort}", f"{int(p.subject_id)} ", f"t0{p.timepoint}", f"{side} ", len(p.truth["lesions"])])
+            w.writerow(
+                [f" {p.cohort}", f"{int(p.subject_id)} ", f"t0{p.timepoint}", f"{side} ", len(p.truth["lesions"])]
+            )
         atomic_write_text(out / "ATLAS_R1.1" / R11_META, buf.getvalue())
     if layout == "r2.0":
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["Subject ID", "Site", "Split", "Lesion volume (mm3)"])
         for p in plans:
-            w.writerow([p.subject_id.removeprefix("sub-"), p.cohort, "Training" if p.labelled else "Testing", p.truth["lesion_voxels"] if p.labelled else ""])
+            w.writerow(
+                [
+                    p.subject_id.removeprefix("sub-"),
+                    p.cohort,
+                    "Training" if p.labelled else "Testing",
+                    p.truth["lesion_voxels"] if p.labelled else "",
+                ]
+            )
         atomic_write_text(out / "ATLAS_2" / R20_META, buf.getvalue())
-        description = json.dumps({"Name": "ATLAS v2.0 phantom", "BIDSVersion": "1.6.0", "DatasetType": "derivative"}, indent=2)
+        description = json.dumps(
+            {"Name": "ATLAS v2.0 phantom", "BIDSVersion": "1.6.0", "DatasetType": "derivative"}, indent=2
+        )
         for p in plans:
             site_dir = out / Path(p.t1).parents[3]
             atomic_write_text(site_dir / "dataset_description.json", description)

@@ -52,14 +52,28 @@ def dry_run(store: Path, lesion_rate: float, block: int, workers: int) -> dict:
     from atlas_shards.plan import estimate_bytes
 
     config = BuildConfig(split="train", lesion_rate=lesion_rate, block=block)
-    plan = build(store, store.parent / "dry", config, workers=workers, progress=False, dry_run=True,
-                 log=lambda m: print(m, flush=True))
+    plan = build(
+        store,
+        store.parent / "dry",
+        config,
+        workers=workers,
+        progress=False,
+        dry_run=True,
+        log=lambda m: print(m, flush=True),
+    )
     n, blocks = plan["samples"], plan["blocks"]
     blocks_bps = estimate_bytes("blocks", n, blocks, config.patch, block) / n
     pairs_bps = estimate_bytes("pairs", n, -(-n // config.samples_per_record), config.patch) / n
-    return {"lesion_rate": lesion_rate, "block": block, "samples": n, "blocks": blocks, "scans": len(plan["scans"]),
-            "blocks_bytes_per_sample": round(blocks_bps), "pairs_bytes_per_sample": round(pairs_bps),
-            "fewer_bytes": round(pairs_bps / blocks_bps, 1)}
+    return {
+        "lesion_rate": lesion_rate,
+        "block": block,
+        "samples": n,
+        "blocks": blocks,
+        "scans": len(plan["scans"]),
+        "blocks_bytes_per_sample": round(blocks_bps),
+        "pairs_bytes_per_sample": round(pairs_bps),
+        "fewer_bytes": round(pairs_bps / blocks_bps, 1),
+    }
 
 
 def read_rate(shard_dir: Path) -> float:
@@ -94,8 +108,12 @@ def main() -> None:
     p.add_argument("--subjects", type=int, default=16, help="training scans")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--reader-subjects", type=int, default=4, help="training subjects of the same-samples store")
-    p.add_argument("--cache-lesion-rate", type=float, default=0.3,
-                   help="a second same-samples comparison small enough for both formats to stay in the page cache")
+    p.add_argument(
+        "--cache-lesion-rate",
+        type=float,
+        default=0.3,
+        help="a second same-samples comparison small enough for both formats to stay in the page cache",
+    )
     p.add_argument("--out", default="bench-out/blocks")
     args = p.parse_args()
     out = Path(args.out)
@@ -109,8 +127,9 @@ def main() -> None:
     res: dict = {"config": vars(args)}
 
     # -- the paper's sample of every training scan: sizes by block size, and a real blocks build --
-    res["sizes"] = [dry_run(store, rate, block, args.workers) for rate, block in
-                    ((1.0, 16), (1.0, 24), (1.0, BLOCK), (0.1, BLOCK))]
+    res["sizes"] = [
+        dry_run(store, rate, block, args.workers) for rate, block in ((1.0, 16), (1.0, 24), (1.0, BLOCK), (0.1, BLOCK))
+    ]
     paper = next(d for d in res["sizes"] if d["block"] == BLOCK and d["lesion_rate"] == 1.0)
     full = run_build(store, out / "full-blocks", args.workers, 1.0, "blocks")
     res["paper_sample_blocks_build"] = full
@@ -118,8 +137,12 @@ def main() -> None:
     # memory against the number of scans: the same build on half the training subjects
     half = out / "half.zarr"
     ingest(release, half, workers=args.workers, split_counts=(args.subjects // 2, 2, 2), progress=False)
-    res["paper_sample_blocks_build_half_the_subjects"] = run_build(half, out / "half-blocks", args.workers, 1.0, "blocks")
-    print(f"blocks, paper's sample, half the subjects: {res['paper_sample_blocks_build_half_the_subjects']}", flush=True)
+    res["paper_sample_blocks_build_half_the_subjects"] = run_build(
+        half, out / "half-blocks", args.workers, 1.0, "blocks"
+    )
+    print(
+        f"blocks, paper's sample, half the subjects: {res['paper_sample_blocks_build_half_the_subjects']}", flush=True
+    )
     shutil.rmtree(out / "half-blocks", ignore_errors=True)
 
     # -- the same samples in both formats: build cost and reader speed --
@@ -131,8 +154,9 @@ def main() -> None:
         assert same["pairs"]["samples"] == same["blocks"]["samples"]
         for fmt in ("pairs", "blocks"):
             same[fmt]["reader_samples_per_s"] = round(read_rate(out / f"same-{fmt}"))
-        same["reader_blocks_over_pairs"] = round(same["blocks"]["reader_samples_per_s"]
-                                                 / same["pairs"]["reader_samples_per_s"], 2)
+        same["reader_blocks_over_pairs"] = round(
+            same["blocks"]["reader_samples_per_s"] / same["pairs"]["reader_samples_per_s"], 2
+        )
         print(f"reader, blocks / pairs: {same['reader_blocks_over_pairs']}", flush=True)
         shutil.rmtree(out / "same-pairs", ignore_errors=True)  # large; keep only the numbers
     same = res["same_samples"]

@@ -36,10 +36,19 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="cnn3d-sym")).eval().to(args.device)
-    pre = {"norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
-           "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01}}
-    pred = Predictor("cnn3d-sym", Path("."), model.cfg.to_dict(), pre, model=model,
-                     dense=DenseCNN(model).eval().to(args.device), device=torch.device(args.device))
+    pre = {
+        "norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
+        "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01},
+    }
+    pred = Predictor(
+        "cnn3d-sym",
+        Path("."),
+        model.cfg.to_dict(),
+        pre,
+        model=model,
+        dense=DenseCNN(model).eval().to(args.device),
+        device=torch.device(args.device),
+    )
     root = zstore.open_store(args.store)
     scan = sorted(root.attrs["scans"])[0]
     data = zstore.read_scan(root, scan)
@@ -59,10 +68,16 @@ def main() -> None:
     diff = float(np.abs(sigmoid(dense[tuple(centres.T)]) - sigmoid(reference)).max())
     patch_full_s = patch_s / args.samples * box_voxels
     result = {
-        "scan": scan, "shape": list(data["t1"].shape), "box_voxels": box_voxels, "device": args.device,
-        "dense_seconds_per_volume": round(dense_s, 1), "patch_seconds_per_voxel": patch_s / args.samples,
-        "patch_seconds_per_volume_extrapolated": round(patch_full_s), "speedup": round(patch_full_s / dense_s),
-        "max_abs_probability_difference": diff, "sampled_voxels": args.samples,
+        "scan": scan,
+        "shape": list(data["t1"].shape),
+        "box_voxels": box_voxels,
+        "device": args.device,
+        "dense_seconds_per_volume": round(dense_s, 1),
+        "patch_seconds_per_voxel": patch_s / args.samples,
+        "patch_seconds_per_volume_extrapolated": round(patch_full_s),
+        "speedup": round(patch_full_s / dense_s),
+        "max_abs_probability_difference": diff,
+        "sampled_voxels": args.samples,
     }
     print(json.dumps(result, indent=1))
     Path(args.out).mkdir(exist_ok=True)

@@ -69,8 +69,24 @@ def tree_memory_kb(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def run_build(store: Path, out: Path, workers: int, lesion_rate: float, fmt: str = "pairs") -> dict:
-    cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), str(out), "--split", "train",
-           "--lesion-rate", str(lesion_rate), "--shard-size-mb", "64", "--workers", str(workers), "--format", fmt]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atlas_shards.cli",
+        "build",
+        str(store),
+        str(out),
+        "--split",
+        "train",
+        "--lesion-rate",
+        str(lesion_rate),
+        "--shard-size-mb",
+        "64",
+        "--workers",
+        str(workers),
+        "--format",
+        fmt,
+    ]
     shutil.rmtree(out, ignore_errors=True)
     peak_sum, hwm, start = 0, {}, time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -208,13 +224,23 @@ def read_torchio(volumes: list[dict], samples: int) -> float:
     import torchio as tio
 
     subjects = [
-        tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(v["image"])),
-                    label=tio.LabelMap(tensor=torch.from_numpy(v["label"])))
+        tio.Subject(
+            image=tio.ScalarImage(tensor=torch.from_numpy(v["image"])),
+            label=tio.LabelMap(tensor=torch.from_numpy(v["label"])),
+        )
         for v in volumes
     ]
     sampler = tio.LabelSampler(patch_size=25, label_name="label", label_probabilities={0: 0.563, 1: 0.437})
-    queue = tio.Queue(tio.SubjectsDataset(subjects), max_length=2048, samples_per_volume=512, sampler=sampler,
-                      num_workers=0, shuffle_subjects=True, shuffle_patches=True, verbose=False)
+    queue = tio.Queue(
+        tio.SubjectsDataset(subjects),
+        max_length=2048,
+        samples_per_volume=512,
+        sampler=sampler,
+        num_workers=0,
+        shuffle_subjects=True,
+        shuffle_patches=True,
+        verbose=False,
+    )
     loader = tio.SubjectsLoader(queue, batch_size=BATCH, num_workers=0)
 
     def go():
@@ -233,8 +259,15 @@ def read_monai(volumes: list[dict], samples: int) -> float:
     from monai.data import DataLoader, Dataset
     from monai.transforms import RandCropByPosNegLabeld
 
-    crop = RandCropByPosNegLabeld(keys=["image", "label"], label_key="label", spatial_size=(25, 25, 25),
-                                  pos=0.437, neg=0.563, num_samples=BATCH, allow_smaller=True)
+    crop = RandCropByPosNegLabeld(
+        keys=["image", "label"],
+        label_key="label",
+        spatial_size=(25, 25, 25),
+        pos=0.437,
+        neg=0.563,
+        num_samples=BATCH,
+        allow_smaller=True,
+    )
     data = [{"image": torch.from_numpy(v["image"]), "label": torch.from_numpy(v["label"])} for v in volumes]
     loader = DataLoader(Dataset(data, transform=crop), batch_size=1, num_workers=0, shuffle=True)
 

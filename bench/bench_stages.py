@@ -57,8 +57,14 @@ def main() -> None:
     if not store.exists():
         synthesize_release(release, "r1.2", args.subjects + 4, seed=0, workers=args.workers, progress=False)
         ingest(release, store, workers=args.workers, split_counts=(args.subjects, 2, 2), progress=False)
-    manifest = build(store, shard_dir, BuildConfig(split="train", lesion_rate=0.1), workers=args.workers,
-                     progress=False, log=lambda m: None)
+    manifest = build(
+        store,
+        shard_dir,
+        BuildConfig(split="train", lesion_rate=0.1),
+        workers=args.workers,
+        progress=False,
+        log=lambda m: None,
+    )
     urls = [str(shard_dir / s["name"]) for s in manifest["shards"]]
     total_bytes = manifest["totals"]["bytes"]
     patch, fmt = manifest["config"]["patch"], manifest["format"]
@@ -80,12 +86,20 @@ def main() -> None:
         return sum(len(b["y"]) for b in ShardStream(str(shard_dir), batch_size=256, shuffle=4096, seed=0))
 
     def wds_stream() -> int:
-        pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), stages.decode(patch, fmt),
-                                    stages.batched(256, shuffle=4096, seed=0))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(),
+            stages.decode(patch, fmt),
+            stages.batched(256, shuffle=4096, seed=0),
+        )
         return sum(len(b["y"]) for b in pipeline)
 
-    result = {"shards": len(urls), "records": manifest["totals"]["records"], "samples": manifest["totals"]["samples"],
-              "bytes": total_bytes}
+    result = {
+        "shards": len(urls),
+        "records": manifest["totals"]["records"],
+        "samples": manifest["totals"]["samples"],
+        "bytes": total_bytes,
+    }
     for name, fn in (("ours_records", ours_records), ("wds_records", wds_records)):
         seconds, count = timed(fn)
         result[name] = {"seconds": seconds, "records_per_s": count / seconds, "mb_per_s": total_bytes / seconds / 1e6}

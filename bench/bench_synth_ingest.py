@@ -31,8 +31,10 @@ def main() -> None:
             summary = ingest(out, Path(tmp) / f"{layout}.zarr", workers=args.workers, progress=False)
             t2 = time.perf_counter()
             n = len(truth["scans"])
-            print(f"{layout:7s} scans={n:3d} workers={args.workers} synth={(t1 - t0) / n:.2f} s/scan "
-                  f"ingest={(t2 - t1) / summary.found:.2f} s/scan")
+            print(
+                f"{layout:7s} scans={n:3d} workers={args.workers} synth={(t1 - t0) / n:.2f} s/scan "
+                f"ingest={(t2 - t1) / summary.found:.2f} s/scan"
+            )
 
 
 if __name__ == "__main__":

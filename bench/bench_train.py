@@ -49,16 +49,51 @@ def main() -> None:
     p.add_argument("--out", default="bench-out")
     args = p.parse_args()
     out = Path(args.out)
-    common = ["fit", "--shards", args.shards, "--model", "cnn3d-sym", "--batch-size", str(args.batch_size),
-              "--steps-per-epoch", str(args.steps), "--log-every", "20", "--lr", "1e-5"]
+    common = [
+        "fit",
+        "--shards",
+        args.shards,
+        "--model",
+        "cnn3d-sym",
+        "--batch-size",
+        str(args.batch_size),
+        "--steps-per-epoch",
+        str(args.steps),
+        "--log-every",
+        "20",
+        "--lr",
+        "1e-5",
+    ]
     setups = [
-        ("1 process, 1 DataLoader worker", [str(BIN / "atlas-train"), *common, "--workers", "1",
-                                            "--out", str(out / "train-1w")], out / "train-1w", {}),
-        ("1 process, reader inline (0 workers)", [str(BIN / "atlas-train"), *common, "--workers", "0",
-                                                  "--out", str(out / "train-0w")], out / "train-0w", {}),
-        ("2 DDP processes (torchrun, gloo), 1 worker each",
-         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", *common, "--workers", "1",
-          "--out", str(out / "train-ddp")], out / "train-ddp", {"OMP_NUM_THREADS": "1"}),
+        (
+            "1 process, 1 DataLoader worker",
+            [str(BIN / "atlas-train"), *common, "--workers", "1", "--out", str(out / "train-1w")],
+            out / "train-1w",
+            {},
+        ),
+        (
+            "1 process, reader inline (0 workers)",
+            [str(BIN / "atlas-train"), *common, "--workers", "0", "--out", str(out / "train-0w")],
+            out / "train-0w",
+            {},
+        ),
+        (
+            "2 DDP processes (torchrun, gloo), 1 worker each",
+            [
+                str(BIN / "torchrun"),
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "trainer.cli",
+                *common,
+                "--workers",
+                "1",
+                "--out",
+                str(out / "train-ddp"),
+            ],
+            out / "train-ddp",
+            {"OMP_NUM_THREADS": "1"},
+        ),
     ]
     results = [run(name, cmd, run_dir, env) for name, cmd, run_dir, env in setups]
     print(f"{'setup':50s} {'samples/s':>10s} {'data wait':>10s}")

@@ -18,14 +18,24 @@ def main() -> None:
 @click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
-@click.option("--threshold", default="0.5", show_default=True, help="Probability threshold, or 'auto' (best mean Dice on val).")
-@click.option("--prior-correction/--no-prior-correction", default=True, show_default=True,
-              help="Undo the balanced sample's prior: logit - log(lesion rate / background rate).")
+@click.option(
+    "--threshold", default="0.5", show_default=True, help="Probability threshold, or 'auto' (best mean Dice on val)."
+)
+@click.option(
+    "--prior-correction/--no-prior-correction",
+    default=True,
+    show_default=True,
+    help="Undo the balanced sample's prior: logit - log(lesion rate / background rate).",
+)
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--tile", type=click.IntRange(min=8), default=64, show_default=True, help="Dense tile edge (output voxels).")
+@click.option(
+    "--tile", type=click.IntRange(min=8), default=64, show_default=True, help="Dense tile edge (output voxels)."
+)
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
-def run(run_dir, store, split, out_dir, threshold, prior_correction, device, tile, save_probabilities, patchwise) -> None:
+def run(
+    run_dir, store, split, out_dir, threshold, prior_correction, device, tile, save_probabilities, patchwise
+) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
     from evaluate.predictors import EvaluateError
     from evaluate.run import evaluate_split
@@ -37,14 +47,26 @@ def run(run_dir, store, split, out_dir, threshold, prior_correction, device, til
         except ValueError:
             raise click.BadParameter("a number in (0, 1) or 'auto'", param_hint="--threshold") from None
     try:
-        m = evaluate_split(run_dir, store, split, out_dir, threshold=threshold, prior_correction=prior_correction,
-                           device=device, tile=tile, save_probabilities=save_probabilities, use_dense=not patchwise,
-                           log=click.echo)
+        m = evaluate_split(
+            run_dir,
+            store,
+            split,
+            out_dir,
+            threshold=threshold,
+            prior_correction=prior_correction,
+            device=device,
+            tile=tile,
+            save_probabilities=save_probabilities,
+            use_dense=not patchwise,
+            log=click.echo,
+        )
     except EvaluateError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
-               f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, "
-               f"prior correction {'on' if m['prior_correction'] else 'off'}, {m['inference']})")
+    click.echo(
+        f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
+        f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, "
+        f"prior correction {'on' if m['prior_correction'] else 'off'}, {m['inference']})"
+    )
     click.echo(f"report: {out_dir}/report.md (metrics.json, subjects.csv, masks/)")
 
 
@@ -53,8 +75,12 @@ def run(run_dir, store, split, out_dir, threshold, prior_correction, device, til
 @click.option("--shards", required=True, help="Shards (build --natural for un-upsampled voxel scores).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
-@click.option("--prior-correction/--no-prior-correction", default=False, show_default=True,
-              help="Off by default: the same numbers as the training curve.")
+@click.option(
+    "--prior-correction/--no-prior-correction",
+    default=False,
+    show_default=True,
+    help="Off by default: the same numbers as the training curve.",
+)
 @click.option("--device", default="cpu", show_default=True)
 def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> None:
     """Voxel-level Dice, precision, recall, ROC AUC on a shard stream (any model, bounded memory)."""
@@ -73,9 +99,11 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
         raise click.ClickException(str(exc)) from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "stream_metrics.json", json.dumps(result, indent=1, default=str))
-    click.echo(f"{result['model']}: {result['samples']} samples ({result['lesion_samples']} lesion): Dice "
-               f"{result['dice']:.3f}, precision {result['precision']:.3f}, recall {result['recall']:.3f}, "
-               f"ROC AUC {result['roc_auc']:.3f}")
+    click.echo(
+        f"{result['model']}: {result['samples']} samples ({result['lesion_samples']} lesion): Dice "
+        f"{result['dice']:.3f}, precision {result['precision']:.3f}, recall {result['recall']:.3f}, "
+        f"ROC AUC {result['roc_auc']:.3f}"
+    )
     click.echo(f"scores: {out_dir}/stream_metrics.json")
 
 
@@ -87,7 +115,9 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @click.option("--prior-correction/--no-prior-correction", default=True, show_default=True)
-@click.option("--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here.")
+@click.option(
+    "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
+)
 @click.option("--device", default="cpu", show_default=True)
 def predict(run_dir, t1, out_mask, space, brain_mask, threshold, prior_correction, probabilities, device) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
@@ -95,12 +125,23 @@ def predict(run_dir, t1, out_mask, space, brain_mask, threshold, prior_correctio
     from evaluate.single import predict_file
 
     try:
-        r = predict_file(run_dir, t1, out_mask, space=space, brain_mask=brain_mask, threshold=threshold,
-                         prior_correction=prior_correction, device=device, probabilities=probabilities)
+        r = predict_file(
+            run_dir,
+            t1,
+            out_mask,
+            space=space,
+            brain_mask=brain_mask,
+            threshold=threshold,
+            prior_correction=prior_correction,
+            device=device,
+            probabilities=probabilities,
+        )
     except EvaluateError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{out_mask}: {r['lesion_voxels']} lesion voxels ({r['lesion_voxels'] * r['voxel_ml']:.2f} mL); "
-               f"space {r['space']}, mirror index {r['mirror_index']}, brain mask {r['brain_mask']}")
+    click.echo(
+        f"{out_mask}: {r['lesion_voxels']} lesion voxels ({r['lesion_voxels'] * r['voxel_ml']:.2f} mL); "
+        f"space {r['space']}, mirror index {r['mirror_index']}, brain mask {r['brain_mask']}"
+    )
     for note in r["notes"]:
         click.echo(f"  note: {note}")
 

@@ -12,8 +12,16 @@ import numpy as np
 from atlas_shards import store as zstore
 from shards import atomic_path, atomic_write_text
 
-KEYS = ("mean_dice", "pooled_dice", "mean_lesion_f1", "mean_abs_volume_diff_voxels", "mean_abs_volume_diff_ml",
-        "mean_lesion_count_diff", "precision", "recall")
+KEYS = (
+    "mean_dice",
+    "pooled_dice",
+    "mean_lesion_f1",
+    "mean_abs_volume_diff_voxels",
+    "mean_abs_volume_diff_ml",
+    "mean_lesion_count_diff",
+    "precision",
+    "recall",
+)
 
 
 def _plt():
@@ -74,7 +82,11 @@ def _histogram(out: Path, rows: list[dict]) -> str:
 
 
 def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    return (
+        "n/a"
+        if v is None or (isinstance(v, float) and math.isnan(v))
+        else (f"{v:.4g}" if isinstance(v, float) else str(v))
+    )
 
 
 def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, run_dir) -> Path:
@@ -88,7 +100,9 @@ def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, 
         "",
         f"Run `{metrics['run_dir']}`, store `{metrics['store']}`: {metrics['n_subjects']} scans, "
         f"{metrics['inference']} inference, threshold {metrics['threshold']} ({metrics['threshold_source']}), "
-        f"prior correction {'on (logit - ' + format(metrics['prior_shift'], '.3f') + ')' if metrics['prior_correction'] else 'off'}.",
+        "prior correction "
+        + (f"on (logit - {metrics['prior_shift']:.3f})" if metrics["prior_correction"] else "off")
+        + ".",
         "",
         "| metric | value |",
         "|---|---|",
@@ -97,8 +111,11 @@ def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, 
     ]
     for title, key in (("By hemisphere", "by_hemisphere"), ("By lesion-size tertile", "by_size_tertile")):
         lines += [f"## {title}", "", "| group | scans | mean Dice | pooled Dice | lesion F1 |", "|---|---|---|---|---|"]
-        lines += [f"| {g} | {m['n_subjects']} | {_fmt(m['mean_dice'])} | {_fmt(m['pooled_dice'])} | "
-                  f"{_fmt(m['mean_lesion_f1'])} |" for g, m in metrics[key].items()]
+        lines += [
+            f"| {g} | {m['n_subjects']} | {_fmt(m['mean_dice'])} | {_fmt(m['pooled_dice'])} | "
+            f"{_fmt(m['mean_lesion_f1'])} |"
+            for g, m in metrics[key].items()
+        ]
         lines.append("")
     if metrics["failed"]:
         lines += ["## Failed scans", "", *[f"- {s} (see subjects.csv)" for s in metrics["failed"]], ""]

@@ -18,9 +18,22 @@ from shards.scores import dice as voxel_dice
 from shards.tables import write_csv
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
-SUBJECT_COLUMNS = ("scan_id", "subject_id", "hemisphere", "size_tertile", "true_voxels", "predicted_voxels", "dice",
-                   "abs_volume_diff_voxels", "abs_volume_diff_ml", "lesion_f1", "lesion_count_diff", "precision",
-                   "recall", "status")
+SUBJECT_COLUMNS = (
+    "scan_id",
+    "subject_id",
+    "hemisphere",
+    "size_tertile",
+    "true_voxels",
+    "predicted_voxels",
+    "dice",
+    "abs_volume_diff_voxels",
+    "abs_volume_diff_ml",
+    "lesion_f1",
+    "lesion_count_diff",
+    "precision",
+    "recall",
+    "status",
+)
 
 
 def split_scans(root, split: str) -> list[str]:
@@ -30,13 +43,16 @@ def split_scans(root, split: str) -> list[str]:
 def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool) -> tuple[np.ndarray, dict]:
     data = zstore.read_scan(root, scan_id)
     attrs = dict(root[scan_id].attrs)
-    logits = lesion_logits(pred, data["t1"], data["brain"], float(attrs["mirror_index"]), tile=tile, use_dense=use_dense)
+    logits = lesion_logits(
+        pred, data["t1"], data["brain"], float(attrs["mirror_index"]), tile=tile, use_dense=use_dense
+    )
     logits[data["brain"] == 0] = -np.inf  # predictions outside the brain mask are 0
     return logits, {**data, "attrs": attrs}
 
 
-def choose_threshold(pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool,
-                     log=print) -> float:
+def choose_threshold(
+    pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print
+) -> float:
     """The threshold with the best mean Dice over the *validation* split (damaged scans left out, by name)."""
     from tqdm import tqdm
 
@@ -70,9 +86,20 @@ def save_nifti(path: Path, canonical: np.ndarray, attrs: dict, dtype=np.uint8) -
         nib.save(img, tmp)  # nibabel compresses by the extension: .nii.gz or .nii, as the caller named it
 
 
-def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5", prior_correction: bool = True,
-                   device: str = "cpu", tile: int = 64, save_probabilities: bool = False, use_dense: bool = True,
-                   progress: bool = True, log=print) -> dict:
+def evaluate_split(
+    run_dir,
+    store_path,
+    split: str,
+    out,
+    threshold: str = "0.5",
+    prior_correction: bool = True,
+    device: str = "cpu",
+    tile: int = 64,
+    save_probabilities: bool = False,
+    use_dense: bool = True,
+    progress: bool = True,
+    log=print,
+) -> dict:
     """Evaluate a trained run on every labelled scan of ``split``; returns ``metrics.json``'s content."""
     from tqdm import tqdm
 
@@ -103,8 +130,13 @@ def evaluate_split(run_dir, store_path, split: str, out, threshold: str = "0.5",
             mask = prob > value
             attrs = data["attrs"]
             voxel_ml = float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
-            row = {"scan_id": scan_id, "subject_id": attrs.get("subject_id"), "hemisphere": attrs.get("hemisphere"),
-                   **case_metrics(mask, data["lesion"] > 0, voxel_ml), "status": "ok"}
+            row = {
+                "scan_id": scan_id,
+                "subject_id": attrs.get("subject_id"),
+                "hemisphere": attrs.get("hemisphere"),
+                **case_metrics(mask, data["lesion"] > 0, voxel_ml),
+                "status": "ok",
+            }
             save_nifti(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)
             if save_probabilities:
                 save_nifti(out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32)

@@ -25,12 +25,23 @@ def guess_space(t1: Path) -> str:
     if "space-mni" in name or "_stx" in name:
         return "mni"
     img = nib.load(str(t1))
-    return "mni" if tuple(img.shape[:3]) == MNI_SHAPE and np.allclose(nib.affines.voxel_sizes(img.affine), 1) else "native"
+    return (
+        "mni" if tuple(img.shape[:3]) == MNI_SHAPE and np.allclose(nib.affines.voxel_sizes(img.affine), 1) else "native"
+    )
 
 
-def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: str | os.PathLike, space: str = "auto",
-                 brain_mask: str | os.PathLike | None = None, threshold: float = 0.5, prior_correction: bool = True,
-                 device: str = "cpu", tile: int = 64, probabilities: str | os.PathLike | None = None) -> dict:
+def predict_file(
+    run_dir: str | os.PathLike,
+    t1: str | os.PathLike,
+    out_mask: str | os.PathLike,
+    space: str = "auto",
+    brain_mask: str | os.PathLike | None = None,
+    threshold: float = 0.5,
+    prior_correction: bool = True,
+    device: str = "cpu",
+    tile: int = 64,
+    probabilities: str | os.PathLike | None = None,
+) -> dict:
     """Preprocess exactly as at ingestion and training, predict, write the mask on the input's grid."""
     t1 = Path(t1).resolve()
     if not t1.is_file():
@@ -48,9 +59,17 @@ def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: st
         space = guess_space(t1) if space == "auto" else space
     except Exception as exc:  # nibabel's errors for a file that is not an image
         raise EvaluateError(f"{t1}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
-    source = ScanSource(scan_id=t1.name.split(".")[0], subject_id="", session="", cohort="", layout="generic",
-                        space=space, t1=t1.name, labelled=False,
-                        brain_mask=str(Path(brain_mask).resolve()) if brain_mask else None)
+    source = ScanSource(
+        scan_id=t1.name.split(".")[0],
+        subject_id="",
+        session="",
+        cohort="",
+        layout="generic",
+        space=space,
+        t1=t1.name,
+        labelled=False,
+        brain_mask=str(Path(brain_mask).resolve()) if brain_mask else None,
+    )
     try:
         scan = prepare_scan(t1.parent, source)
     except ScanError as exc:
@@ -63,6 +82,11 @@ def predict_file(run_dir: str | os.PathLike, t1: str | os.PathLike, out_mask: st
     save_nifti(Path(out_mask), mask, scan.attrs)
     if probabilities:
         save_nifti(Path(probabilities), prob, scan.attrs, np.float32)
-    return {"space": space, "mirror_index": scan.attrs["mirror_index"], "brain_mask": scan.attrs["brain_mask_source"],
-            "lesion_voxels": int(mask.sum()), "voxel_ml": float(np.prod(scan.attrs["voxel_size_mm"])) / 1000,
-            "notes": scan.notes}
+    return {
+        "space": space,
+        "mirror_index": scan.attrs["mirror_index"],
+        "brain_mask": scan.attrs["brain_mask_source"],
+        "lesion_voxels": int(mask.sum()),
+        "voxel_ml": float(np.prod(scan.attrs["voxel_size_mm"])) / 1000,
+        "notes": scan.notes,
+    }

@@ -21,8 +21,15 @@ def roc_auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float(((below + 0.5 * neg) * pos).sum() / (pos.sum() * neg.sum()))
 
 
-def score_stream(run_dir, spec: str, threshold: float = 0.5, prior_correction: bool = False, batch_size: int = 512,
-                 device: str = "cpu", progress: bool = True) -> dict:
+def score_stream(
+    run_dir,
+    spec: str,
+    threshold: float = 0.5,
+    prior_correction: bool = False,
+    batch_size: int = 512,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
     """Dice, precision, recall, ROC AUC and confusion counts over every sample of the stream."""
     from tqdm import tqdm
 
@@ -47,6 +54,15 @@ def score_stream(run_dir, spec: str, threshold: float = 0.5, prior_correction: b
         counts = add(counts, {**confusion(hit, y), "tn": int((~hit & ~y).sum())})
         skipped += int(batch["skipped"])
     scores = voxel_scores(counts["tp"], counts["fp"], counts["fn"])
-    return {"model": pred.name, "shards": spec, "samples": sum(counts.values()),
-            "lesion_samples": counts["tp"] + counts["fn"], **scores, "roc_auc": roc_auc_from_histograms(pos, neg),
-            **counts, "threshold": threshold, "prior_correction": bool(prior_correction and shift), "skipped": skipped}
+    return {
+        "model": pred.name,
+        "shards": spec,
+        "samples": sum(counts.values()),
+        "lesion_samples": counts["tp"] + counts["fn"],
+        **scores,
+        "roc_auc": roc_auc_from_histograms(pos, neg),
+        **counts,
+        "threshold": threshold,
+        "prior_correction": bool(prior_correction and shift),
+        "skipped": skipped,
+    }

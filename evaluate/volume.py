@@ -19,8 +19,15 @@ def brain_bbox(brain: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
 
 
-def lesion_logits(pred: Predictor, t1: np.ndarray, brain: np.ndarray, mirror: float, tile: int = 64,
-                  use_dense: bool = True, batch: int = 512) -> np.ndarray:
+def lesion_logits(
+    pred: Predictor,
+    t1: np.ndarray,
+    brain: np.ndarray,
+    mirror: float,
+    tile: int = 64,
+    use_dense: bool = True,
+    batch: int = 512,
+) -> np.ndarray:
     """Lesion logit ``(X, Y, Z)`` float32, -inf where it was not computed.
 
     The volume is normalised with the training run's method (``shards.norm``),

@@ -71,7 +71,9 @@ def _rows(blocks: np.ndarray, patch: int) -> np.ndarray:
     n = s - patch + 1
     st = blocks.strides
     return np.ndarray(
-        shape=(m, 2, n, n, n, patch, patch), dtype=np.dtype((np.void, patch)), buffer=blocks,
+        shape=(m, 2, n, n, n, patch, patch),
+        dtype=np.dtype((np.void, patch)),
+        buffer=blocks,
         strides=(st[0], st[1], st[2], st[3], st[4], st[2], st[3]),
     )
 
@@ -124,8 +126,11 @@ class DeviceCutter:
         pool = self._pools.get(worker)
         need = int(batch["block_slots"].max()) + 1
         if pool is None or pool.shape[0] < need or pool.shape[1:] != new.shape[1:]:
-            grown = torch.zeros((max(need, 2 * (0 if pool is None else pool.shape[0])),) + tuple(new.shape[1:]),
-                                dtype=new.dtype, device=self.device)
+            grown = torch.zeros(
+                (max(need, 2 * (0 if pool is None else pool.shape[0])),) + tuple(new.shape[1:]),
+                dtype=new.dtype,
+                device=self.device,
+            )
             if pool is not None and pool.shape[1:] == new.shape[1:]:
                 grown[: pool.shape[0]] = pool
             pool = self._pools[worker] = grown

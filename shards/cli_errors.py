@@ -48,8 +48,15 @@ class OneLineErrors(click.Group):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.params.append(click.Option(["--debug"], is_flag=True, expose_value=False, callback=_remember,
-                                        help=f"Show the full traceback of an error (or set {DEBUG_ENV}=1)."))
+        self.params.append(
+            click.Option(
+                ["--debug"],
+                is_flag=True,
+                expose_value=False,
+                callback=_remember,
+                help=f"Show the full traceback of an error (or set {DEBUG_ENV}=1).",
+            )
+        )
 
     def invoke(self, ctx: click.Context):
         try:

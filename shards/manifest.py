@@ -71,7 +71,8 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
         raise ManifestError(f"{where}: not an {SCHEMA} manifest")
     if manifest.get("schema_version") not in READABLE_VERSIONS:
         raise ManifestError(
-            f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; rebuild the shards"
+            f"{where}: shard schema version {manifest.get('schema_version')}, this reader knows {SCHEMA_VERSION}; "
+            "rebuild the shards"
         )
     missing = [k for k, kind in REQUIRED.items() if not isinstance(manifest.get(k), kind)]
     if missing or not isinstance(manifest["config"].get("patch"), int):
@@ -85,8 +86,12 @@ def preprocessing_of(m: dict) -> dict:
     """Patch size and normalisation of a manifest, or of a run's ``preprocessing`` record (``{"norm", "build"}``)."""
     build = m.get("config") or m.get("build") or {}
     norm = m.get("norm") or {}
-    return {"patch": build.get("patch"), "norm": norm.get("method"), "offset": norm.get("offset"),
-            "scale": norm.get("scale")}
+    return {
+        "patch": build.get("patch"),
+        "norm": norm.get("method"),
+        "offset": norm.get("offset"),
+        "scale": norm.get("scale"),
+    }
 
 
 def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
@@ -99,8 +104,10 @@ def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
     differ = [k for k in pa if pa[k] != pb[k]]
     if differ:
         show = lambda p: ", ".join(f"{k} {p[k]}" for k in differ)  # noqa: E731
-        raise ManifestError(f"{a_name} ({show(pa)}) and {b_name} ({show(pb)}) were preprocessed differently; "
-                            "they cannot be used together")
+        raise ManifestError(
+            f"{a_name} ({show(pa)}) and {b_name} ({show(pb)}) were preprocessed differently; "
+            "they cannot be used together"
+        )
 
 
 class _Hashing:
@@ -169,8 +176,10 @@ def verify(where: str | os.PathLike) -> list[str]:
             problems += _check_shard(stream, shard, path, patch, manifest["format"])
     if not remote.is_remote(where):
         for leftover in sorted(Path(where).glob(".*.tmp")):
-            problems.append(f"{leftover}: a temporary file left by a killed build ({leftover.stat().st_size} bytes); "
-                            "the next build into this directory removes it")
+            problems.append(
+                f"{leftover}: a temporary file left by a killed build ({leftover.stat().st_size} bytes); "
+                "the next build into this directory removes it"
+            )
     total = sum(s["samples"] for s in manifest["shards"])
     if total != manifest["totals"]["samples"]:
         problems.append(f"{where}: shards hold {total} samples, totals say {manifest['totals']['samples']}")
@@ -181,14 +190,20 @@ def summarise(manifest: dict, where: str | os.PathLike = "") -> str:
     """A few human lines: what the shards hold and how they were built."""
     c, t = manifest["config"], manifest["totals"]
     sizes = [s["samples"] for s in manifest["shards"]]
-    mode = f"natural rate {c['natural_rate']}" if c["mode"] == "natural" else (
-        f"balanced: lesion rate {c['lesion_rate']:.4g}, background rate {c['background_rate']:.4g}"
+    mode = (
+        f"natural rate {c['natural_rate']}"
+        if c["mode"] == "natural"
+        else (f"balanced: lesion rate {c['lesion_rate']:.4g}, background rate {c['background_rate']:.4g}")
     )
     records = sum(s["records"] for s in manifest["shards"])
-    layout = (f"{records} blocks of {c['block']}^3 voxels, {t['samples'] / max(records, 1):.1f} samples/block"
-              if manifest["format"] == "blocks" else f"{c['samples_per_record']} samples/record")
+    layout = (
+        f"{records} blocks of {c['block']}^3 voxels, {t['samples'] / max(records, 1):.1f} samples/block"
+        if manifest["format"] == "blocks"
+        else f"{c['samples_per_record']} samples/record"
+    )
     lines = [
-        f"{where}: {manifest['schema']} v{manifest['schema_version']} ({manifest['format']}), split {c['split']}, {mode}",
+        f"{where}: {manifest['schema']} v{manifest['schema_version']} ({manifest['format']}), "
+        f"split {c['split']}, {mode}",
         f"  {t['samples']} samples ({t['lesion_samples']} lesion, fraction {t['lesion_fraction']:.4f}) "
         f"from {len(manifest['scans'])} scans of {len(manifest['subjects'])} subjects",
         f"  {t['shards']} shards of {min(sizes)}-{max(sizes)} samples, {t['bytes'] / 2**20:.1f} MiB, "

@@ -11,7 +11,10 @@ from shards import remote
 
 
 class FiniteFloat(click.FloatRange):
-    """A ``click.FloatRange`` that also refuses nan and inf (a plain range lets nan through: every comparison is false)."""
+    """A ``click.FloatRange`` that also refuses nan and inf.
+
+    A plain range lets nan through: every comparison with nan is false.
+    """
 
     name = "finite float"
 

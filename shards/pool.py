@@ -65,7 +65,9 @@ class SamplePool:
             self.n, self.head = self.available, 0
         if not self.cols or self.n + k > len(self.cols["y"]):
             size = max(1024, 2 * (self.n + k))
-            grown = {name: np.empty((size,) + np.shape(v)[1:], dtype=np.asarray(v).dtype) for name, v in columns.items()}
+            grown = {
+                name: np.empty((size,) + np.shape(v)[1:], dtype=np.asarray(v).dtype) for name, v in columns.items()
+            }
             for name, v in self.cols.items():
                 grown[name][: self.n] = v[: self.n]
             self.cols = grown
@@ -159,8 +161,9 @@ class BlockStore:
             self.new.append((slot, block))
             return
         if self.blocks is None or slot >= len(self.blocks) or self.blocks.shape[1:] != block.shape:
-            grown = np.zeros((max(slot + 1, 2 * (0 if self.blocks is None else len(self.blocks))),) + block.shape,
-                             dtype=block.dtype)
+            grown = np.zeros(
+                (max(slot + 1, 2 * (0 if self.blocks is None else len(self.blocks))),) + block.shape, dtype=block.dtype
+            )
             if self.blocks is not None and self.blocks.shape[1:] == block.shape:
                 grown[: len(self.blocks)] = self.blocks
             self.blocks = grown
@@ -198,8 +201,10 @@ def batch_samples(
     target = max(shuffle, batch_size)
     draw_rng = rng if shuffle > 0 else None
     while True:
-        while not exhausted and (pool.available < target or (
-                draw_rng is not None and isinstance(store, BlockStore) and pool.records < pool_blocks)):
+        while not exhausted and (
+            pool.available < target
+            or (draw_rng is not None and isinstance(store, BlockStore) and pool.records < pool_blocks)
+        ):
             rec = next(stream, None)
             if rec is None:
                 exhausted = True

@@ -243,7 +243,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         full, rest = divmod(total, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def assignment(self, rank: int, world: int, worker: int, workers: int) -> tuple[list[Shard], tuple[int, int] | None, int | None]:
+    def assignment(
+        self, rank: int, world: int, worker: int, workers: int
+    ) -> tuple[list[Shard], tuple[int, int] | None, int | None]:
         """This reader's shards, record filter and batch quota (pure: tested directly)."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
         shards = [self.shards[i] for i in order]
@@ -269,8 +271,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
         records = self._cycle(shards, keep, stats, rng) if quota is not None else self._read(shards, keep, stats)
         drop_last = self.drop_last or quota is not None
-        batches = batch_samples(records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks,
-                                self.device_cut)
+        batches = batch_samples(
+            records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks, self.device_cut
+        )
         reported = 0
         for i, batch in enumerate(batches):
             if quota is not None and i >= quota:

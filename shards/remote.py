@@ -68,8 +68,13 @@ def parent(where: str) -> str:
 def storage_options(where: str, timeout: float = 30.0) -> dict:
     """fsspec options of one read: timeouts for S3 (botocore's own retries kept few: ours wrap them)."""
     if scheme(where) == "s3":
-        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout,
-                                  "retries": {"max_attempts": 2, "mode": "standard"}}}
+        return {
+            "config_kwargs": {
+                "connect_timeout": timeout,
+                "read_timeout": timeout,
+                "retries": {"max_attempts": 2, "mode": "standard"},
+            }
+        }
     return {}
 
 
@@ -85,8 +90,10 @@ def check_scheme(where: str) -> None:
     import fsspec
 
     if kind not in fsspec.available_protocols():
-        raise RemoteError(f"{where}: unknown URL scheme {kind}:// (local paths, http(s)://, pipe: and the object "
-                          "stores of fsspec are known)")
+        raise RemoteError(
+            f"{where}: unknown URL scheme {kind}:// (local paths, http(s)://, pipe: and the object "
+            "stores of fsspec are known)"
+        )
 
 
 def filesystem(where: str, timeout: float = 30.0):

@@ -169,8 +169,12 @@ def encode_block_record(
     """Member payloads of one blocks record (see the module docstring)."""
     meta = {"scan": scan, "origin": [int(v) for v in origin], "patch": int(patch)}
     validate_block(block, off, y, meta)
-    return {BLOCK_NPY: encode_npy(block), OFF: encode_npy(off), Y: encode_npy(y),
-            META: json.dumps(meta, separators=(",", ":")).encode()}
+    return {
+        BLOCK_NPY: encode_npy(block),
+        OFF: encode_npy(off),
+        Y: encode_npy(y),
+        META: json.dumps(meta, separators=(",", ":")).encode(),
+    }
 
 
 def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
@@ -183,8 +187,15 @@ def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> d
     block, off, y, meta = _members(fields, BLOCK_FIELDS)
     validate_block(block, off, y, meta, patch)
     origin = np.asarray(meta["origin"], dtype=LOC_DTYPE)
-    return {"block": block, "off": off, "y": y, "loc": (off + origin).astype(LOC_DTYPE), "scan": meta["scan"],
-            "origin": origin, "patch": meta["patch"]}
+    return {
+        "block": block,
+        "off": off,
+        "y": y,
+        "loc": (off + origin).astype(LOC_DTYPE),
+        "scan": meta["scan"],
+        "origin": origin,
+        "patch": meta["patch"],
+    }
 
 
 def validate_block(block: np.ndarray, off: np.ndarray, y: np.ndarray, meta, patch: int | None = None) -> None:

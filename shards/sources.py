@@ -68,7 +68,9 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
         raise ShardSourceError(str(exc)) from None
     local_dir = not is_url(spec) and Path(spec).is_dir()
     # a URL of a directory: a trailing slash, or a last name without an extension (s3://bucket/shards/train)
-    url_dir = is_url(spec) and remote.scheme(spec) != "pipe" and (spec.endswith("/") or "." not in spec.rsplit("/", 1)[-1])
+    url_dir = (
+        is_url(spec) and remote.scheme(spec) != "pipe" and (spec.endswith("/") or "." not in spec.rsplit("/", 1)[-1])
+    )
     if spec.endswith(MANIFEST) or local_dir or url_dir:
         where = remote.join(spec, MANIFEST) if (local_dir or url_dir) else spec
         try:
@@ -79,7 +81,9 @@ def resolve(spec: str | os.PathLike | list, timeout: float = 10.0) -> tuple[list
     if not is_url(spec):
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
-            raise ShardSourceError(f"{missing[0]}: no such shard file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise ShardSourceError(
+                f"{missing[0]}: no such shard file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
     # Counts from a manifest beside the shards, when there is one (best effort).
     try:
         if remote.scheme(urls[0]) == "pipe":

@@ -42,8 +42,9 @@ def warn_and_continue(exn: Exception) -> bool:
     return True
 
 
-def decode(patch: int | None = None, fmt: str | None = None,
-           handler: Callable[[Exception], bool] = warn_and_continue) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def decode(
+    patch: int | None = None, fmt: str | None = None, handler: Callable[[Exception], bool] = warn_and_continue
+) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage: webdataset samples -> validated records (``shards.schema``); damaged ones go to ``handler``.
 
     ``patch`` and ``fmt`` (the manifest's) make a record of another patch size or
@@ -67,8 +68,14 @@ def decode(patch: int | None = None, fmt: str | None = None,
     return stage
 
 
-def batched(batch_size: int, shuffle: int = 1024, seed: int | Iterable[int] = 0, drop_last: bool = False,
-            pool_blocks: int = 128, device_cut: bool = False) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def batched(
+    batch_size: int,
+    shuffle: int = 1024,
+    seed: int | Iterable[int] = 0,
+    drop_last: bool = False,
+    pool_blocks: int = 128,
+    device_cut: bool = False,
+) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """Stage: records -> tensor batches through the shuffle pool (pairs gathered or cut from blocks)."""
     from shards.reader import to_tensors
 

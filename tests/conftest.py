@@ -37,8 +37,9 @@ def r20(tmp_path_factory):
     return _ingested(tmp_path_factory, "r2.0", 5, workers=1)
 
 
-def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool = False, seed: int = 0,
-                     split: dict | None = None):
+def write_tiny_store(
+    path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool = False, seed: int = 0, split: dict | None = None
+):
     """A small store written through the store API: ellipsoid brains, one-sided lesions.
 
     The mirror plane is the centre of the first axis (mirror_index (X-1)/2). With
@@ -67,15 +68,28 @@ def write_tiny_store(path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool
             t1 -= 60 * lesion  # lesions are dark on T1, as in the real data (learnable)
         scan_id = f"sub-{i:03d}_ses-1"
         scans[scan_id] = f"sub-{i:03d}"
-        attrs = {"scan_id": scan_id, "subject_id": f"sub-{i:03d}", "mirror_index": float(centre[0]),
-                 "lesion_voxels": int(lesion.sum()), "brain_voxels": int(brain.sum()), "labelled": True,
-                 "complete": True, "hemisphere": "right", "voxel_size_mm": [1.0, 1.0, 1.0],
-                 "canonical_transform": [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]], "original_shape": list(shape),
-                 "original_affine": np.eye(4).tolist()}
+        attrs = {
+            "scan_id": scan_id,
+            "subject_id": f"sub-{i:03d}",
+            "mirror_index": float(centre[0]),
+            "lesion_voxels": int(lesion.sum()),
+            "brain_voxels": int(brain.sum()),
+            "labelled": True,
+            "complete": True,
+            "hemisphere": "right",
+            "voxel_size_mm": [1.0, 1.0, 1.0],
+            "canonical_transform": [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]],
+            "original_shape": list(shape),
+            "original_affine": np.eye(4).tolist(),
+        }
         store.write_scan(path, scan_id, {"t1": t1, "lesion": lesion, "brain": brain}, attrs)
     subjects = sorted(scans.values())
-    split = split or {"train": subjects[: n_scans - 2], "val": subjects[n_scans - 2 : n_scans - 1],
-                      "test": subjects[n_scans - 1 :], "unassigned": []}
+    split = split or {
+        "train": subjects[: n_scans - 2],
+        "val": subjects[n_scans - 2 : n_scans - 1],
+        "test": subjects[n_scans - 1 :],
+        "unassigned": [],
+    }
     root.attrs.update({"scans": scans, "subjects": subjects, "split": split, "layout": "tiny", "space": ["mni"]})
     return path
 
@@ -94,8 +108,20 @@ def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     store = write_tiny_store(base / "store.zarr", n_scans=6)
     build_quietly(store, base / "train", split="train", num_shards=2, samples_per_record=32)
-    fit(TrainConfig(shards=str(base / "train"), out=str(base / "run"), batch_size=32, lr=3e-3, workers=0,
-                    steps_per_epoch=30, log_every=10), ModelConfig(), progress=False, log=lambda m: None)
+    fit(
+        TrainConfig(
+            shards=str(base / "train"),
+            out=str(base / "run"),
+            batch_size=32,
+            lr=3e-3,
+            workers=0,
+            steps_per_epoch=30,
+            log_every=10,
+        ),
+        ModelConfig(),
+        progress=False,
+        log=lambda m: None,
+    )
     return store, base / "run"
 
 
@@ -156,8 +182,9 @@ def start_training(cmd: list[str], out):
     import subprocess
     import time
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.csv").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)

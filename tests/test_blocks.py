@@ -105,8 +105,9 @@ def test_a_version_1_manifest_reads_as_pairs(both, tmp_path):
     assert len(sample_ids(ShardStream(str(tmp_path / "old"), batch_size=64))) == pairs["totals"]["samples"]
 
 
-@pytest.mark.parametrize("shape,mirror", [((20, 18, 17), 9.5), ((21, 18, 17), 10.0), ((21, 18, 17), 7.5),
-                                          ((20, 18, 17), 11.0)])
+@pytest.mark.parametrize(
+    "shape,mirror", [((20, 18, 17), 9.5), ((21, 18, 17), 10.0), ((21, 18, 17), 7.5), ((20, 18, 17), 11.0)]
+)
 def test_cuts_at_the_edges_and_both_mirror_parities(shape, mirror):
     rng = np.random.default_rng(int(mirror * 10))
     vol = rng.integers(0, 256, shape, dtype=np.uint8)

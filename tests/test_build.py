@@ -73,7 +73,9 @@ def test_lesion_fraction_lands_on_target(built):
 def test_plan_reaches_any_feasible_target(target):
     rng = np.random.default_rng(int(target * 100))
     scans = [f"s{i}" for i in range(40)]
-    counts = [{"lesion": int(rng.integers(10, 60000)), "background": int(rng.integers(1e6, 2e6)), "natural": 0} for _ in scans]
+    counts = [
+        {"lesion": int(rng.integers(10, 60000)), "background": int(rng.integers(1e6, 2e6)), "natural": 0} for _ in scans
+    ]
     plan = make_plan(BuildConfig(target_lesion_fraction=target), scans, counts, {s: s for s in scans})
     lesion = sum(s["lesion_draws"] for s in plan["scans"])
     assert abs(lesion / plan["samples"] - target) < 0.005
@@ -120,8 +122,9 @@ def test_interrupted_build_resumes_to_the_same_bytes(tiny_store, built, tmp_path
 @pytest.mark.slow
 def test_workers_do_not_change_the_bytes(tiny_store, built, tmp_path):
     out, reference = built
-    other = build(tiny_store, tmp_path / "w2", BuildConfig(split="train", **SMALL), workers=2, progress=False,
-                  log=lambda m: None)
+    other = build(
+        tiny_store, tmp_path / "w2", BuildConfig(split="train", **SMALL), workers=2, progress=False, log=lambda m: None
+    )
     assert other == reference
     assert (tmp_path / "w2" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
@@ -136,8 +139,9 @@ def test_natural_stream_follows_the_store_prevalence(tiny_store, tmp_path):
 
 
 def test_zscore_build_and_bad_requests(tiny_store, tmp_path):
-    manifest = build(tiny_store, tmp_path / "z", BuildConfig(split="val", norm="zscore", **SMALL), progress=False,
-                     log=lambda m: None)
+    manifest = build(
+        tiny_store, tmp_path / "z", BuildConfig(split="val", norm="zscore", **SMALL), progress=False, log=lambda m: None
+    )
     assert manifest["norm"] == {"method": "zscore", "offset": 128.0, "scale": 1 / 24}
     assert verify(tmp_path / "z") == []
     with pytest.raises(BuildError, match="patch"):
@@ -179,9 +183,30 @@ def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt)
     from shards.tario import sha256_file
 
     store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
-    cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), "", "--split", "train", "--patch", "9",
-           "--background-rate", "0.5", "--num-shards", "7", "--samples-per-record", "64", "--workers", "2",
-           "--format", fmt, "--block", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atlas_shards.cli",
+        "build",
+        str(store),
+        "",
+        "--split",
+        "train",
+        "--patch",
+        "9",
+        "--background-rate",
+        "0.5",
+        "--num-shards",
+        "7",
+        "--samples-per-record",
+        "64",
+        "--workers",
+        "2",
+        "--format",
+        fmt,
+        "--block",
+        "8",
+    ]
 
     def progress(out):
         """Scans spilled plus shards landed: the build's own markers, so a kill lands mid-build on any machine."""
@@ -235,8 +260,9 @@ def test_unusable_scans_are_skipped_with_a_reason(tmp_path):
     scans = dict(root.attrs["scans"])
     scans["sub-999_ses-1"] = "sub-003"  # listed, never written
     root.attrs["scans"] = scans
-    manifest = build(store, tmp_path / "out", BuildConfig(split="train", num_shards=2), progress=False,
-                     log=lambda m: None)
+    manifest = build(
+        store, tmp_path / "out", BuildConfig(split="train", num_shards=2), progress=False, log=lambda m: None
+    )
     used = {s["scan_id"] for s in manifest["scans"]}
     assert used == {"sub-003_ses-1"}
     notes = " | ".join(manifest["notes"])

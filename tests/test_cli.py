@@ -27,8 +27,23 @@ def test_help_is_instant_no_heavy_imports():
 def test_synth_ingest_eda(tmp_path):
     runner = CliRunner()
     release, store, figs = tmp_path / "rel", tmp_path / "store.zarr", tmp_path / "eda"
-    r = runner.invoke(main, ["synth", str(release), "--layout", "r1.2", "--subjects", "4", "--seed", "2",
-                             "--truncated", "1", "--workers", "2"])
+    r = runner.invoke(
+        main,
+        [
+            "synth",
+            str(release),
+            "--layout",
+            "r1.2",
+            "--subjects",
+            "4",
+            "--seed",
+            "2",
+            "--truncated",
+            "1",
+            "--workers",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["ingest", str(release), str(store), "--split-fractions", "0.5,0.25,0.25"])
     assert r.exit_code == 0, r.output
@@ -50,7 +65,9 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
     assert r.exit_code != 0 and "no NIfTI scans found" in r.output
     r = runner.invoke(main, ["ingest", str(tmp_path / "nope"), str(tmp_path / "s.zarr")])
     assert r.exit_code != 0 and "not a directory" in r.output
-    r = runner.invoke(main, ["ingest", str(tmp_path), str(tmp_path / "s.zarr"), "--split", "1,2", "--split-fractions", "1,1,1"])
+    r = runner.invoke(
+        main, ["ingest", str(tmp_path), str(tmp_path / "s.zarr"), "--split", "1,2", "--split-fractions", "1,1,1"]
+    )
     assert r.exit_code != 0 and "not both" in r.output
     r = runner.invoke(main, ["eda", str(tmp_path / "empty"), str(tmp_path / "out")])
     assert r.exit_code != 0 and "not a Zarr store" in r.output
@@ -70,8 +87,22 @@ def test_ingest_with_nothing_usable_fails(tmp_path):
 def test_build_and_inspect(tiny_store, tmp_path):
     runner = CliRunner()
     out = tmp_path / "val"
-    r = runner.invoke(main, ["build", str(tiny_store), str(out), "--split", "val", "--num-shards", "2",
-                             "--samples-per-record", "32", "--target-lesion-fraction", "0.3"])
+    r = runner.invoke(
+        main,
+        [
+            "build",
+            str(tiny_store),
+            str(out),
+            "--split",
+            "val",
+            "--num-shards",
+            "2",
+            "--samples-per-record",
+            "32",
+            "--target-lesion-fraction",
+            "0.3",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "split val" in r.output
     achieved = float(re.search(r"lesion, fraction ([0-9.]+)\)", r.output).group(1))
@@ -83,8 +114,9 @@ def test_build_and_inspect(tiny_store, tmp_path):
     r = runner.invoke(main, ["inspect", str(out), "--verify"])
     assert r.exit_code == 1 and "3 problem(s) found" in r.output
     assert r.output.count(f"PROBLEM {shard}") == 3 and "unreadable" in r.output
-    r = runner.invoke(main, ["build", str(tiny_store), str(tmp_path / "n"), "--split", "val", "--dry-run",
-                             "--natural", "0.1"])
+    r = runner.invoke(
+        main, ["build", str(tiny_store), str(tmp_path / "n"), "--split", "val", "--dry-run", "--natural", "0.1"]
+    )
     assert r.exit_code == 0 and "natural" in r.output and not (tmp_path / "n").exists()
 
 
@@ -92,9 +124,24 @@ def test_build_and_inspect(tiny_store, tmp_path):
     "args, message",
     [
         (["build", "{missing}", "{out}", "--split", "train"], "not a Zarr store"),
-        (["build", "{store}", "{out}", "--split", "train", "--natural", "0.1", "--background-rate", "0.01"], "--natural"),
-        (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "0.4", "--background-rate", "0.1"],
-         "not both"),
+        (
+            ["build", "{store}", "{out}", "--split", "train", "--natural", "0.1", "--background-rate", "0.01"],
+            "--natural",
+        ),
+        (
+            [
+                "build",
+                "{store}",
+                "{out}",
+                "--split",
+                "train",
+                "--target-lesion-fraction",
+                "0.4",
+                "--background-rate",
+                "0.1",
+            ],
+            "not both",
+        ),
         (["build", "{store}", "{out}", "--split", "train", "--target-lesion-fraction", "1.5"], "0<x<1"),
         (["inspect", "{store}"], "no manifest.json"),
     ],

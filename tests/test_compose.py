@@ -18,8 +18,14 @@ from evaluate.cli import main as evaluate_cli
 from trainer.cli import main as train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CLIS = {"atlas-shards": shards_cli, "atlas-train": train_cli, "atlas-evaluate": evaluate_cli,
-        "trainer.cli": train_cli, "atlas_shards.cli": shards_cli, "evaluate.cli": evaluate_cli}
+CLIS = {
+    "atlas-shards": shards_cli,
+    "atlas-train": train_cli,
+    "atlas-evaluate": evaluate_cli,
+    "trainer.cli": train_cli,
+    "atlas_shards.cli": shards_cli,
+    "evaluate.cli": evaluate_cli,
+}
 
 
 def _defaults(value):
@@ -72,13 +78,19 @@ def command_of(svc: dict, **env: str) -> list[str]:
     argv = svc["command"]
     environ = {**os.environ, **{k: str(v) for k, v in (svc.get("environment") or {}).items() if v is not None}, **env}
     if argv == ["docker/train.sh"]:
-        done = subprocess.run(["bash", str(ROOT / "docker/train.sh")], capture_output=True, text=True,
-                              env={**environ, "TRAIN_DRY_RUN": "1"}, check=True)
+        done = subprocess.run(
+            ["bash", str(ROOT / "docker/train.sh")],
+            capture_output=True,
+            text=True,
+            env={**environ, "TRAIN_DRY_RUN": "1"},
+            check=True,
+        )
         return done.stdout.splitlines()
     if argv[:2] == ["sh", "-c"]:
         script = argv[2].replace("$$", "$").replace("exec ", "printf '%s\\n' ", 1)
-        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=environ,
-                              check=True).stdout.splitlines()
+        return subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, env=environ, check=True
+        ).stdout.splitlines()
     return argv
 
 
@@ -93,8 +105,13 @@ def test_every_project_service_runs_a_real_command_with_valid_options(compose):
         cli, sub, _ = check_cli(command_of(svc))
         seen.add((cli, sub))
     assert builders == ["ingest"]  # built once, by a service every run starts
-    assert {("atlas-shards", "synth"), ("atlas-shards", "ingest"), ("atlas-shards", "build"),
-            ("atlas-train", "fit"), ("atlas-evaluate", "run")} <= seen
+    assert {
+        ("atlas-shards", "synth"),
+        ("atlas-shards", "ingest"),
+        ("atlas-shards", "build"),
+        ("atlas-train", "fit"),
+        ("atlas-evaluate", "run"),
+    } <= seen
 
 
 def test_the_trainer_knobs_reach_its_command(compose):
@@ -128,7 +145,9 @@ def test_cpu_hosts_by_default_gpus_and_nodes_by_file(compose):
 
 def test_the_checker_rejects_bad_commands():
     with pytest.raises(click.exceptions.NoSuchOption):
-        check_cli(["atlas-shards", "build", "/data/store.zarr", "/srv/shards/train", "--split", "train", "--bogus", "1"])
+        check_cli(
+            ["atlas-shards", "build", "/data/store.zarr", "/srv/shards/train", "--split", "train", "--bogus", "1"]
+        )
     with pytest.raises(AssertionError):
         check_cli(["atlas-shards", "build", "/data/store.zarr", "/out", "--split", "holdout"])
     with pytest.raises(AssertionError):
@@ -166,7 +185,12 @@ def test_volumes_ports_and_urls_line_up(compose):
                     assert mounts[root] == "rw", (name, root)
             for url in re.findall(r"http://([\w-]+)/", arg):
                 assert url in services, f"{name} streams from unknown host {url}"
-    assert {("ingest", "/data"), ("build-train", "/srv/shards"), ("trainer", "/runs"), ("evaluator", "/reports")} <= checked
+    assert {
+        ("ingest", "/data"),
+        ("build-train", "/srv/shards"),
+        ("trainer", "/runs"),
+        ("evaluator", "/reports"),
+    } <= checked
     trainer = services["trainer"]
     assert trainer["depends_on"]["shard-server"]["condition"] == "service_healthy"
     assert services["evaluator"]["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
@@ -195,11 +219,17 @@ def test_a_failing_trainer_under_torchrun_ends_with_its_one_line_error(tmp_path)
     """docker/train.sh with two ranks (real torchrun, gloo): the children's error is the log's last line."""
     import sys
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GPUS": "2",
-           "DEVICE": "cpu", "LOADER_WORKERS": "0", "SHARD_URL": str(tmp_path / "nowhere"),
-           "RUNS_DIR": str(tmp_path / "runs"), "MASTER_PORT": str(free_port())}
-    done = subprocess.run(["bash", str(ROOT / "docker/train.sh")], capture_output=True, text=True, env=env,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "GPUS": "2",
+        "DEVICE": "cpu",
+        "LOADER_WORKERS": "0",
+        "SHARD_URL": str(tmp_path / "nowhere"),
+        "RUNS_DIR": str(tmp_path / "runs"),
+        "MASTER_PORT": str(free_port()),
+    }
+    done = subprocess.run(["bash", str(ROOT / "docker/train.sh")], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("trainer: exit status 1: Error: ") and "nowhere/train" in last, done.stderr[-3000:]

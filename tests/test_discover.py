@@ -68,7 +68,10 @@ def test_r11(tmp_path):
     s = scans["031768_t01"]
     assert (s.subject_id, s.session, s.cohort, s.layout, s.space) == ("031768", "t01", "Site1", "r1.1", "mni")
     assert s.t1 == "ATLAS_R1.1/Site1/031768/t01/031768_t1w_deface_stx.nii.gz"
-    assert sorted(Path(m).name for m in s.masks) == ["031768_LesionSmooth_1_stx.nii.gz", "031768_LesionSmooth_stx.nii.gz"]
+    assert sorted(Path(m).name for m in s.masks) == [
+        "031768_LesionSmooth_1_stx.nii.gz",
+        "031768_LesionSmooth_stx.nii.gz",
+    ]
     assert scans["031768_t02"].subject_id == "031768" and all(x.problem is None for x in scans.values())
 
 
@@ -93,7 +96,13 @@ def test_v20_training_testing_and_debris(tmp_path):
     assert set(scans) == {"sub-r001s001_ses-1", "sub-r052s014_ses-1", "sub-r009s090_ses-1"}
     s = scans["sub-r052s014_ses-1"]
     assert (s.subject_id, s.session, s.cohort, s.layout, s.space, s.labelled) == (
-        "sub-r052s014", "ses-1", "R052", "r2.0", "mni", True)
+        "sub-r052s014",
+        "ses-1",
+        "R052",
+        "r2.0",
+        "mni",
+        True,
+    )
     assert s.masks[0].endswith("_label-L_desc-T1lesion_mask.nii.gz")
     t = scans["sub-r009s090_ses-1"]
     assert t.labelled is False and t.masks == [] and t.problem is None
@@ -109,13 +118,20 @@ def test_mixed_spaces_refused_then_chosen(tmp_path):
 
 
 def test_problems_are_named(tmp_path):
-    root = make_tree(tmp_path, [
-        "a/scan1/scan1_t1w.nii.gz",  # no mask
-        "a/scan2/scan2_LesionSmooth.nii.gz",  # no T1
-        "a/scan3/x.nii.gz", "a/scan3/y.nii.gz", "a/scan3/scan3_LesionSmooth.nii.gz",  # two T1 candidates
-        "b/Site1/031768/t01/031768_t1w_deface_stx.nii.gz", "b/Site1/031768/t01/031768_LesionSmooth_stx.nii.gz",
-        "c/Site1/031768/t01/031768_t1w_deface_stx.nii.gz", "c/Site1/031768/t01/031768_LesionSmooth_stx.nii.gz",
-    ])
+    root = make_tree(
+        tmp_path,
+        [
+            "a/scan1/scan1_t1w.nii.gz",  # no mask
+            "a/scan2/scan2_LesionSmooth.nii.gz",  # no T1
+            "a/scan3/x.nii.gz",
+            "a/scan3/y.nii.gz",
+            "a/scan3/scan3_LesionSmooth.nii.gz",  # two T1 candidates
+            "b/Site1/031768/t01/031768_t1w_deface_stx.nii.gz",
+            "b/Site1/031768/t01/031768_LesionSmooth_stx.nii.gz",
+            "c/Site1/031768/t01/031768_t1w_deface_stx.nii.gz",
+            "c/Site1/031768/t01/031768_LesionSmooth_stx.nii.gz",
+        ],
+    )
     scans = discover(root)
     problems = {(s.scan_id, s.t1): s.problem for s in scans}
     assert problems[("a_scan1", "a/scan1/scan1_t1w.nii.gz")] == "no lesion mask in the folder"

@@ -68,8 +68,10 @@ def _predictor(name: str, seed: int) -> Predictor:
     model = build_model(ModelConfig(name=name)).eval()
     for p in model.parameters():  # livelier than the default init, so differences would show
         p.data.mul_(3)
-    pre = {"norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
-           "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01}}
+    pre = {
+        "norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
+        "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01},
+    }
     return Predictor(name, None, model.cfg.to_dict(), pre, model=model, dense=DenseCNN(model).eval())
 
 
@@ -101,8 +103,19 @@ def test_run_writes_documented_outputs(trained, tmp_path):
     store, run_dir = trained
     metrics = evaluate_split(run_dir, store, "test", tmp_path / "rep", progress=False, log=lambda m: None)
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
-    for key in ("model", "n_subjects", "mean_dice", "pooled_dice", "mean_lesion_f1", "mean_abs_volume_diff_voxels",
-                "mean_lesion_count_diff", "precision", "recall", "threshold", "prior_correction"):
+    for key in (
+        "model",
+        "n_subjects",
+        "mean_dice",
+        "pooled_dice",
+        "mean_lesion_f1",
+        "mean_abs_volume_diff_voxels",
+        "mean_lesion_count_diff",
+        "precision",
+        "recall",
+        "threshold",
+        "prior_correction",
+    ):
         assert key in saved
     assert saved["model"] == "cnn3d-sym" and saved["n_subjects"] == 1 and saved["inference"] == "dense"
     assert saved["prior_correction"] is True and saved["prior_shift"] > 0
@@ -186,7 +199,10 @@ def test_stream_scores_every_model_type(trained, tmp_path):
     build_quietly(store, tmp_path / "val", split="val", mode="natural", natural_rate=0.4, target_lesion_fraction=None)
     cnn = score_stream(run_dir, str(tmp_path / "val"), progress=False)
     manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
-    assert cnn["samples"] == manifest["totals"]["samples"] and cnn["lesion_samples"] == manifest["totals"]["lesion_samples"]
+    assert (
+        cnn["samples"] == manifest["totals"]["samples"]
+        and cnn["lesion_samples"] == manifest["totals"]["lesion_samples"]
+    )
     assert cnn["tp"] + cnn["fp"] + cnn["fn"] + cnn["tn"] == cnn["samples"] and 0 <= cnn["roc_auc"] <= 1
     train_forest(str(tmp_path / "val"), tmp_path / "rf", max_samples=300, workers=1, log=lambda m: None)
     rf = score_stream(tmp_path / "rf", str(tmp_path / "val"), progress=False)
@@ -202,8 +218,22 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
 
     store, run_dir = trained
     runner = CliRunner()
-    r = runner.invoke(main, ["run", "--model", str(run_dir), "--store", str(store), "--split", "test",
-                             "--out", str(tmp_path / "rep"), "--threshold", "0.4"])
+    r = runner.invoke(
+        main,
+        [
+            "run",
+            "--model",
+            str(run_dir),
+            "--store",
+            str(store),
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "rep"),
+            "--threshold",
+            "0.4",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "mean Dice" in r.output and (tmp_path / "rep" / "report.md").is_file()
     r = runner.invoke(main, ["compare", str(tmp_path / "rep"), "--out", str(tmp_path / "ladder.md")])
@@ -211,9 +241,14 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
     for args, message in [
         (["run", "--model", str(tmp_path), "--store", str(store), "--out", str(tmp_path / "x")], "no checkpoint"),
         (["run", "--model", str(run_dir), "--store", str(tmp_path), "--out", str(tmp_path / "x")], "Zarr"),
-        (["run", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "x"), "--threshold", "2"],
-         "--threshold"),
-        (["predict", "--model", str(run_dir), str(tmp_path / "none.nii.gz"), str(tmp_path / "o.nii.gz")], "no such file"),
+        (
+            ["run", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "x"), "--threshold", "2"],
+            "--threshold",
+        ),
+        (
+            ["predict", "--model", str(run_dir), str(tmp_path / "none.nii.gz"), str(tmp_path / "o.nii.gz")],
+            "no such file",
+        ),
         (["compare", str(tmp_path)], "no metrics.json"),
     ]:
         r = runner.invoke(main, args)

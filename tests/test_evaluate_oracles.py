@@ -135,7 +135,7 @@ def test_stream_scores_equal_a_direct_computation(trained, tmp_path):
 
 
 def test_masks_land_on_a_rotated_original_grid(trained, tmp_path, monkeypatch):
-    """A scan stored from a PIR file: the written mask, brought to RAS by nibabel itself, is the canonical prediction."""
+    """A scan stored from a PIR file: the written mask, brought to RAS by nibabel, is the canonical prediction."""
     import shutil
 
     import zarr
@@ -151,8 +151,13 @@ def test_masks_land_on_a_rotated_original_grid(trained, tmp_path, monkeypatch):
     affine = np.array([[0, 0, 2.0, -30], [-2.0, 0, 0, 27], [0, -2.0, 0, 23], [0, 0, 0, 1]])
     original_shape = (canonical_shape[1], canonical_shape[2], canonical_shape[0])
     transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
-    group.attrs.update({"original_affine": affine.tolist(), "original_shape": list(original_shape),
-                        "canonical_transform": transform.tolist()})
+    group.attrs.update(
+        {
+            "original_affine": affine.tolist(),
+            "original_shape": list(original_shape),
+            "canonical_transform": transform.tolist(),
+        }
+    )
     pattern = np.random.default_rng(3).random(canonical_shape) < 0.3  # asymmetric, so any flip or swap shows
     _constant_logits(monkeypatch, lambda s, data: np.where(pattern, 20.0, -20.0))
     evaluate_split(run_dir, copy, "test", tmp_path / "rep", prior_correction=False, **QUIET)

@@ -1,4 +1,4 @@
-"""Streaming shards over HTTP from a real server on localhost: nginx running atlas_shards/nginx.conf (CI installs it)."""
+"""Streaming shards over HTTP from a real server on localhost: nginx with atlas_shards/nginx.conf (CI installs it)."""
 
 from __future__ import annotations
 

@@ -31,7 +31,11 @@ def report(store_path: Path) -> dict[str, dict]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_every_scan_accounted_for_with_the_right_reason(r11):
@@ -147,7 +151,8 @@ def test_resume_after_interrupted_ingest(r11, tmp_path, monkeypatch):
         if calls["n"] == 2:
             # killed mid-write: a half group under the temporary name
             zarr.open_group(Path(path) / store.PARTIAL / scan_id, mode="w").create_array(
-                "t1", shape=(2, 2, 2), dtype="float32")
+                "t1", shape=(2, 2, 2), dtype="float32"
+            )
             raise KeyboardInterrupt
         real_write(path, scan_id, arrays, attrs)
 

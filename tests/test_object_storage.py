@@ -94,18 +94,47 @@ def test_a_store_and_shards_on_s3_build_train_score_and_evaluate(trained, s3, tm
 
     # training (with a DataLoader worker), the forest, stream scores and whole-volume evaluation, all from S3
     out = tmp_path / "run"
-    r = CliRunner().invoke(train_cli, ["fit", "--shards", "s3://atlas/shards/train", "--out", str(out),
-                                       "--steps-per-epoch", "8", "--batch-size", "16", "--workers", "1"])
+    r = CliRunner().invoke(
+        train_cli,
+        [
+            "fit",
+            "--shards",
+            "s3://atlas/shards/train",
+            "--out",
+            str(out),
+            "--steps-per-epoch",
+            "8",
+            "--batch-size",
+            "16",
+            "--workers",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert ckpt_io.load(out)["step"] == 8
-    r = CliRunner().invoke(train_cli, ["rf", "--shards", "s3://atlas/shards/train/", "--out", str(tmp_path / "rf"),
-                                       "--max-samples", "200"])
+    r = CliRunner().invoke(
+        train_cli, ["rf", "--shards", "s3://atlas/shards/train/", "--out", str(tmp_path / "rf"), "--max-samples", "200"]
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(evaluate_cli, ["stream", "--model", str(out), "--shards", "s3://atlas/shards/train/",
-                                          "--out", str(tmp_path / "stream")])
+    r = CliRunner().invoke(
+        evaluate_cli,
+        ["stream", "--model", str(out), "--shards", "s3://atlas/shards/train/", "--out", str(tmp_path / "stream")],
+    )
     assert r.exit_code == 0 and "Dice" in r.output, r.output
-    r = CliRunner().invoke(evaluate_cli, ["run", "--model", str(run_dir), "--store", "s3://atlas/store.zarr",
-                                          "--split", "val", "--out", str(tmp_path / "eval")])
+    r = CliRunner().invoke(
+        evaluate_cli,
+        [
+            "run",
+            "--model",
+            str(run_dir),
+            "--store",
+            "s3://atlas/store.zarr",
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     with open(tmp_path / "eval" / "subjects.csv") as f:
         assert [row["status"] for row in csv.DictReader(f)] == ["ok"]
@@ -119,9 +148,28 @@ def test_a_bucket_gone_mid_epoch_leaves_a_checkpoint_and_one_line(tiny_store, tm
     out = tmp_path / "run"
     with S3("gone") as s3:
         s3.fs.put(str(tmp_path / "train"), "gone/train", recursive=True)
-        cmd = [str(BIN / "atlas-train"), "fit", "--shards", "s3://gone/train/", "--out", str(out),
-               "--steps-per-epoch", "5000", "--batch-size", "16", "--workers", "0", "--log-every", "5",
-               "--timeout", "1", "--retries", "2", "--checkpoint-every", "100000"]
+        cmd = [
+            str(BIN / "atlas-train"),
+            "fit",
+            "--shards",
+            "s3://gone/train/",
+            "--out",
+            str(out),
+            "--steps-per-epoch",
+            "5000",
+            "--batch-size",
+            "16",
+            "--workers",
+            "0",
+            "--log-every",
+            "5",
+            "--timeout",
+            "1",
+            "--retries",
+            "2",
+            "--checkpoint-every",
+            "100000",
+        ]
         proc = start_training(cmd, out)
     assert_stopped_unreachable(proc, out, 5000)
 
@@ -144,8 +192,12 @@ def test_our_stages_inside_a_webdataset_pipeline_give_the_same_samples(tiny_stor
     urls = sorted(str(p) for p in (tmp_path / "b").glob("*.tar"))
     ours = _samples(ShardStream(str(tmp_path / "b"), batch_size=16, shuffle=0))
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(),
-        stages.decode(patch=25, fmt="blocks"), stages.batched(16, shuffle=64, seed=1),
+        wds.SimpleShardList(urls),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        stages.decode(patch=25, fmt="blocks"),
+        stages.batched(16, shuffle=64, seed=1),
     )
     batches = list(pipeline)
     assert {tuple(b["x"].shape[1:]) for b in batches} == {(2, 25, 25, 25)}

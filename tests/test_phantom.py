@@ -26,7 +26,7 @@ def test_categories_and_sides():
     assert cats.count("bilateral") > 50 and cats.count("brainstem") > 50
     for _ in range(50):
         cat, lesions = phantom.plan_lesions(rng, "bilateral")
-        assert {l.side for l in lesions} == {"left", "right"}
+        assert {lesion.side for lesion in lesions} == {"left", "right"}
 
 
 @pytest.mark.slow

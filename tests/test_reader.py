@@ -64,8 +64,15 @@ def test_shuffle_is_seeded_and_changes_with_the_epoch(shard_dir):
 
 
 def test_pool_batches_are_a_permutation_of_the_stream():
-    recs = [{"x": np.arange(i * 10, i * 10 + 10, dtype=np.uint8).reshape(10, 1), "y": np.zeros(10, np.uint8),
-             "loc": np.zeros((10, 3), np.int16), "scan": ["s"] * 10} for i in range(7)]
+    recs = [
+        {
+            "x": np.arange(i * 10, i * 10 + 10, dtype=np.uint8).reshape(10, 1),
+            "y": np.zeros(10, np.uint8),
+            "loc": np.zeros((10, 3), np.int16),
+            "scan": ["s"] * 10,
+        }
+        for i in range(7)
+    ]
     out = list(batch_samples(recs, 8, 20, np.random.default_rng(0), drop_last=False))
     values = np.concatenate([b["x"].ravel() for b in out])
     assert sorted(values.tolist()) == list(range(70)) and values.tolist() != list(range(70))

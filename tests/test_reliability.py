@@ -25,13 +25,25 @@ def test_predict_refuses_to_write_over_its_input_and_follows_the_extension(train
     nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "t1.nii.gz")
     before = _tree(tmp_path)
     for out in (tmp_path / "t1.nii.gz", tmp_path / "sub" / ".." / "t1.nii.gz"):
-        r = CliRunner().invoke(main, ["predict", "--model", str(run_dir), str(tmp_path / "t1.nii.gz"), str(out),
-                                      "--space", "native"])
+        r = CliRunner().invoke(
+            main, ["predict", "--model", str(run_dir), str(tmp_path / "t1.nii.gz"), str(out), "--space", "native"]
+        )
         assert r.exit_code == 1 and "is an input" in r.output and "Traceback" not in r.output, r.output
         assert _tree(tmp_path) == before
-    r = CliRunner().invoke(main, ["predict", "--model", str(run_dir), str(tmp_path / "t1.nii.gz"),
-                                  str(tmp_path / "mask.nii"), "--space", "native", "--probabilities",
-                                  str(tmp_path / "p.nii.gz")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--model",
+            str(run_dir),
+            str(tmp_path / "t1.nii.gz"),
+            str(tmp_path / "mask.nii"),
+            "--space",
+            "native",
+            "--probabilities",
+            str(tmp_path / "p.nii.gz"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "mask.nii").read_bytes()[:2] != b"\x1f\x8b"  # .nii: not gzip
     gzip.decompress((tmp_path / "p.nii.gz").read_bytes())  # .nii.gz: gzip
@@ -59,7 +71,9 @@ def test_synth_refuses_a_directory_that_holds_something_else(tmp_path):
     (release / "mine.nii.gz").write_bytes(b"not yours")
     r = CliRunner().invoke(main, ["synth", str(release), "--subjects", "1"])
     assert r.exit_code == 1 and "not empty" in r.output and "Traceback" not in r.output
-    assert list(release.iterdir()) == [release / "mine.nii.gz"] and (release / "mine.nii.gz").read_bytes() == b"not yours"
+    assert (
+        list(release.iterdir()) == [release / "mine.nii.gz"] and (release / "mine.nii.gz").read_bytes() == b"not yours"
+    )
     (tmp_path / "file").write_text("x")
     r = CliRunner().invoke(main, ["synth", str(tmp_path / "file"), "--subjects", "1"])
     assert r.exit_code != 0 and "file" in r.output and "Traceback" not in r.output
@@ -73,8 +87,16 @@ def test_a_mostly_infinite_t1_is_refused_not_repaired(tmp_path):
     t1 = np.full((20, 20, 20), np.inf, np.float32)
     t1[:3] = 100.0  # 85% infinite
     nib.save(nib.Nifti1Image(t1, np.eye(4)), tmp_path / "t1.nii.gz")
-    source = ScanSource(scan_id="s", subject_id="s", session="", cohort="", layout="generic", space="native",
-                        t1="t1.nii.gz", labelled=False)
+    source = ScanSource(
+        scan_id="s",
+        subject_id="s",
+        session="",
+        cohort="",
+        layout="generic",
+        space="native",
+        t1="t1.nii.gz",
+        labelled=False,
+    )
     with pytest.raises(ScanError, match=r"t1.nii.gz has 85.0% NaN/inf voxels"):
         prepare_scan(tmp_path, source)
 
@@ -85,8 +107,16 @@ def test_a_non_finite_loss_stops_training_with_the_last_finite_weights(tiny_stor
     from trainer.models import ModelConfig
 
     build_quietly(tiny_store, tmp_path / "train", split="train", num_shards=2)
-    cfg = TrainConfig(shards=str(tmp_path / "train"), out=str(tmp_path / "run"), batch_size=16, lr=1e12, workers=0,
-                      steps_per_epoch=40, log_every=5, checkpoint_every=1)
+    cfg = TrainConfig(
+        shards=str(tmp_path / "train"),
+        out=str(tmp_path / "run"),
+        batch_size=16,
+        lr=1e12,
+        workers=0,
+        steps_per_epoch=40,
+        log_every=5,
+        checkpoint_every=1,
+    )
     with pytest.raises(TrainError, match=r"step \d+: the loss is not finite") as info:
         fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
     ckpt = ckpt_io.load(tmp_path / "run")
@@ -99,8 +129,12 @@ def test_synth_may_rewrite_the_same_phantom(tmp_path):
 
     from atlas_shards.synth import TRUTH_FILE, _check_output
 
-    params = {"layout": "r2.0", "seed": 0, "subjects": 3, "defects": {"mismatched_masks": 0, "truncated": 0,
-                                                                      "empty_masks": 0}}
+    params = {
+        "layout": "r2.0",
+        "seed": 0,
+        "subjects": 3,
+        "defects": {"mismatched_masks": 0, "truncated": 0, "empty_masks": 0},
+    }
     (tmp_path / TRUTH_FILE).write_text(json.dumps({"layout": "r2.0", "seed": 0, "subjects": 3, "scans": []}))
     _check_output(tmp_path, params)  # the same phantom (a truth file from before defects were recorded): allowed
     with pytest.raises(ValueError, match="not empty"):
@@ -113,8 +147,9 @@ def inputs(trained, tmp_path_factory):
     store, run_dir = trained
     base = tmp_path_factory.mktemp("bad")
     build_quietly(store, base / "train", split="train", num_shards=2)
-    build_quietly(store, base / "zval", split="val", norm="zscore", mode="natural", natural_rate=0.3,
-                  target_lesion_fraction=None)
+    build_quietly(
+        store, base / "zval", split="val", norm="zscore", mode="natural", natural_rate=0.3, target_lesion_fraction=None
+    )
     return {"store": store, "run": run_dir, "train": base / "train", "zval": base / "zval"}
 
 
@@ -129,8 +164,11 @@ BAD = [
     ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--device", "banana"], "not a device"),
     ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--class-weights", "nan,1"], "class weights"),
     ("train", ["fit", "--shards", "{train}", "--out", "{out}", "--val-shards", "{zval}"], "preprocessed differently"),
-    ("train", ["fit", "--shards", "{train}", "--out", "{run}", "--resume", "--widths", "8,8,8,8,8"],
-     "trained with widths"),
+    (
+        "train",
+        ["fit", "--shards", "{train}", "--out", "{run}", "--resume", "--widths", "8,8,8,8,8"],
+        "trained with widths",
+    ),
     ("train", ["fit", "--shards", "{zval}", "--out", "{run}", "--resume"], "preprocessed differently"),
     ("evaluate", ["stream", "--model", "{run}", "--shards", "{zval}", "--out", "{out}"], "preprocessed differently"),
     ("evaluate", ["run", "--model", "{run}", "--store", "{store}", "--out", "{out}", "--device", "cuda:7"], "cuda"),
@@ -153,8 +191,12 @@ def test_bad_arguments_fail_in_one_line_before_any_work(inputs, tmp_path, cli, a
     from trainer.cli import main as train_cli
 
     main = {"shards": shards_cli, "train": train_cli, "evaluate": evaluate_cli}[cli]
-    fill = {**{k: str(v) for k, v in inputs.items()}, "out": str(tmp_path / "out"), "out2": str(tmp_path / "out2"),
-            "file": str(tmp_path / "file")}
+    fill = {
+        **{k: str(v) for k, v in inputs.items()},
+        "out": str(tmp_path / "out"),
+        "out2": str(tmp_path / "out2"),
+        "file": str(tmp_path / "file"),
+    }
     (tmp_path / "file").write_text("not a directory")
     before = {k: _tree(v) for k, v in inputs.items()}
     r = CliRunner().invoke(main, [a.format(**fill) for a in args])
@@ -172,8 +214,9 @@ def test_a_shard_of_another_patch_size_is_skipped_and_counted(tiny_store, tmp_pa
     from shards.reader import ShardStream
 
     build_quietly(tiny_store, tmp_path / "p25", split="train", num_shards=2, format="pairs", samples_per_record=16)
-    build_quietly(tiny_store, tmp_path / "p21", split="train", num_shards=2, format="pairs", samples_per_record=16,
-                  patch=21)
+    build_quietly(
+        tiny_store, tmp_path / "p21", split="train", num_shards=2, format="pairs", samples_per_record=16, patch=21
+    )
     shutil.copy(tmp_path / "p21" / "train-000000.tar", tmp_path / "p25" / "train-000009.tar")  # mixed in by mistake
     spec = [str(tmp_path / "p25" / "train-000000.tar"), str(tmp_path / "p25" / "train-000009.tar")]
     batches = list(ShardStream(spec, batch_size=16, shuffle=0))
@@ -206,8 +249,9 @@ def test_a_checkpoint_with_keys_missing_is_one_line(trained, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     del ckpt["preprocessing"]
     torch.save(ckpt, tmp_path / "run" / "last.pt")
-    r = CliRunner().invoke(main, ["stream", "--model", str(tmp_path / "run"), "--shards", str(tmp_path), "--out",
-                                  str(tmp_path / "rep")])
+    r = CliRunner().invoke(
+        main, ["stream", "--model", str(tmp_path / "run"), "--shards", str(tmp_path), "--out", str(tmp_path / "rep")]
+    )
     assert r.exit_code == 1 and "damaged checkpoint: preprocessing missing" in r.output and "Traceback" not in r.output
 
 
@@ -228,8 +272,11 @@ def test_a_damaged_store_is_found_by_name_and_never_used_silently(trained, tmp_p
 
     _, run_dir = trained
     subjects = [f"sub-{i:03d}" for i in range(8)]
-    store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, split={
-        "train": subjects[:4], "val": subjects[4:6], "test": subjects[6:], "unassigned": []})
+    store = write_tiny_store(
+        tmp_path / "store.zarr",
+        n_scans=8,
+        split={"train": subjects[:4], "val": subjects[4:6], "test": subjects[6:], "unassigned": []},
+    )
     _chunk_files(store, "sub-000_ses-1", "lesion")[0].unlink()
     zarr.open_group(store, mode="a")["sub-001_ses-1"]["t1"][5, 5, 5] = 0.5  # valid chunks, other content
     chunk = _chunk_files(store, "sub-004_ses-1", "t1")[0]
@@ -245,10 +292,12 @@ def test_a_damaged_store_is_found_by_name_and_never_used_silently(trained, tmp_p
     assert "sub-004_ses-1: t1 cannot be read (a chunk fails its crc32c checksum)" in r.output
     assert r.output.count(": ok") == 5
     assert [line for line in r.output.splitlines() if line.startswith("Error")] == [
-        f"Error: {store}: 3 problem(s) found in the store"]
+        f"Error: {store}: 3 problem(s) found in the store"
+    ]
 
-    r = CliRunner().invoke(shards_cli, ["build", str(store), str(tmp_path / "shards"), "--split", "train", "--patch",
-                                        "9", "--block", "8"])
+    r = CliRunner().invoke(
+        shards_cli, ["build", str(store), str(tmp_path / "shards"), "--split", "train", "--patch", "9", "--block", "8"]
+    )
     assert r.exit_code == 0, r.output
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert {s["scan_id"] for s in manifest["scans"]} == {"sub-002_ses-1", "sub-003_ses-1"}
@@ -256,13 +305,17 @@ def test_a_damaged_store_is_found_by_name_and_never_used_silently(trained, tmp_p
     assert "scan sub-000_ses-1 skipped: damaged: lesion has 0 nonzero voxels" in notes
     assert "scan sub-001_ses-1 skipped: damaged: t1 differs" in notes
 
-    r = CliRunner().invoke(evaluate_cli, ["run", "--model", str(run_dir), "--store", str(store), "--split", "val",
-                                          "--out", str(tmp_path / "eval")])
+    r = CliRunner().invoke(
+        evaluate_cli,
+        ["run", "--model", str(run_dir), "--store", str(store), "--split", "val", "--out", str(tmp_path / "eval")],
+    )
     assert r.exit_code == 0, r.output
     with open(tmp_path / "eval" / "subjects.csv") as f:
         status = {row["scan_id"]: row["status"] for row in csv.DictReader(f)}
-    assert status == {"sub-004_ses-1": "damaged: t1 cannot be read (a chunk fails its crc32c checksum)",
-                      "sub-005_ses-1": "ok"}
+    assert status == {
+        "sub-004_ses-1": "damaged: t1 cannot be read (a chunk fails its crc32c checksum)",
+        "sub-005_ses-1": "ok",
+    }
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["failed"] == ["sub-004_ses-1"]
     assert _tree(store) == before  # read only, whatever it found
 
@@ -273,8 +326,13 @@ def _cli(*args, env=None):
     import sys
 
     code = "import sys; from atlas_shards.cli import main; sys.argv[0] = 'atlas-shards'; main()"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_a_traceback_only_when_asked_for(tiny_store, tmp_path):
@@ -283,7 +341,8 @@ def test_a_traceback_only_when_asked_for(tiny_store, tmp_path):
     plain = _cli(*args, env={"ATLAS_DEBUG": ""})
     assert plain.returncode == 1 and "Traceback" not in plain.stderr
     assert plain.stderr.strip().splitlines() == [
-        f"Error: {tmp_path / 'file' / 'out'}: cannot be an output directory: {tmp_path / 'file'} is a file"]
+        f"Error: {tmp_path / 'file' / 'out'}: cannot be an output directory: {tmp_path / 'file'} is a file"
+    ]
     for asked in (_cli("--debug", *args), _cli(*args, env={"ATLAS_DEBUG": "1"})):
         assert asked.returncode == 1 and "Traceback" in asked.stderr and "NotADirectoryError" in asked.stderr
     # an expected error (raised by the command as one line) shows its cause when asked for

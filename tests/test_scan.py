@@ -79,14 +79,17 @@ def test_multiple_masks_are_or_ed(tmp_path):
     assert scan.attrs["lesion_voxels"] == int(lesion.sum()) + 27 and scan.attrs["lesion_components"] == 2
 
 
-@pytest.mark.parametrize("defect,reason", [
-    ("shape", "does not match the T1 grid"),
-    ("affine", "affines differ"),
-    ("empty", "lesion mask is empty"),
-    ("truncated", "unreadable or truncated"),
-    ("4d", "is 4D"),
-    ("constant", "is constant"),
-])
+@pytest.mark.parametrize(
+    "defect,reason",
+    [
+        ("shape", "does not match the T1 grid"),
+        ("affine", "affines differ"),
+        ("empty", "lesion mask is empty"),
+        ("truncated", "unreadable or truncated"),
+        ("4d", "is 4D"),
+        ("constant", "is constant"),
+    ],
+)
 def test_unusable_scans_are_excluded_with_reason(tmp_path, defect, reason):
     t1, lesion = small_head()
     mask = lesion.astype(np.uint8)

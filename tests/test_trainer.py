@@ -23,17 +23,27 @@ from trainer.models import ModelConfig, ModelError, build_model, probabilities
 def shards(tiny_store, tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     build_quietly(tiny_store, base / "train", split="train", num_shards=5, samples_per_record=32)
-    build_quietly(tiny_store, base / "val", split="val", mode="natural", natural_rate=0.3,
-                  target_lesion_fraction=None, num_shards=2)
+    build_quietly(
+        tiny_store,
+        base / "val",
+        split="val",
+        mode="natural",
+        natural_rate=0.3,
+        target_lesion_fraction=None,
+        num_shards=2,
+    )
     return base / "train", base / "val"
 
 
-@pytest.mark.parametrize("name, layout, shape", [
-    ("cnn3d", "channels", (1, 25, 25, 25)),
-    ("cnn3d-sym", "channels", (2, 25, 25, 25)),
-    ("cnn3d-sym", "concat", (1, 50, 25, 25)),
-    ("resnet2d", "channels", (3, 25, 25)),
-])
+@pytest.mark.parametrize(
+    "name, layout, shape",
+    [
+        ("cnn3d", "channels", (1, 25, 25, 25)),
+        ("cnn3d-sym", "channels", (2, 25, 25, 25)),
+        ("cnn3d-sym", "concat", (1, 50, 25, 25)),
+        ("resnet2d", "channels", (3, 25, 25)),
+    ],
+)
 def test_every_model_takes_stored_batches(name, layout, shape):
     model = build_model(ModelConfig(name=name, layout=layout))
     x = torch.randint(0, 256, (3, 2, 25, 25, 25), dtype=torch.uint8)
@@ -74,15 +84,28 @@ def test_model_config_errors_and_offline_imagenet(monkeypatch):
 
 def _cfg(shards, out, **kw):
     train, val = shards
-    base = dict(shards=str(train), out=str(out), val_shards=str(val), batch_size=16, lr=1e-3, workers=0,
-                log_every=5, eval_every=10, checkpoint_every=1000)
+    base = dict(
+        shards=str(train),
+        out=str(out),
+        val_shards=str(val),
+        batch_size=16,
+        lr=1e-3,
+        workers=0,
+        log_every=5,
+        eval_every=10,
+        checkpoint_every=1000,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
     # 80 steps at 1e-3: at 40 steps and 3e-3 some seeds and sample orders stall at ln 2 (tried on 4 seeds, both formats)
-    summary = fit(_cfg(shards, tmp_path / "run", steps_per_epoch=80, batch_size=32, lr=1e-3), ModelConfig(),
-                  progress=False, log=lambda m: None)
+    summary = fit(
+        _cfg(shards, tmp_path / "run", steps_per_epoch=80, batch_size=32, lr=1e-3),
+        ModelConfig(),
+        progress=False,
+        log=lambda m: None,
+    )
     assert summary["steps"] == 80
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     losses = [float(r["loss"]) for r in rows]
@@ -99,14 +122,23 @@ def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
         fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40), ModelConfig(), progress=False, log=lambda m: None)
 
 
-@pytest.mark.parametrize("straight_kw, interrupted_kw", [
-    ({}, {}),
-    # the device path (here on CPU tensors, 2 DataLoader workers): the same weights as the CPU cut, also after a resume
-    ({"workers": 2}, {"workers": 2, "cut_on_device": True}),
-], ids=["cpu-cut", "cut-on-device"])
+@pytest.mark.parametrize(
+    "straight_kw, interrupted_kw",
+    [
+        ({}, {}),
+        # the device path (here on CPU tensors, 2 DataLoader workers): the same weights as the CPU cut,
+        # also after a resume
+        ({"workers": 2}, {"workers": 2, "cut_on_device": True}),
+    ],
+    ids=["cpu-cut", "cut-on-device"],
+)
 def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch, straight_kw, interrupted_kw):
-    straight = fit(_cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, **straight_kw), ModelConfig(),
-                   progress=False, log=lambda m: None)
+    straight = fit(
+        _cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, **straight_kw),
+        ModelConfig(),
+        progress=False,
+        log=lambda m: None,
+    )
     import trainer.fit as fit_mod
 
     real = fit_mod._log_row
@@ -137,8 +169,9 @@ class Payload:
 
 
 def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
-    torch.save({"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": {}, "extra": Payload()},
-               tmp_path / "last.pt")
+    torch.save(
+        {"format": ckpt_io.FORMAT, "version": ckpt_io.VERSION, "model": {}, "extra": Payload()}, tmp_path / "last.pt"
+    )
     with pytest.raises(ckpt_io.CheckpointError, match="refused.*Payload"):
         ckpt_io.load(tmp_path)
     torch.save({"format": "other"}, tmp_path / "other.pt")
@@ -148,7 +181,9 @@ def test_a_pickled_object_in_a_checkpoint_is_refused(tmp_path):
 
 def test_forest_trains_on_streamed_samples_and_saves_without_pickle(shards, tmp_path):
     train, val = shards
-    result = train_forest(str(train), tmp_path / "rf", max_samples=500, val_spec=str(val), workers=1, log=lambda m: None)
+    result = train_forest(
+        str(train), tmp_path / "rf", max_samples=500, val_spec=str(val), workers=1, log=lambda m: None
+    )
     assert result["params"] == {"n_estimators": 50, "max_depth": 6, "min_samples_split": 2}
     assert result["train_accuracy"] > 0.8 and 0 <= result["val"]["dice"] <= 1
     model = ForestModel.load(tmp_path / "rf")
@@ -166,17 +201,39 @@ def test_forest_arrays_predict_exactly_like_scikit_learn():
     labels = (features[:, 300] + features[:, 10] > 255).astype(int)
     forest = RandomForestClassifier(20, max_depth=6, random_state=0).fit(features, labels)
     test = rng.integers(0, 256, (300, 625)).astype(np.float32)
-    np.testing.assert_allclose(ForestModel.from_sklearn(forest, {}).predict_proba(test), forest.predict_proba(test),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        ForestModel.from_sklearn(forest, {}).predict_proba(test), forest.predict_proba(test), atol=1e-12
+    )
 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_gloo(shards, tmp_path):
     train, val = shards
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", "fit", "--shards", str(train),
-           "--val-shards", str(val), "--out", str(tmp_path / "ddp"), "--batch-size", "16", "--lr", "1e-3",
-           "--workers", "1", "--log-every", "5", "--eval-every", "10"]
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "trainer.cli",
+        "fit",
+        "--shards",
+        str(train),
+        "--val-shards",
+        str(val),
+        "--out",
+        str(tmp_path / "ddp"),
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--workers",
+        "1",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "10",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -193,8 +250,12 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     # stream settings) in one process; DDP's averaged gradients equal the mean loss's over the 32 samples.
     from shards.reader import ShardStream
 
-    per_rank = [list(ShardStream(str(train), batch_size=16, shuffle=1024, seed=0, rank=r, world_size=2,
-                                 batches_per_epoch=steps)) for r in range(2)]
+    per_rank = [
+        list(
+            ShardStream(str(train), batch_size=16, shuffle=1024, seed=0, rank=r, world_size=2, batches_per_epoch=steps)
+        )
+        for r in range(2)
+    ]
     ids = [set(sample_ids(batches)) for batches in per_rank]
     assert not ids[0] & ids[1]  # the samples each rank trained on are disjoint
     torch.manual_seed(0)
@@ -213,4 +274,3 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     # Training on one rank's batches only, or on batches the ranks did not see, moves them by whole steps.
     for key, value in ckpt["model"].items():
         assert torch.allclose(value, replay[key], rtol=0, atol=1e-4), (key, (value - replay[key]).abs().max().item())
-

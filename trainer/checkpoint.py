@@ -45,8 +45,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(words), None))
 
 
-REQUIRED = {"model": dict, "model_config": dict, "preprocessing": dict, "optimizer": dict, "rng": dict,
-            "step": int}  # what resuming and evaluating rely on
+REQUIRED = {
+    "model": dict,
+    "model_config": dict,
+    "preprocessing": dict,
+    "optimizer": dict,
+    "rng": dict,
+    "step": int,
+}  # what resuming and evaluating rely on
 
 
 def save(path: str | os.PathLike, payload: dict) -> Path:

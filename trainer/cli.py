@@ -41,37 +41,86 @@ def main() -> None:
 @click.option("--shards", required=True, help="Training shards: directory, manifest, URL or brace pattern.")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--model", type=click.Choice(["cnn3d", "cnn3d-sym", "resnet2d"]), default="cnn3d-sym", show_default=True)
-@click.option("--layout", type=click.Choice(["channels", "concat"]), default="channels", show_default=True,
-              help="cnn3d-sym input: 2 channels (dense-convertible) or the paper's 50x25x25 stack.")
+@click.option(
+    "--layout",
+    type=click.Choice(["channels", "concat"]),
+    default="channels",
+    show_default=True,
+    help="cnn3d-sym input: 2 channels (dense-convertible) or the paper's 50x25x25 stack.",
+)
 @click.option("--val-shards", default=None, help="An un-upsampled stream (build --natural) for the curves.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=POSITIVE, default=1e-5, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers per rank.")
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers per rank."
+)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt at its step.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
-@click.option("--cut-on-device", is_flag=True,
-              help="Blocks shards: keep the pool of blocks on the training device and cut pairs there "
-                   "(each block crosses the bus once). Same batches as the default CPU cut.")
+@click.option(
+    "--cut-on-device",
+    is_flag=True,
+    help="Blocks shards: keep the pool of blocks on the training device and cut pairs there "
+    "(each block crosses the bus once). Same batches as the default CPU cut.",
+)
 @click.option("--class-weights", default=None, metavar="W0,W1", help="Cross-entropy class weights.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--widths", default="16,32,32,64,64", show_default=True, help="cnn3d: output channels of the 5 convolutions.")
-@click.option("--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="cnn3d: first fully connected layer.")
+@click.option(
+    "--widths", default="16,32,32,64,64", show_default=True, help="cnn3d: output channels of the 5 convolutions."
+)
+@click.option(
+    "--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="cnn3d: first fully connected layer."
+)
 @click.option("--pretrained", default="none", show_default=True, help="resnet2d: imagenet, none or a weights PATH.")
 @click.option("--finetune", type=click.Choice(["last", "all"]), default="last", show_default=True)
-@click.option("--timeout", type=FiniteFloat(min=0.1), default=30.0, show_default=True,
-              help="Seconds per HTTP connection attempt to the shard server.")
-@click.option("--retries", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Attempts to open a shard before training stops with an error.")
-def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, batch_size, lr, workers, seed, resume, device,
-        amp, cut_on_device, class_weights, eval_every, val_batches, log_every, checkpoint_every, widths, hidden, pretrained, finetune,
-        timeout, retries) -> None:
+@click.option(
+    "--timeout",
+    type=FiniteFloat(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds per HTTP connection attempt to the shard server.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Attempts to open a shard before training stops with an error.",
+)
+def fit(
+    shards,
+    run_dir,
+    model,
+    layout,
+    val_shards,
+    epochs,
+    steps_per_epoch,
+    batch_size,
+    lr,
+    workers,
+    seed,
+    resume,
+    device,
+    amp,
+    cut_on_device,
+    class_weights,
+    eval_every,
+    val_batches,
+    log_every,
+    checkpoint_every,
+    widths,
+    hidden,
+    pretrained,
+    finetune,
+    timeout,
+    retries,
+) -> None:
     """Train a model on streamed shards (one process, or DDP under torchrun)."""
     from shards.manifest import ManifestError
     from shards.sources import ShardSourceError
@@ -80,13 +129,29 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
     from trainer.models import ModelConfig, ModelError
 
     cfg = TrainConfig(
-        shards=shards, out=run_dir, val_shards=val_shards, epochs=epochs, steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size, lr=lr, workers=workers, seed=seed, device=device, amp=amp, cut_on_device=cut_on_device,
-        class_weights=_pair(class_weights), eval_every=eval_every, val_batches=val_batches, log_every=log_every,
-        checkpoint_every=checkpoint_every, timeout=timeout, retries=retries,
+        shards=shards,
+        out=run_dir,
+        val_shards=val_shards,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        lr=lr,
+        workers=workers,
+        seed=seed,
+        device=device,
+        amp=amp,
+        cut_on_device=cut_on_device,
+        class_weights=_pair(class_weights),
+        eval_every=eval_every,
+        val_batches=val_batches,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        timeout=timeout,
+        retries=retries,
     )
-    model_cfg = ModelConfig(name=model, layout=layout, widths=_ints(widths), hidden=hidden, pretrained=pretrained,
-                            finetune=finetune)
+    model_cfg = ModelConfig(
+        name=model, layout=layout, widths=_ints(widths), hidden=hidden, pretrained=pretrained, finetune=finetune
+    )
     try:
         summary = run_fit(cfg, model_cfg, resume=resume, log=click.echo)
     except (TrainError, ModelError, CheckpointError, ShardSourceError, ManifestError) as exc:
@@ -96,17 +161,24 @@ def fit(shards, run_dir, model, layout, val_shards, epochs, steps_per_epoch, bat
     if summary is None:
         return
     last = summary["last"]
-    click.echo(f"trained {summary['steps']} steps (world size {summary['world_size']}); "
-               f"last loss {float(last.get('loss') or 'nan'):.4f}" + (
-                   f", validation Dice {float(last['val_dice']):.3f}" if last.get("val_dice") not in (None, "") else ""))
+    click.echo(
+        f"trained {summary['steps']} steps (world size {summary['world_size']}); "
+        f"last loss {float(last.get('loss') or 'nan'):.4f}"
+        + (f", validation Dice {float(last['val_dice']):.3f}" if last.get("val_dice") not in (None, "") else "")
+    )
     click.echo(f"run: {run_dir} (checkpoint {summary['checkpoint']}, metrics.csv, curves.png, config.json)")
 
 
 @main.command()
 @click.option("--shards", required=True, help="Training shards: directory, manifest, URL or brace pattern.")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--max-samples", type=click.IntRange(min=10), default=200_000, show_default=True,
-              help="Samples drawn from the stream to fit on (held in RAM: 625 floats each).")
+@click.option(
+    "--max-samples",
+    type=click.IntRange(min=10),
+    default=200_000,
+    show_default=True,
+    help="Samples drawn from the stream to fit on (held in RAM: 625 floats each).",
+)
 @click.option("--grid", is_flag=True, help="3-fold grid search over n_estimators, max_depth, min_samples_split.")
 @click.option("--val-shards", default=None, help="Score voxel Dice/precision/recall on this stream.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
@@ -117,12 +189,15 @@ def rf(shards, run_dir, max_samples, grid, val_shards, seed) -> None:
     from trainer.forest import FOREST, train_forest
 
     try:
-        result = train_forest(shards, run_dir, max_samples=max_samples, grid=grid, seed=seed, val_spec=val_shards,
-                              log=click.echo)
+        result = train_forest(
+            shards, run_dir, max_samples=max_samples, grid=grid, seed=seed, val_spec=val_shards, log=click.echo
+        )
     except (ShardSourceError, ManifestError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"forest {result['params']}: train accuracy {result['train_accuracy']:.3f}" + (
-        f", validation Dice {result['val']['dice']:.3f}" if "val" in result else ""))
+    click.echo(
+        f"forest {result['params']}: train accuracy {result['train_accuracy']:.3f}"
+        + (f", validation Dice {result['val']['dice']:.3f}" if "val" in result else "")
+    )
     click.echo(f"run: {run_dir} ({FOREST}: node arrays, no pickle; config.json)")
 
 

@@ -10,8 +10,19 @@ from shards.tables import read_rows, write_csv
 
 __all__ = ["COLUMNS", "plot", "read_rows", "write_rows"]
 
-COLUMNS = ("step", "epoch", "samples", "loss", "samples_per_s", "data_wait", "skipped",
-           "val_loss", "val_dice", "val_precision", "val_recall")
+COLUMNS = (
+    "step",
+    "epoch",
+    "samples",
+    "loss",
+    "samples_per_s",
+    "data_wait",
+    "skipped",
+    "val_loss",
+    "val_dice",
+    "val_precision",
+    "val_recall",
+)
 
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:

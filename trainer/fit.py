@@ -87,8 +87,19 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     out = Path(cfg.out)
     stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
     try:
-        return _train(cfg, model_cfg, resume, progress and master, log if master else (lambda m: None),
-                      rank, world, device, master, out, ddp)
+        return _train(
+            cfg,
+            model_cfg,
+            resume,
+            progress and master,
+            log if master else (lambda m: None),
+            rank,
+            world,
+            device,
+            master,
+            out,
+            ddp,
+        )
     finally:
         stop()
         if ddp:
@@ -122,22 +133,41 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     steps_per_epoch = cfg.steps_per_epoch or probe.total_samples // (world * cfg.batch_size)
     if steps_per_epoch < 1:
         raise TrainError(f"{cfg.shards}: {probe.total_samples} samples are fewer than one batch per rank")
-    train = ShardStream(cfg.shards, batch_size=cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
-                        batches_per_epoch=steps_per_epoch, device_cut=cfg.cut_on_device, **stream_kw)
+    train = ShardStream(
+        cfg.shards,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        seed=cfg.seed,
+        batches_per_epoch=steps_per_epoch,
+        device_cut=cfg.cut_on_device,
+        **stream_kw,
+    )
     val = None
     if cfg.val_shards:
-        val = ShardStream(cfg.val_shards, batch_size=cfg.batch_size, shuffle=0, seed=cfg.seed,
-                          batches_per_epoch=cfg.val_batches, **stream_kw)
+        val = ShardStream(
+            cfg.val_shards,
+            batch_size=cfg.batch_size,
+            shuffle=0,
+            seed=cfg.seed,
+            batches_per_epoch=cfg.val_batches,
+            **stream_kw,
+        )
         if val.manifest is not None:
-            check_compatible(manifest, f"training shards {cfg.shards}", val.manifest, f"validation shards {cfg.val_shards}")
+            check_compatible(
+                manifest, f"training shards {cfg.shards}", val.manifest, f"validation shards {cfg.val_shards}"
+            )
     if ckpt is not None:
         check_compatible(ckpt["preprocessing"], f"checkpoint {out / ckpt_io.LAST}", manifest, f"shards {cfg.shards}")
         saved = ModelConfig.from_dict(ckpt["model_config"]).to_dict()
         asked = {**model_cfg.to_dict(), "patch": saved["patch"], "norm": saved["norm"]}
         changed = [k for k in saved if saved[k] != asked.get(k)]
         if changed:
-            raise TrainError(f"{out / ckpt_io.LAST}: trained with " + ", ".join(f"{k} {saved[k]}" for k in changed)
-                             + "; this command asks for " + ", ".join(f"{k} {asked.get(k)}" for k in changed))
+            raise TrainError(
+                f"{out / ckpt_io.LAST}: trained with "
+                + ", ".join(f"{k} {saved[k]}" for k in changed)
+                + "; this command asks for "
+                + ", ".join(f"{k} {asked.get(k)}" for k in changed)
+            )
     total_steps = cfg.epochs * steps_per_epoch
     eval_every = cfg.eval_every or max(1, total_steps // 10)
 
@@ -154,29 +184,59 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
         rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
         if step >= total_steps:  # a finished run asked to resume (a re-run of a service): nothing to do
             log(f"{out}: already finished ({step} of {total_steps} steps); nothing to do")
-            return {"run_dir": str(out), "steps": step, "checkpoint": str(out / ckpt_io.LAST),
-                    "last": rows[-1] if rows else {}, "world_size": world, "audit": None}
+            return {
+                "run_dir": str(out),
+                "steps": step,
+                "checkpoint": str(out / ckpt_io.LAST),
+                "last": rows[-1] if rows else {},
+                "world_size": world,
+                "audit": None,
+            }
         log(f"resuming {out} at step {step}")
     raw = model
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
     preprocessing = {"norm": manifest["norm"], "build": manifest["config"], "shards": cfg.shards}
     if master:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.json", json.dumps(
-            {"train": asdict(cfg), "model": model_cfg.to_dict(), "preprocessing": preprocessing, "world_size": world,
-             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}, indent=1, default=list))
+        atomic_write_text(
+            out / "config.json",
+            json.dumps(
+                {
+                    "train": asdict(cfg),
+                    "model": model_cfg.to_dict(),
+                    "preprocessing": preprocessing,
+                    "world_size": world,
+                    "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total_steps,
+                },
+                indent=1,
+                default=list,
+            ),
+        )
 
     def save_checkpoint() -> None:
         if master:
-            ckpt_io.save(out / ckpt_io.LAST, {
-                "model": raw.state_dict(), "optimizer": opt.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-                "rng": ckpt_io.rng_state(), "model_config": model_cfg.to_dict(), "preprocessing": preprocessing,
-                "train_config": json.loads(json.dumps(asdict(cfg), default=list)),
-            })
+            ckpt_io.save(
+                out / ckpt_io.LAST,
+                {
+                    "model": raw.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    "rng": ckpt_io.rng_state(),
+                    "model_config": model_cfg.to_dict(),
+                    "preprocessing": preprocessing,
+                    "train_config": json.loads(json.dumps(asdict(cfg), default=list)),
+                },
+            )
 
-    loader = torch.utils.data.DataLoader(train, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda"
+    )
     to_device = DeviceCutter(device, manifest["config"]["patch"])  # moves x, or cuts blocks on the device
     seen = []  # sample fingerprints, for the rank audit
     window = {"loss": 0.0, "samples": 0, "wait": 0.0, "skipped": 0, "start": time.perf_counter()}
@@ -200,8 +260,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
                 if not _finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
                     save_checkpoint()
-                    raise TrainError(f"step {step + 1}: the loss is not finite ({loss.item()}); stopped with the last "
-                                     f"finite weights in {out / ckpt_io.LAST} (step {step}); try a lower --lr")
+                    raise TrainError(
+                        f"step {step + 1}: the loss is not finite ({loss.item()}); stopped with the last "
+                        f"finite weights in {out / ckpt_io.LAST} (step {step}); try a lower --lr"
+                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -217,8 +279,11 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                     if val is not None and (step % eval_every == 0 or step == total_steps):
                         row.update(_validate(model, raw, val, device, cfg.workers, weight))
                         window["start"] = time.perf_counter()  # validation time is not training throughput
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}",
-                                    wait=f"{100 * row['data_wait']:.1f}%")
+                    bar.set_postfix(
+                        loss=f"{row['loss']:.4f}",
+                        sps=f"{row['samples_per_s']:.0f}",
+                        wait=f"{100 * row['data_wait']:.1f}%",
+                    )
                     if master:
                         rows.append(row)
                         write_rows(out / "metrics.csv", rows)
@@ -236,8 +301,14 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     audit = _audit(raw, seen, world, out if master else None)
     if master:
         plot(rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
-    return {"run_dir": str(out), "steps": step, "checkpoint": str(out / ckpt_io.LAST),
-            "last": rows[-1] if rows else {}, "world_size": world, "audit": audit}
+    return {
+        "run_dir": str(out),
+        "steps": step,
+        "checkpoint": str(out / ckpt_io.LAST),
+        "last": rows[-1] if rows else {},
+        "world_size": world,
+        "audit": audit,
+    }
 
 
 def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
@@ -265,14 +336,21 @@ def _resume_point(out: Path, resume: bool, model_name: str) -> dict | None:
 def _log_row(window: dict, step: int, epoch: int, world: int, device) -> dict:
     """Average the window over ranks, reset it, and return the metrics row."""
     elapsed = time.perf_counter() - window["start"]
-    totals = torch.tensor([window["loss"], window["samples"], window["wait"], window["skipped"]],
-                          dtype=torch.float64, device=device)
+    totals = torch.tensor(
+        [window["loss"], window["samples"], window["wait"], window["skipped"]], dtype=torch.float64, device=device
+    )
     if world > 1:
         dist.all_reduce(totals)
     loss, samples, wait, skipped = totals.tolist()
-    row = {"step": step, "epoch": epoch, "samples": int(samples), "loss": loss / max(samples, 1),
-           "samples_per_s": samples / max(elapsed, 1e-9), "data_wait": wait / world / max(elapsed, 1e-9),
-           "skipped": int(skipped)}
+    row = {
+        "step": step,
+        "epoch": epoch,
+        "samples": int(samples),
+        "loss": loss / max(samples, 1),
+        "samples_per_s": samples / max(elapsed, 1e-9),
+        "data_wait": wait / world / max(elapsed, 1e-9),
+        "skipped": int(skipped),
+    }
     window.update(loss=0.0, samples=0, wait=0.0, skipped=0, start=time.perf_counter())
     return row
 
@@ -286,14 +364,21 @@ def _validate(model, raw, val: ShardStream, device, workers: int, weight) -> dic
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = raw(raw.prepare(x)).float()
         c = confusion(logits.argmax(1) == 1, y == 1)
-        sums += torch.tensor([F.cross_entropy(logits, y, weight=weight, reduction="sum").item(), len(y),
-                              c["tp"], c["fp"], c["fn"]], dtype=torch.float64, device=device)
+        sums += torch.tensor(
+            [F.cross_entropy(logits, y, weight=weight, reduction="sum").item(), len(y), c["tp"], c["fp"], c["fn"]],
+            dtype=torch.float64,
+            device=device,
+        )
     if dist.is_initialized():
         dist.all_reduce(sums)
     loss, n, tp, fp, fn = sums.tolist()
     scores = voxel_scores(tp, fp, fn)
-    return {"val_loss": loss / max(n, 1), "val_dice": scores["dice"], "val_precision": scores["precision"],
-            "val_recall": scores["recall"]}
+    return {
+        "val_loss": loss / max(n, 1),
+        "val_dice": scores["dice"],
+        "val_precision": scores["precision"],
+        "val_recall": scores["recall"],
+    }
 
 
 def _fingerprints(batch: dict) -> torch.Tensor:
@@ -308,7 +393,9 @@ def _audit(raw, seen: list, world: int, out: Path | None) -> dict | None:
     if world == 1:
         return None
     params = torch.cat([p.detach().double().flatten().cpu() for p in raw.state_dict().values()])
-    checksum = torch.tensor([params.sum().item(), (params * torch.arange(len(params), dtype=torch.float64)).sum().item()])
+    checksum = torch.tensor(
+        [params.sum().item(), (params * torch.arange(len(params), dtype=torch.float64)).sum().item()]
+    )
     sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
     dist.all_gather(sums, checksum.double())
     mine = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
@@ -335,4 +422,3 @@ def steps_done(out: str | os.PathLike) -> int:
     """The step of a run directory's last checkpoint (0 when there is none)."""
     last = Path(out) / ckpt_io.LAST
     return int(ckpt_io.load(last)["step"]) if last.exists() else 0
-

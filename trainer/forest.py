@@ -27,7 +27,9 @@ def slice_features(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, 0, :, :, p // 2].reshape(len(x), -1), dtype=np.float32)
 
 
-def collect(spec: str, max_samples: int, batch_size: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict | None]:
+def collect(
+    spec: str, max_samples: int, batch_size: int = 256, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, dict | None]:
     """Up to ``max_samples`` (features, labels) from a shard stream, shuffled; and its manifest."""
     stream = ShardStream(spec, batch_size=batch_size, shuffle=4096, seed=seed)
     xs, ys, n = [], [], 0
@@ -108,8 +110,16 @@ class ForestModel:
         return cls(arrays, json.loads((run_dir / "config.json").read_text()))
 
 
-def train_forest(spec: str, out: str | Path, max_samples: int = 200_000, grid: bool = False, seed: int = 0,
-                 val_spec: str | None = None, workers: int = -1, log=print) -> dict:
+def train_forest(
+    spec: str,
+    out: str | Path,
+    max_samples: int = 200_000,
+    grid: bool = False,
+    seed: int = 0,
+    val_spec: str | None = None,
+    workers: int = -1,
+    log=print,
+) -> dict:
     """Fit the forest (paper settings, or a 3-fold grid search) and save it to ``out``."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import GridSearchCV
@@ -119,16 +129,23 @@ def train_forest(spec: str, out: str | Path, max_samples: int = 200_000, grid: b
     features, labels, manifest = collect(spec, max_samples, seed=seed)
     log(f"forest: {len(labels)} samples ({int(labels.sum())} lesion) from {spec}")
     if grid:
-        search = GridSearchCV(RandomForestClassifier(random_state=seed, n_jobs=workers), GRID, cv=3, scoring="f1",
-                              n_jobs=1)
+        search = GridSearchCV(
+            RandomForestClassifier(random_state=seed, n_jobs=workers), GRID, cv=3, scoring="f1", n_jobs=1
+        )
         search.fit(features, labels)
         params, forest = search.best_params_, search.best_estimator_
         log(f"grid search: best {params} (F1 {search.best_score_:.3f})")
     else:
         params = dict(PAPER)
         forest = RandomForestClassifier(random_state=seed, n_jobs=workers, **params).fit(features, labels)
-    config = {"model": {"name": "rf", **params}, "max_samples": max_samples, "samples": int(len(labels)), "seed": seed,
-              "shards": spec, "preprocessing": {"norm": manifest["norm"], "build": manifest["config"]} if manifest else None}
+    config = {
+        "model": {"name": "rf", **params},
+        "max_samples": max_samples,
+        "samples": int(len(labels)),
+        "seed": seed,
+        "shards": spec,
+        "preprocessing": {"norm": manifest["norm"], "build": manifest["config"]} if manifest else None,
+    }
     model = ForestModel.from_sklearn(forest, config)
     result = {"params": params, "train_accuracy": float((forest.predict(features) == labels).mean())}
     if val_spec:
