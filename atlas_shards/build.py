@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
 from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
 from atlas_shards.spill import write_spill
+from atlas_shards.workers import Workers
 from shards import atomic_write_text, check_output_dir, remote
 from shards.blocks import block_size
 from shards.manifest import ManifestError, read_manifest, write_manifest
@@ -241,29 +240,6 @@ def _prepare(out_dir: Path, work: Path, plan: dict) -> None:
         atomic_write_text(plan_file, json.dumps(plan, sort_keys=True))
 
 
-class Workers:
-    """A spawn-context process pool started once for all passes (or none for one worker)."""
-
-    def __init__(self, workers: int):
-        self.workers, self._pool = workers, None
-
-    def __enter__(self) -> "Workers":
-        if self.workers > 1:
-            ctx = multiprocessing.get_context("spawn")  # no fork after zarr's I/O thread has started
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-
-    def map(self, fn, jobs: list) -> Iterable:
-        """Results in job order."""
-        if self._pool is None or len(jobs) < 2:
-            return map(fn, jobs)
-        return self._pool.map(fn, jobs)
-
-
 def _bar(progress: bool, desc: str, total: int, unit: str):
     from tqdm import tqdm
 
@@ -371,11 +347,7 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
         "schema_version": SCHEMA_VERSION,
         "format": config.format,
         "plan_id": plan["plan_id"],
-        "config": {
-            **asdict(config),
-            "lesion_rate": plan["lesion_rate"],
-            "background_rate": plan["background_rate"],
-        },
+        "config": {**asdict(config), "lesion_rate": plan["lesion_rate"], "background_rate": plan["background_rate"]},
         "norm": {"method": config.norm, **dequantisation(config.norm)},
         "sample": {
             "x": {"dtype": "uint8", "shape": [2, p, p, p], "channels": ["voxel cube", "mirror cube (flipped)"]},

@@ -90,13 +90,7 @@ def ingest(release_dir, store, workers, split_counts, split_fractions, seed, spa
             raise click.BadParameter("three numbers TRAIN,VAL,TEST, not all 0", param_hint=name)  # before any work
     try:
         s = run_ingest(
-            release_dir,
-            store,
-            workers=workers,
-            split_counts=counts,
-            split_fractions=fractions,
-            seed=seed,
-            space=space,
+            release_dir, store, workers=workers, split_counts=counts, split_fractions=fractions, seed=seed, space=space
         )
     except (DiscoveryError, IngestError, StoreError, SplitError) as exc:
         raise click.ClickException(str(exc)) from None

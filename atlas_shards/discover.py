@@ -166,13 +166,7 @@ def _identify(rel: Path, name: str) -> ScanSource:
     if len(parts) >= 3 and _R11_SITE.match(parts[-3]) and _R11_SESSION.match(parts[-1]):
         site, subject, session = parts[-3:]
         return ScanSource(
-            f"{subject}_{session}",
-            subject,
-            session,
-            site,
-            "r1.1",
-            "mni" if "_stx" in name.lower() else "native",
-            None,
+            f"{subject}_{session}", subject, session, site, "r1.1", "mni" if "_stx" in name.lower() else "native", None
         )
     scan_id = "_".join(parts) if parts else Path(name).name.split(".")[0]
     space = "mni" if ("_stx" in name.lower() or "space-mni" in name.lower()) else "native"

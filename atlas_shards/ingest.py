@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from atlas_shards import metadata, store
 from atlas_shards.discover import ScanSource, discover, release_layout
 from atlas_shards.scan import ScanError, prepare_scan
 from atlas_shards.split import make_split
+from atlas_shards.workers import Workers
 
 REPORT = "ingest-report.csv"
 REPORT_COLUMNS = (
@@ -99,15 +99,10 @@ def ingest(
         else:
             todo.append(src)
     bar = tqdm(total=len(todo), desc="ingest", unit="scan", disable=not progress)
-    if workers > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(_ingest_one, release, store_path, s, rows_meta.get(s.subject_id)): s for s in todo}
-            for fut in as_completed(futures):
-                results[_key(futures[fut])] = fut.result()
-                bar.update()
-    else:
-        for src in todo:
-            results[_key(src)] = _ingest_one(release, store_path, src, rows_meta.get(src.subject_id))
+    with Workers(workers) as pool:
+        jobs = [(release, store_path, src, rows_meta.get(src.subject_id)) for src in todo]
+        for src, result in zip(todo, pool.map(_ingest_job, jobs)):
+            results[_key(src)] = result
             bar.update()
     bar.close()
     ordered = [(src, results[_key(src)]) for src in sources]
@@ -120,6 +115,10 @@ def _key(src: ScanSource) -> str:
 
 def _excluded(reason: str) -> dict:
     return {"excluded": reason}
+
+
+def _ingest_job(job: tuple) -> dict:
+    return _ingest_one(*job)
 
 
 def _ingest_one(release: Path, store_path: Path, src: ScanSource, meta_row: dict | None) -> dict:

@@ -7,10 +7,13 @@ canonical grid maps back to the original file grid voxel for voxel.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from nibabel import orientations as nio
 
 from atlas_shards.brainmask import head_mask
+from shards import atomic_path
 
 RAS = nio.axcodes2ornt(("R", "A", "S"))
 
@@ -91,3 +94,14 @@ def estimate_mirror(volume: np.ndarray, search: float = 0.2) -> float:
 def mirror_indices(n: int, mirror: float) -> np.ndarray:
     """Index of each voxel's mirror along the first axis (may fall outside)."""
     return (int(round(2 * mirror)) - np.arange(n)).astype(np.int64)
+
+
+def write_on_original_grid(path: str | os.PathLike, canonical: np.ndarray, attrs: dict, dtype=np.uint8) -> None:
+    """Write a canonical array on the scan's original grid and affine (temporary name, then rename)."""
+    import nibabel as nib
+
+    data = from_canonical(canonical.astype(dtype), attrs["canonical_transform"], tuple(attrs["original_shape"][:3]))
+    img = nib.Nifti1Image(data, np.asarray(attrs["original_affine"], dtype=float))
+    img.header.set_data_dtype(dtype)
+    with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
+        nib.save(img, tmp)  # nibabel compresses by the extension: .nii.gz or .nii, as the caller named it

@@ -8,6 +8,7 @@ fourth axis) are repaired and listed in ``repairs``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,19 +71,59 @@ def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
 
 
 def prepare_scan(root: Path, source: ScanSource) -> PreparedScan:
-    """Validate and canonicalise one scan (see module docstring)."""
+    """Validate and canonicalise one scan found in a release: ``preprocess`` on its files, plus its identity."""
     if source.problem:
         raise ScanError(source.problem)
+    if source.labelled and not source.masks:
+        raise ScanError("labelled, but no lesion mask was found")
+    scan = preprocess(
+        root / source.t1,
+        [root / m for m in source.masks] if source.labelled else [],
+        root / source.brain_mask if source.brain_mask else None,
+        source.space,
+    )
+    identity = {
+        "scan_id": source.scan_id,
+        "subject_id": source.subject_id,
+        "session": source.session,
+        "cohort": source.cohort,
+        "layout": source.layout,
+        "source_t1": source.t1,
+        "source_masks": list(source.masks),
+        "source_brain_mask": source.brain_mask,
+    }
+    scan.attrs = {**identity, **scan.attrs}
+    return scan
+
+
+def preprocess(
+    t1_path: Path, masks: Sequence[Path] = (), brain_mask: Path | None = None, space: str = "native"
+) -> PreparedScan:
+    """Validate and canonicalise one scan given by its files (see module docstring).
+
+    The one preprocessing of the project: ingest calls it for every scan of a
+    release, ``atlas-evaluate predict`` for a single T1 file.
+
+    Args:
+        t1_path: the T1 NIfTI.
+        masks: its lesion masks (OR-ed); none for an unlabelled scan.
+        brain_mask: the user's own brain mask, if any.
+        space: ``mni`` (standard space: MNI152 brain mask, mirror plane from
+            the affine) or ``native`` (both estimated from the image).
+
+    Raises:
+        ScanError: the scan cannot be used; the message says why.
+    """
     repairs: list[str] = []
     notes: list[str] = []
-    t1, affine, dtype = _load(root / source.t1, "T1", repairs)
+    t1, affine, dtype = _load(Path(t1_path), "T1", repairs)
     if float(t1.max()) == float(t1.min()):
-        raise ScanError(f"T1 {Path(source.t1).name} is constant ({float(t1.min())}): no image")
+        raise ScanError(f"T1 {Path(t1_path).name} is constant ({float(t1.min())}): no image")
     lesion = None
-    if source.labelled:
+    if masks:
         lesion = np.zeros(t1.shape, dtype=bool)
-        for rel in source.masks:
-            mask, mask_affine, _ = _load(root / rel, "lesion mask", repairs)
+        for rel in masks:
+            mask, mask_affine, _ = _load(Path(rel), "lesion mask", repairs)
             if not _same_grid(mask.shape, mask_affine, t1.shape, affine):
                 raise ScanError(
                     f"lesion mask {Path(rel).name} grid (shape {mask.shape}) does not match the T1 grid "
@@ -96,17 +137,17 @@ def prepare_scan(root: Path, source: ScanSource) -> PreparedScan:
         if not lesion.any():
             raise ScanError("lesion mask is empty (no voxel > 0)")
     user_brain = None
-    if source.brain_mask:
-        user_brain, brain_affine, _ = _load(root / source.brain_mask, "brain mask", repairs)
+    if brain_mask:
+        user_brain, brain_affine, _ = _load(Path(brain_mask), "brain mask", repairs)
         if not _same_grid(user_brain.shape, brain_affine, t1.shape, affine):
-            raise ScanError(f"brain mask {Path(source.brain_mask).name} grid does not match the T1 grid")
+            raise ScanError(f"brain mask {Path(brain_mask).name} grid does not match the T1 grid")
 
     canon_t1, canon_affine, transform = orient.to_canonical(t1, affine)
     voxel_mm = tuple(float(v) for v in nib.affines.voxel_sizes(canon_affine))
     if user_brain is not None:
         brain = orient.to_canonical(user_brain, affine)[0] > 0
         brain_source = "user"
-    elif source.space == "mni":
+    elif space == "mni":
         brain = brainmask.mni_brain_mask(canon_t1.shape, canon_affine)
         brain_source = "mni152"
     else:
@@ -122,7 +163,7 @@ def prepare_scan(root: Path, source: ScanSource) -> PreparedScan:
         raise ScanError("brain mask is empty")
 
     mirror_image = orient.estimate_mirror(canon_t1)
-    if source.space == "mni":
+    if space == "mni":
         mirror, mirror_source = orient.mirror_from_affine(canon_affine, canon_t1.shape), "affine"
         if not 0 <= mirror < canon_t1.shape[0]:
             notes.append(f"affine puts x = 0 outside the image (index {mirror}); mirror estimated from the image")
@@ -133,16 +174,8 @@ def prepare_scan(root: Path, source: ScanSource) -> PreparedScan:
         mirror, mirror_source = mirror_image, "image"
 
     attrs = {
-        "scan_id": source.scan_id,
-        "subject_id": source.subject_id,
-        "session": source.session,
-        "cohort": source.cohort,
-        "layout": source.layout,
-        "space": source.space,
-        "labelled": source.labelled,
-        "source_t1": source.t1,
-        "source_masks": list(source.masks),
-        "source_brain_mask": source.brain_mask,
+        "space": space,
+        "labelled": lesion is not None,
         "original_shape": list(t1.shape),
         "original_affine": np.asarray(affine).tolist(),
         "original_axcodes": orient.axcodes(affine),

@@ -13,13 +13,13 @@ import csv
 import io
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from atlas_shards.workers import Workers
 from shards import atomic_path, atomic_write_bytes, atomic_write_text
 
 LAYOUTS = ("r1.1", "r1.2", "r2.0", "native")
@@ -78,14 +78,9 @@ def synthesize_release(
     jobs = [(out, p, seed) for p in plans]
     done: list[ScanPlan] = []
     bar = tqdm(total=len(jobs), desc=f"synth {layout}", unit="scan", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for plan in pool.map(_write_scan, jobs):
-                done.append(plan)
-                bar.update()
-    else:
-        for job in jobs:
-            done.append(_write_scan(job))
+    with Workers(workers) as pool:
+        for plan in pool.map(_write_scan, jobs):
+            done.append(plan)
             bar.update()
     bar.close()
     _write_extras(out, layout, done)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from atlas_shards import store as zstore
-from evaluate.predictors import DenseCNN, Predictor
+from evaluate.predictors import DenseCNN, TorchPredictor
 from evaluate.volume import brain_bbox, lesion_logits
 from shards.norm import normalise
 from shards.patches import PairCutter
@@ -40,7 +40,7 @@ def main() -> None:
         "norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
         "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01},
     }
-    pred = Predictor(
+    pred = TorchPredictor(
         "cnn3d-sym",
         Path("."),
         model.cfg.to_dict(),

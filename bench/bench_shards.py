@@ -69,24 +69,8 @@ def tree_memory_kb(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def run_build(store: Path, out: Path, workers: int, lesion_rate: float, fmt: str = "pairs") -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "atlas_shards.cli",
-        "build",
-        str(store),
-        str(out),
-        "--split",
-        "train",
-        "--lesion-rate",
-        str(lesion_rate),
-        "--shard-size-mb",
-        "64",
-        "--workers",
-        str(workers),
-        "--format",
-        fmt,
-    ]
+    options = f"--split train --lesion-rate {lesion_rate} --shard-size-mb 64 --workers {workers} --format {fmt}"
+    cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), str(out), *options.split()]
     shutil.rmtree(out, ignore_errors=True)
     peak_sum, hwm, start = 0, {}, time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -71,18 +72,39 @@ class DenseCNN(nn.Module):
         return self.net(x)
 
 
-@dataclass
-class Predictor:
-    """A trained run: lesion probabilities for stored pairs, patch by patch or dense."""
+class Predictor(Protocol):
+    """A trained run as a voxel classifier: lesion logits for stored pairs, patch by patch or dense.
+
+    Implemented by ``TorchPredictor`` (the CNNs and the ResNet) and ``ForestPredictor``.
+    """
 
     name: str
-    run_dir: Path
+    run_dir: Path | None
     config: dict
     preprocessing: dict
-    model: nn.Module | None = None
-    forest: ForestModel | None = None
-    dense: DenseCNN | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dense: DenseCNN | None  # the exact dense twin, when the model has one
+
+    @property
+    def patch(self) -> int: ...
+
+    @property
+    def norm(self) -> dict: ...
+
+    def prior_shift(self) -> float: ...
+
+    def patch_logits(self, pairs: np.ndarray, batch: int = 512) -> np.ndarray: ...
+
+    def dense_logits(self, padded_tile: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass
+class _Run:
+    """What every trained run has: its name, directory, model settings and preprocessing."""
+
+    name: str
+    run_dir: Path | None
+    config: dict
+    preprocessing: dict
 
     @property
     def patch(self) -> int:
@@ -98,11 +120,18 @@ class Predictor:
         lesion, background = float(build["lesion_rate"]), float(build["background_rate"])
         return 0.0 if lesion <= 0 or background <= 0 else math.log(lesion / background)
 
+
+@dataclass
+class TorchPredictor(_Run):
+    """A trained network (``atlas-train fit``); ``dense`` is its fully convolutional twin, when it has one."""
+
+    model: nn.Module = None
+    dense: DenseCNN | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
     @torch.no_grad()
     def patch_logits(self, pairs: np.ndarray, batch: int = 512) -> np.ndarray:
         """``(B, 2, P, P, P) uint8`` -> lesion logit ``(B,)`` (float64), the reference path."""
-        if self.forest is not None:
-            return logit(np.clip(self.forest.lesion_probability(pairs), 1e-6, 1 - 1e-6))
         out = []
         for start in range(0, len(pairs), batch):
             x = torch.from_numpy(np.ascontiguousarray(pairs[start : start + batch])).to(self.device)
@@ -114,13 +143,26 @@ class Predictor:
     def dense_logits(self, padded_tile: np.ndarray) -> np.ndarray:
         """``(2, x+P-1, y+P-1, z+P-1) uint8`` padded pair tile -> lesion logit ``(x, y, z)``."""
         x = dequantise(torch.from_numpy(np.ascontiguousarray(padded_tile)).to(self.device), self.norm)
-        if self.config["name"] == "cnn3d":
-            x = x[:1]
-        logits = self.dense(x.unsqueeze(0))[0].double()
+        logits = self.dense(self.model.channels(x.unsqueeze(0)))[0].double()
         return (logits[1] - logits[0]).cpu().numpy()
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Predictor:
+@dataclass
+class ForestPredictor(_Run):
+    """The random-forest baseline (``atlas-train rf``): patch by patch only."""
+
+    forest: ForestModel = None
+    dense: None = None
+
+    def patch_logits(self, pairs: np.ndarray, batch: int = 512) -> np.ndarray:
+        """``(B, 2, P, P, P) uint8`` -> lesion logit ``(B,)`` (float64)."""
+        return logit(np.clip(self.forest.lesion_probability(pairs), 1e-6, 1 - 1e-6))
+
+    def dense_logits(self, padded_tile: np.ndarray) -> np.ndarray:
+        raise EvaluateError("the random forest has no dense path; it is evaluated patch by patch")
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> TorchPredictor | ForestPredictor:
     """Load a training run directory (``last.pt``, or ``forest.npz`` for the forest)."""
     run_dir = Path(run_dir)
     try:
@@ -132,7 +174,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Pr
         pre = forest.config.get("preprocessing")
         if pre is None:
             raise EvaluateError(f"{run_dir}: forest trained without a shard manifest: its preprocessing is unknown")
-        return Predictor("rf", run_dir, forest.config["model"], pre, forest=forest)
+        return ForestPredictor("rf", run_dir, forest.config["model"], pre, forest=forest)
     try:
         ckpt = ckpt_io.load(run_dir)
     except ckpt_io.CheckpointError as exc:
@@ -142,7 +184,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> Pr
     model = build_model(cfg)
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
-    pred = Predictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=device)
+    pred = TorchPredictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=device)
     if dense and isinstance(model, PatchCNN) and cfg.layout == "channels":
         pred.dense = DenseCNN(model).eval().to(device)
     return pred

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
-from atlas_shards.orient import from_canonical
+from atlas_shards.orient import write_on_original_grid
 from evaluate.metrics import case_metrics, summarise
 from evaluate.predictors import EvaluateError, Predictor, load_run
 from evaluate.volume import lesion_logits, to_probability
-from shards import atomic_path, atomic_write_text, check_output_dir
+from shards import atomic_write_text, check_output_dir
 from shards.scores import dice as voxel_dice
 from shards.tables import write_csv
 
@@ -75,17 +75,6 @@ def choose_threshold(
     return float(THRESHOLDS[int(np.argmax(dice))])
 
 
-def save_nifti(path: Path, canonical: np.ndarray, attrs: dict, dtype=np.uint8) -> None:
-    """Write a canonical array on the scan's original grid and affine (temporary name, then rename)."""
-    import nibabel as nib
-
-    data = from_canonical(canonical.astype(dtype), attrs["canonical_transform"], tuple(attrs["original_shape"][:3]))
-    img = nib.Nifti1Image(data, np.asarray(attrs["original_affine"], dtype=float))
-    img.header.set_data_dtype(dtype)
-    with atomic_path(path, suffix=".nii.gz" if str(path).endswith(".gz") else ".nii") as tmp:
-        nib.save(img, tmp)  # nibabel compresses by the extension: .nii.gz or .nii, as the caller named it
-
-
 def evaluate_split(
     run_dir,
     store_path,
@@ -137,9 +126,11 @@ def evaluate_split(
                 **case_metrics(mask, data["lesion"] > 0, voxel_ml),
                 "status": "ok",
             }
-            save_nifti(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)
+            write_on_original_grid(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)
             if save_probabilities:
-                save_nifti(out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32)
+                write_on_original_grid(
+                    out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32
+                )
             masks[scan_id] = np.packbits(mask)
         except zstore.DamagedScan as exc:  # never used silently: skipped, and subjects.csv says why
             row = {"scan_id": scan_id, "status": f"damaged: {str(exc).removeprefix(f'{scan_id}: ')}"}

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas_shards.discover import ScanSource
-from atlas_shards.scan import ScanError, prepare_scan
+from atlas_shards.orient import write_on_original_grid
+from atlas_shards.scan import ScanError, preprocess
 from evaluate.predictors import EvaluateError, load_run
-from evaluate.run import save_nifti
 from evaluate.volume import lesion_logits, to_probability
 from shards import check_output_dir
 
@@ -59,19 +58,8 @@ def predict_file(
         space = guess_space(t1) if space == "auto" else space
     except Exception as exc:  # nibabel's errors for a file that is not an image
         raise EvaluateError(f"{t1}: not a readable NIfTI image ({type(exc).__name__}: {exc})") from None
-    source = ScanSource(
-        scan_id=t1.name.split(".")[0],
-        subject_id="",
-        session="",
-        cohort="",
-        layout="generic",
-        space=space,
-        t1=t1.name,
-        labelled=False,
-        brain_mask=str(Path(brain_mask).resolve()) if brain_mask else None,
-    )
     try:
-        scan = prepare_scan(t1.parent, source)
+        scan = preprocess(t1, brain_mask=Path(brain_mask).resolve() if brain_mask else None, space=space)
     except ScanError as exc:
         raise EvaluateError(f"{t1}: {exc}") from None
     pred = load_run(run_dir, device=device)
@@ -79,9 +67,9 @@ def predict_file(
     logits[scan.brain == 0] = -np.inf
     prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)
     mask = prob > threshold
-    save_nifti(Path(out_mask), mask, scan.attrs)
+    write_on_original_grid(Path(out_mask), mask, scan.attrs)
     if probabilities:
-        save_nifti(Path(probabilities), prob, scan.attrs, np.float32)
+        write_on_original_grid(Path(probabilities), prob, scan.attrs, np.float32)
     return {
         "space": space,
         "mirror_index": scan.attrs["mirror_index"],

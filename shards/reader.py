@@ -40,12 +40,14 @@ Handler = Callable[[Exception, str], None]
 STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, http.client.HTTPException, RecordError)
 
 
-def warn_and_continue(exc: Exception, where: str) -> None:
-    """Error policy: log one warning naming the shard, skip, go on."""
+# Error policies of ShardStream, ``policy(exc, where)``: named apart from webdataset's handlers on purpose,
+# whose contract is ``handler(exn) -> bool`` (``shards.stages`` takes those).
+def warn_and_skip_shard(exc: Exception, where: str) -> None:
+    """Error policy: log one warning naming the shard, skip the rest of it, go on."""
     log.warning("%s: skipped (%s: %s)", where, type(exc).__name__, exc)
 
 
-def reraise(exc: Exception, where: str) -> None:
+def stop_at_damage(exc: Exception, where: str) -> None:
     """Error policy: stop at the first damaged record."""
     raise ShardSourceError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
@@ -76,7 +78,7 @@ class Stats:
 def read_records(
     shards: Iterable[Shard],
     keep: tuple[int, int] | None = None,
-    handler: Handler = warn_and_continue,
+    handler: Handler = warn_and_skip_shard,
     stats: Stats | None = None,
     timeout: float = 30.0,
     retries: int = 3,
@@ -163,7 +165,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             default is one pass over the data, the last batch possibly short
             unless ``drop_last``.
         rank, world_size: override the detection (tests, custom launchers).
-        handler: error policy for damaged shards (``warn_and_continue``, ``reraise``).
+        handler: error policy for damaged shards (``warn_and_skip_shard``, ``stop_at_damage``).
         timeout, retries: per HTTP connection; an unreachable shard raises
             ``ShardSourceError`` within about ``retries * (timeout + 2)`` s.
         pool_blocks: with blocks shards and ``shuffle`` > 0, the pool also
@@ -188,7 +190,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         drop_last: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
-        handler: Handler = warn_and_continue,
+        handler: Handler = warn_and_skip_shard,
         timeout: float = 30.0,
         retries: int = 3,
         pool_blocks: int = 128,

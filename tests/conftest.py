@@ -201,3 +201,9 @@ def assert_stopped_unreachable(proc, out, steps: int) -> None:
     assert len(errors) == 1 and "unreachable" in errors[0] and "Traceback" not in stderr, stderr[-2000:]
     step = ckpt_io.load(out)["step"]  # only the save on failure writes one (--checkpoint-every is out of reach)
     assert 5 <= step < steps and f"shards unreachable at step {step}" in stdout
+
+
+def fit_argv(shards, out, steps: int, *extra: str) -> list[str]:
+    """``atlas-train fit`` arguments of a short test run: batches of 16, no DataLoader worker, a row every 5 steps."""
+    short = "--batch-size 16 --workers 0 --log-every 5".split()
+    return ["fit", "--shards", str(shards), "--out", str(out), "--steps-per-epoch", str(steps), *short, *extra]

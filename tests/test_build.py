@@ -183,30 +183,9 @@ def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt)
     from shards.tario import sha256_file
 
     store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
-    cmd = [
-        sys.executable,
-        "-m",
-        "atlas_shards.cli",
-        "build",
-        str(store),
-        "",
-        "--split",
-        "train",
-        "--patch",
-        "9",
-        "--background-rate",
-        "0.5",
-        "--num-shards",
-        "7",
-        "--samples-per-record",
-        "64",
-        "--workers",
-        "2",
-        "--format",
-        fmt,
-        "--block",
-        "8",
-    ]
+    options = "--split train --patch 9 --background-rate 0.5 --num-shards 7 --samples-per-record 64 --workers 2"
+    cmd = [sys.executable, "-m", "atlas_shards.cli", "build", str(store), "", *options.split(), "--format", fmt]
+    cmd += ["--block", "8"]
 
     def progress(out):
         """Scans spilled plus shards landed: the build's own markers, so a kill lands mid-build on any machine."""

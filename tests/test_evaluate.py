@@ -13,7 +13,7 @@ import torch
 from conftest import build_quietly
 from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
 from shards.scores import dice
-from evaluate.predictors import DenseCNN, Predictor, load_run
+from evaluate.predictors import DenseCNN, Predictor, TorchPredictor, load_run
 from evaluate.run import evaluate_split
 from evaluate.volume import lesion_logits
 from shards.norm import normalise
@@ -72,7 +72,7 @@ def _predictor(name: str, seed: int) -> Predictor:
         "norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
         "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01},
     }
-    return Predictor(name, None, model.cfg.to_dict(), pre, model=model, dense=DenseCNN(model).eval())
+    return TorchPredictor(name, None, model.cfg.to_dict(), pre, model=model, dense=DenseCNN(model).eval())
 
 
 @pytest.mark.parametrize("name, mirror", [("cnn3d", 14.5), ("cnn3d-sym", 14.5), ("cnn3d-sym", 11.0)])

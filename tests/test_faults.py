@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from atlas_shards.cli import main as shards_cli
 from atlas_shards.serve import free_port, serving
-from conftest import assert_stopped_unreachable, build_quietly, start_training
+from conftest import assert_stopped_unreachable, build_quietly, fit_argv, start_training
 from evaluate.cli import main as evaluate_cli
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main as train_cli
@@ -37,49 +37,14 @@ def test_training_survives_a_damaged_shard_and_counts_it(shard_dir, tmp_path):
     shutil.copytree(shard_dir, damaged)
     victim = sorted(damaged.glob("*.tar"))[2]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    r = CliRunner().invoke(
-        train_cli,
-        [
-            "fit",
-            "--shards",
-            str(damaged),
-            "--out",
-            str(tmp_path / "run"),
-            "--steps-per-epoch",
-            "30",
-            "--batch-size",
-            "16",
-            "--workers",
-            "0",
-            "--log-every",
-            "5",
-        ],
-    )
+    r = CliRunner().invoke(train_cli, fit_argv(damaged, tmp_path / "run", 30))
     assert r.exit_code == 0, r.output
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     assert int(rows[-1]["step"]) == 30 and sum(int(row["skipped"]) for row in rows) > 0
 
 
 def _train_cmd(shards: str, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        str(BIN / "atlas-train"),
-        "fit",
-        "--shards",
-        shards,
-        "--out",
-        str(out),
-        "--steps-per-epoch",
-        str(steps),
-        "--batch-size",
-        "16",
-        "--workers",
-        "0",
-        "--log-every",
-        "5",
-        "--checkpoint-every",
-        "5",
-        *extra,
-    ]
+    return [str(BIN / "atlas-train"), *fit_argv(shards, out, steps, "--checkpoint-every", "5", *extra)]
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from atlas_shards.cli import main as shards_cli
 from atlas_shards.serve import free_port
-from conftest import assert_stopped_unreachable, build_quietly, start_training
+from conftest import assert_stopped_unreachable, build_quietly, fit_argv, start_training
 from evaluate.cli import main as evaluate_cli
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main as train_cli
@@ -148,28 +148,8 @@ def test_a_bucket_gone_mid_epoch_leaves_a_checkpoint_and_one_line(tiny_store, tm
     out = tmp_path / "run"
     with S3("gone") as s3:
         s3.fs.put(str(tmp_path / "train"), "gone/train", recursive=True)
-        cmd = [
-            str(BIN / "atlas-train"),
-            "fit",
-            "--shards",
-            "s3://gone/train/",
-            "--out",
-            str(out),
-            "--steps-per-epoch",
-            "5000",
-            "--batch-size",
-            "16",
-            "--workers",
-            "0",
-            "--log-every",
-            "5",
-            "--timeout",
-            "1",
-            "--retries",
-            "2",
-            "--checkpoint-every",
-            "100000",
-        ]
+        extra = "--timeout 1 --retries 2 --checkpoint-every 100000".split()
+        cmd = [str(BIN / "atlas-train"), *fit_argv("s3://gone/train/", out, 5000, *extra)]
         proc = start_training(cmd, out)
     assert_stopped_unreachable(proc, out, 5000)
 

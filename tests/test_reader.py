@@ -12,7 +12,7 @@ import torch
 
 from atlas_shards.serve import free_port
 from conftest import build_quietly, sample_ids
-from shards.reader import ShardStream, batch_samples, read_records, reraise
+from shards.reader import ShardStream, batch_samples, read_records, stop_at_damage
 from shards.sources import Shard, ShardSourceError, resolve
 from shards.views import axial_slice, concat_pair, dequantise, single_cube
 
@@ -132,7 +132,7 @@ def test_damaged_shards_are_skipped_counted_and_named_once(pairs_dir, tmp_path, 
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 2 and any(names[1] in w for w in warned) and any(names[3] in w for w in warned)
     with pytest.raises(ShardSourceError, match=names[3]):
-        list(ShardStream(str(copy / names[3]), batch_size=16, handler=reraise))
+        list(ShardStream(str(copy / names[3]), batch_size=16, handler=stop_at_damage))
 
 
 def test_ddp_ranks_stay_equal_when_a_shard_is_damaged(shard_dir, tmp_path):

@@ -14,8 +14,7 @@ import os
 import signal
 import threading
 import time
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,8 +26,9 @@ from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
-from trainer import checkpoint as ckpt_io
 from shards.scores import confusion, voxel_scores
+from trainer import audit
+from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
 from trainer.models import ModelConfig, build_model
@@ -64,8 +64,6 @@ class TrainConfig:
 
 def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``model_cfg`` on ``cfg.shards``; returns a summary (rank 0's view)."""
-    # -- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) --
-    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         chosen = resolve_device(cfg.device)  # before any work: a GPU that is not there is a one-line error
     except ValueError as exc:
@@ -73,37 +71,52 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     if not math.isfinite(cfg.lr) or cfg.lr <= 0:
         raise TrainError(f"--lr must be a finite positive number, got {cfg.lr}")
     check_output_dir(cfg.out)
-    cuda = chosen.type == "cuda"
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local = dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-    else:
-        rank, world = 0, 1
-        device = chosen
-    master = rank == 0
-    out = Path(cfg.out)
+    ranks = setup_distributed(chosen)
     stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
     try:
-        return _train(
-            cfg,
-            model_cfg,
-            resume,
-            progress and master,
-            log if master else (lambda m: None),
-            rank,
-            world,
-            device,
-            master,
-            out,
-            ddp,
-        )
+        quiet = not ranks.master  # rank 0 logs and checkpoints
+        return _train(cfg, model_cfg, resume, ranks, progress and not quiet, (lambda m: None) if quiet else log)
     finally:
         stop()
-        if ddp:
+        if ranks.ddp:
             dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among the others: its rank, the world size, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(chosen: torch.device) -> Ranks:
+    """DDP when torchrun started us (``RANK``, ``WORLD_SIZE`` > 1): the process group, a device per local rank."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Ranks(0, 1, chosen, ddp=False)
+    cuda = chosen.type == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return Ranks(dist.get_rank(), dist.get_world_size(), device, ddp=True)
+
+
+@dataclass
+class Window:
+    """What this rank adds up between two rows of ``metrics.csv``."""
+
+    loss: float = 0.0  # summed over samples
+    samples: int = 0
+    wait: float = 0.0  # seconds waiting for data
+    skipped: int = 0  # damaged records the reader skipped
+    start: float = field(default_factory=time.perf_counter)
 
 
 def _sigterm_interrupts():
@@ -118,30 +131,31 @@ def _sigterm_interrupts():
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
-def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, out, ddp) -> dict:
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks, progress: bool, log) -> dict:
     from tqdm import tqdm
 
+    world, device, master, out = ranks.world, ranks.device, ranks.master, Path(cfg.out)
     ckpt = _resume_point(out, resume, model_cfg.name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
 
     # -- data: every rank gets exactly steps_per_epoch full batches per epoch --
     stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries}
-    probe = ShardStream(cfg.shards, batch_size=cfg.batch_size, batches_per_epoch=1, **stream_kw)
-    manifest = probe.manifest
-    if manifest is None or probe.total_samples is None:
-        raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
-    steps_per_epoch = cfg.steps_per_epoch or probe.total_samples // (world * cfg.batch_size)
-    if steps_per_epoch < 1:
-        raise TrainError(f"{cfg.shards}: {probe.total_samples} samples are fewer than one batch per rank")
-    train = ShardStream(
+    train = ShardStream(  # the source resolved once; its length set below, from the manifest
         cfg.shards,
         batch_size=cfg.batch_size,
         shuffle=cfg.shuffle,
         seed=cfg.seed,
-        batches_per_epoch=steps_per_epoch,
+        batches_per_epoch=1,
         device_cut=cfg.cut_on_device,
         **stream_kw,
     )
+    manifest = train.manifest
+    if manifest is None or train.total_samples is None:
+        raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
+    steps_per_epoch = cfg.steps_per_epoch or train.total_samples // (world * cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise TrainError(f"{cfg.shards}: {train.total_samples} samples are fewer than one batch per rank")
+    train.batches_per_epoch = steps_per_epoch
     val = None
     if cfg.val_shards:
         val = ShardStream(
@@ -172,7 +186,7 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     eval_every = cfg.eval_every or max(1, total_steps // 10)
 
     # -- model, optimiser, resume --
-    model_cfg.patch, model_cfg.norm = manifest["config"]["patch"], manifest["norm"]
+    model_cfg = replace(model_cfg, patch=manifest["config"]["patch"], norm=manifest["norm"])  # the caller's stays
     model = build_model(model_cfg).to(device)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     step, rows = 0, []
@@ -184,17 +198,10 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
         rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
         if step >= total_steps:  # a finished run asked to resume (a re-run of a service): nothing to do
             log(f"{out}: already finished ({step} of {total_steps} steps); nothing to do")
-            return {
-                "run_dir": str(out),
-                "steps": step,
-                "checkpoint": str(out / ckpt_io.LAST),
-                "last": rows[-1] if rows else {},
-                "world_size": world,
-                "audit": None,
-            }
+            return _summary(out, step, rows, world, None)
         log(f"resuming {out} at step {step}")
     raw = model
-    if ddp:
+    if ranks.ddp:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -239,7 +246,7 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     )
     to_device = DeviceCutter(device, manifest["config"]["patch"])  # moves x, or cuts blocks on the device
     seen = []  # sample fingerprints, for the rank audit
-    window = {"loss": 0.0, "samples": 0, "wait": 0.0, "skipped": 0, "start": time.perf_counter()}
+    window = Window()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
     try:
         for epoch in range(step // steps_per_epoch, cfg.epochs):
@@ -268,17 +275,17 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
                 loss.backward()
                 opt.step()
                 step += 1
-                if world > 1 and len(seen) < 4096:
-                    seen.append(_fingerprints(batch))
-                window["loss"] += loss.item() * len(y)
-                window["samples"] += len(y)
-                window["wait"] += waited
-                window["skipped"] += int(batch["skipped"])
+                if world > 1 and len(seen) < audit.KEEP:
+                    seen.append(audit.fingerprint(batch))
+                window.loss += loss.item() * len(y)
+                window.samples += len(y)
+                window.wait += waited
+                window.skipped += int(batch["skipped"])
                 if step % cfg.log_every == 0 or step % eval_every == 0 or step == total_steps:
-                    row = _log_row(window, step, epoch, world, device)
+                    row, window = _log_row(window, step, epoch, world, device), Window()
                     if val is not None and (step % eval_every == 0 or step == total_steps):
                         row.update(_validate(model, raw, val, device, cfg.workers, weight))
-                        window["start"] = time.perf_counter()  # validation time is not training throughput
+                        window = Window()  # validation time is not training throughput
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}",
                         sps=f"{row['samples_per_s']:.0f}",
@@ -298,16 +305,22 @@ def _train(cfg, model_cfg, resume, progress, log, rank, world, device, master, o
     finally:
         bar.close()
     save_checkpoint()
-    audit = _audit(raw, seen, world, out if master else None)
+    rank_audit = audit.audit(raw, seen, world, out if master else None)
     if master:
         plot(rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
+    return _summary(out, step, rows, world, rank_audit)
+
+
+def _summary(out: Path, step: int, rows: list[dict], world: int, rank_audit: dict | None) -> dict:
+    """What ``fit`` returns (rank 0's view): the run, its steps, the last metrics row, the DDP audit."""
+    last = rows[-1] if rows else {}
     return {
         "run_dir": str(out),
         "steps": step,
         "checkpoint": str(out / ckpt_io.LAST),
-        "last": rows[-1] if rows else {},
+        "last": last,
         "world_size": world,
-        "audit": audit,
+        "audit": rank_audit,
     }
 
 
@@ -333,11 +346,11 @@ def _resume_point(out: Path, resume: bool, model_name: str) -> dict | None:
     return ckpt
 
 
-def _log_row(window: dict, step: int, epoch: int, world: int, device) -> dict:
-    """Average the window over ranks, reset it, and return the metrics row."""
-    elapsed = time.perf_counter() - window["start"]
+def _log_row(window: Window, step: int, epoch: int, world: int, device) -> dict:
+    """The metrics row: the window summed over ranks."""
+    elapsed = time.perf_counter() - window.start
     totals = torch.tensor(
-        [window["loss"], window["samples"], window["wait"], window["skipped"]], dtype=torch.float64, device=device
+        [window.loss, window.samples, window.wait, window.skipped], dtype=torch.float64, device=device
     )
     if world > 1:
         dist.all_reduce(totals)
@@ -351,7 +364,6 @@ def _log_row(window: dict, step: int, epoch: int, world: int, device) -> dict:
         "data_wait": wait / world / max(elapsed, 1e-9),
         "skipped": int(skipped),
     }
-    window.update(loss=0.0, samples=0, wait=0.0, skipped=0, start=time.perf_counter())
     return row
 
 
@@ -379,46 +391,3 @@ def _validate(model, raw, val: ShardStream, device, workers: int, weight) -> dic
         "val_precision": scores["precision"],
         "val_recall": scores["recall"],
     }
-
-
-def _fingerprints(batch: dict) -> torch.Tensor:
-    """One int64 per sample from (scan, voxel): to check that ranks saw disjoint data."""
-    scans = torch.tensor([zlib.crc32(s.encode()) for s in batch["scan"]], dtype=torch.int64)
-    loc = batch["loc"].to(torch.int64)
-    return (scans << 24) ^ (loc[:, 0] << 16) ^ (loc[:, 1] << 8) ^ loc[:, 2]
-
-
-def _audit(raw, seen: list, world: int, out: Path | None) -> dict | None:
-    """Under DDP: are the parameters identical on every rank, and was the data disjoint?"""
-    if world == 1:
-        return None
-    params = torch.cat([p.detach().double().flatten().cpu() for p in raw.state_dict().values()])
-    checksum = torch.tensor(
-        [params.sum().item(), (params * torch.arange(len(params), dtype=torch.float64)).sum().item()]
-    )
-    sums = [torch.zeros(2, dtype=torch.float64) for _ in range(world)]
-    dist.all_gather(sums, checksum.double())
-    mine = torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
-    length = torch.tensor([len(mine)])
-    dist.all_reduce(length, op=dist.ReduceOp.MIN)
-    mine = mine[: int(length)]
-    everyone = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine)
-    per_rank = [set(t.tolist()) for t in everyone]
-    shared = sum(len(per_rank[i] & per_rank[j]) for i in range(world) for j in range(i))
-    audit = {
-        "world_size": world,
-        "identical_parameters": all(torch.equal(s, sums[0]) for s in sums),
-        "parameter_checksums": [s.tolist() for s in sums],
-        "samples_compared_per_rank": int(length),
-        "samples_seen_by_two_ranks": shared,
-    }
-    if out is not None:
-        atomic_write_text(out / "ranks.json", json.dumps(audit, indent=1))
-    return audit
-
-
-def steps_done(out: str | os.PathLike) -> int:
-    """The step of a run directory's last checkpoint (0 when there is none)."""
-    last = Path(out) / ckpt_io.LAST
-    return int(ckpt_io.load(last)["step"]) if last.exists() else 0

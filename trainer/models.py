@@ -106,12 +106,18 @@ class PatchCNN(nn.Module):
             return (1, p, p, p)
         return (2, p, p, p) if self.cfg.layout == "channels" else (1, 2 * p, p, p)
 
+    def channels(self, x: torch.Tensor) -> torch.Tensor:
+        """The input channels this model takes of a ``(B, 2, ...)`` pair: the one place that knows.
+
+        ``cnn3d`` the cube around the voxel only, ``cnn3d-sym`` both cubes;
+        for patches (training, patch by patch) and padded tiles (dense) alike.
+        """
+        return single_cube(x) if self.cfg.name == "cnn3d" else x
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2, P, P, P) uint8`` -> this model's float input."""
-        x = dequantise(x, self.cfg.norm)
-        if self.cfg.name == "cnn3d":
-            return single_cube(x)
-        return x if self.cfg.layout == "channels" else concat_pair(x)
+        x = self.channels(dequantise(x, self.cfg.norm))
+        return x if self.cfg.name == "cnn3d" or self.cfg.layout == "channels" else concat_pair(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x).flatten(1)
