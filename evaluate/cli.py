@@ -19,7 +19,20 @@ def main() -> None:
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option(
-    "--threshold", default="0.5", show_default=True, help="Probability threshold, or 'auto' (best mean Dice on val)."
+    "--threshold",
+    default="0.5",
+    show_default=True,
+    help="Probability threshold, or 'auto': threshold and post-processing chosen together on the val split.",
+)
+@click.option(
+    "--min-component",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Remove predicted components smaller than this (voxels); with --threshold auto, chosen on val.",
+)
+@click.option(
+    "--fill-holes", is_flag=True, help="Fill enclosed holes in the mask; with --threshold auto, chosen on val."
 )
 @click.option(
     "--prior-correction/--no-prior-correction",
@@ -34,7 +47,18 @@ def main() -> None:
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
 def run(
-    run_dir, store, split, out_dir, threshold, prior_correction, device, tile, save_probabilities, patchwise
+    run_dir,
+    store,
+    split,
+    out_dir,
+    threshold,
+    min_component,
+    fill_holes,
+    prior_correction,
+    device,
+    tile,
+    save_probabilities,
+    patchwise,
 ) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
     from evaluate.predictors import EvaluateError
@@ -53,6 +77,8 @@ def run(
             split,
             out_dir,
             threshold=threshold,
+            min_component=min_component,
+            fill_holes=fill_holes,
             prior_correction=prior_correction,
             device=device,
             tile=tile,
@@ -64,7 +90,9 @@ def run(
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
-        f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, "
+        f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, components "
+        f">= {m['postprocessing']['min_component']} voxels, holes "
+        f"{'filled' if m['postprocessing']['fill_holes'] else 'kept'}, "
         f"prior correction {'on' if m['prior_correction'] else 'off'}, {m['inference']})"
     )
     click.echo(f"report: {out_dir}/report.md (metrics.json, subjects.csv, masks/)")
@@ -114,16 +142,48 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)
 @click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--min-component", type=click.IntRange(min=0), default=0, show_default=True, help="Voxels.")
+@click.option("--fill-holes", is_flag=True)
+@click.option(
+    "--rule-from",
+    type=click.Path(exists=True),
+    default=None,
+    help="A report of atlas-evaluate run (its directory or metrics.json): use its threshold and post-processing.",
+)
 @click.option("--prior-correction/--no-prior-correction", default=True, show_default=True)
 @click.option(
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
 @click.option("--device", default="cpu", show_default=True)
-def predict(run_dir, t1, out_mask, space, brain_mask, threshold, prior_correction, probabilities, device) -> None:
+def predict(
+    run_dir,
+    t1,
+    out_mask,
+    space,
+    brain_mask,
+    threshold,
+    min_component,
+    fill_holes,
+    rule_from,
+    prior_correction,
+    probabilities,
+    device,
+) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
+    from evaluate.postprocess import PostProcessing, rule_of_report
     from evaluate.predictors import EvaluateError
     from evaluate.single import predict_file
 
+    rule = PostProcessing(threshold, min_component, fill_holes)
+    if rule_from:
+        try:
+            rule = rule_of_report(rule_from)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(
+            f"rule from {rule_from}: threshold {rule.threshold}, components >= {rule.min_component} voxels, "
+            f"holes {'filled' if rule.fill_holes else 'kept'}"
+        )
     try:
         r = predict_file(
             run_dir,
@@ -131,7 +191,7 @@ def predict(run_dir, t1, out_mask, space, brain_mask, threshold, prior_correctio
             out_mask,
             space=space,
             brain_mask=brain_mask,
-            threshold=threshold,
+            rule=rule,
             prior_correction=prior_correction,
             device=device,
             probabilities=probabilities,

@@ -100,7 +100,8 @@ def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, 
         "",
         f"Run `{metrics['run_dir']}`, store `{metrics['store']}`: {metrics['n_subjects']} scans, "
         f"{metrics['inference']} inference, threshold {metrics['threshold']} ({metrics['threshold_source']}), "
-        "prior correction "
+        f"components of at least {metrics['postprocessing']['min_component']} voxels kept, holes "
+        f"{'filled' if metrics['postprocessing']['fill_holes'] else 'kept'}, prior correction "
         + (f"on (logit - {metrics['prior_shift']:.3f})" if metrics["prior_correction"] else "off")
         + ".",
         "",

@@ -11,13 +11,12 @@ import numpy as np
 from atlas_shards import store as zstore
 from atlas_shards.orient import write_on_original_grid
 from evaluate.metrics import case_metrics, summarise
+from evaluate.postprocess import PostProcessing, choose
 from evaluate.predictors import EvaluateError, Predictor, load_run
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_write_text, check_output_dir
-from shards.scores import dice as voxel_dice
 from shards.tables import write_csv
 
-THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 SUBJECT_COLUMNS = (
     "scan_id",
     "subject_id",
@@ -50,29 +49,32 @@ def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool)
     return logits, {**data, "attrs": attrs}
 
 
-def choose_threshold(
+def choose_postprocessing(
     pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print
-) -> float:
-    """The threshold with the best mean Dice over the *validation* split (damaged scans left out, by name)."""
+) -> PostProcessing:
+    """Threshold, minimum component volume and hole filling with the best mean Dice over the *validation* split.
+
+    Damaged validation scans are left out, by name. Never the split being reported on.
+    """
     from tqdm import tqdm
 
     scans = split_scans(root, "val")
     if not scans:
         raise EvaluateError("--threshold auto needs a validation split in the store")
-    dice, used = np.zeros(len(THRESHOLDS)), 0
-    for scan_id in tqdm(scans, desc="threshold on val", unit="scan", disable=not progress):
-        try:
-            logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
-        except zstore.DamagedScan as exc:
-            log(f"  {scan_id} (val): skipped, damaged: {str(exc).removeprefix(f'{scan_id}: ')}")
-            continue
-        used += 1
-        prob, truth = to_probability(logits, shift), data["lesion"] > 0
-        for i, t in enumerate(THRESHOLDS):
-            dice[i] += voxel_dice(prob > t, truth)
+
+    def probabilities():
+        for scan_id in tqdm(scans, desc="post-processing on val", unit="scan", disable=not progress):
+            try:
+                logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+            except zstore.DamagedScan as exc:
+                log(f"  {scan_id} (val): skipped, damaged: {str(exc).removeprefix(f'{scan_id}: ')}")
+                continue
+            yield to_probability(logits, shift), data["lesion"] > 0
+
+    rule, used = choose(probabilities())
     if not used:
         raise EvaluateError("--threshold auto: every validation scan is damaged (see atlas-shards verify STORE)")
-    return float(THRESHOLDS[int(np.argmax(dice))])
+    return rule
 
 
 def evaluate_split(
@@ -81,6 +83,8 @@ def evaluate_split(
     split: str,
     out,
     threshold: str = "0.5",
+    min_component: int = 0,
+    fill_holes: bool = False,
     prior_correction: bool = True,
     device: str = "cpu",
     tile: int = 64,
@@ -105,10 +109,14 @@ def evaluate_split(
         raise EvaluateError(f"{store_path}: split {split!r} has no labelled scans")
     shift = pred.prior_shift() if prior_correction else 0.0
     if threshold == "auto":
-        value = choose_threshold(pred, root, shift, tile, use_dense, progress, log)
-        log(f"threshold chosen on the validation split: {value}")
+        rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log)
+        log(
+            f"chosen on the validation split: threshold {rule.threshold}, components of at least "
+            f"{rule.min_component} voxels, holes {'filled' if rule.fill_holes else 'kept'}"
+        )
     else:
-        value = float(threshold)
+        rule = PostProcessing(float(threshold), min_component, fill_holes)
+    source = "chosen on the validation split" if threshold == "auto" else "given"
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows, masks = [], {}
@@ -116,7 +124,7 @@ def evaluate_split(
         try:
             logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
             prob = to_probability(logits, shift)
-            mask = prob > value
+            mask = rule.apply(prob)
             attrs = data["attrs"]
             voxel_ml = float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
             row = {
@@ -147,8 +155,9 @@ def evaluate_split(
         "model": pred.name,
         **summarise(done),
         "split": split,
-        "threshold": value,
-        "threshold_source": "chosen on the validation split" if threshold == "auto" else "given",
+        "threshold": rule.threshold,
+        "threshold_source": source,
+        "postprocessing": {**rule.to_dict(), "source": source},
         "prior_correction": bool(prior_correction and shift != 0.0),
         "prior_shift": shift if prior_correction else 0.0,
         "inference": "dense" if (use_dense and pred.dense is not None) else "patch by patch",

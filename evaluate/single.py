@@ -9,6 +9,7 @@ import numpy as np
 
 from atlas_shards.orient import write_on_original_grid
 from atlas_shards.scan import ScanError, preprocess
+from evaluate.postprocess import PostProcessing
 from evaluate.predictors import EvaluateError, load_run
 from evaluate.volume import lesion_logits, to_probability
 from shards import check_output_dir
@@ -35,7 +36,7 @@ def predict_file(
     out_mask: str | os.PathLike,
     space: str = "auto",
     brain_mask: str | os.PathLike | None = None,
-    threshold: float = 0.5,
+    rule: PostProcessing = PostProcessing(),
     prior_correction: bool = True,
     device: str = "cpu",
     tile: int = 64,
@@ -66,7 +67,7 @@ def predict_file(
     logits = lesion_logits(pred, scan.t1, scan.brain, float(scan.attrs["mirror_index"]), tile=tile)
     logits[scan.brain == 0] = -np.inf
     prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)
-    mask = prob > threshold
+    mask = rule.apply(prob)
     write_on_original_grid(Path(out_mask), mask, scan.attrs)
     if probabilities:
         write_on_original_grid(Path(probabilities), prob, scan.attrs, np.float32)

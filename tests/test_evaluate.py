@@ -253,3 +253,21 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
     ]:
         r = runner.invoke(main, args)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_post_processing_removes_small_components_and_fills_holes():
+    from evaluate.postprocess import PostProcessing, choose, clean
+
+    mask = np.zeros((12, 12, 12), bool)
+    mask[2:7, 2:7, 2:7] = True  # 125 voxels with a hole in the middle
+    mask[4, 4, 4] = False
+    mask[10, 10, 10] = True  # a speck
+    assert clean(mask, 2, False).sum() == 124 and not clean(mask, 2, False)[10, 10, 10]
+    filled = clean(mask, 0, True)
+    assert filled[4, 4, 4] and filled[10, 10, 10] and filled.sum() == 126
+    truth = np.zeros_like(mask)
+    truth[2:7, 2:7, 2:7] = True
+    prob = np.where(mask, 0.8, 0.1)
+    rule, used = choose([(prob, truth)], thresholds=(0.05, 0.5), min_components=(0, 2), fill=(False, True))
+    assert used == 1 and rule == PostProcessing(0.5, 2, True)  # the only rule that gives Dice 1
+    assert np.array_equal(rule.apply(prob), truth)

@@ -8,6 +8,7 @@ import math
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
 
 import evaluate.run as run_mod
 from atlas_shards import store as zstore
@@ -166,3 +167,37 @@ def test_masks_land_on_a_rotated_original_grid(trained, tmp_path, monkeypatch):
     ras = nib.as_closest_canonical(img)
     brain = zstore.read_scan(zstore.open_store(copy), scan_id, ("brain",))["brain"] > 0
     assert np.array_equal(np.asarray(ras.dataobj) > 0, pattern & brain) and (pattern & brain).any()
+
+
+def test_post_processing_is_chosen_on_validation_scans_only(trained, tmp_path, monkeypatch):
+    """Val: the lesion plus isolated specks (removing components under 10 voxels is perfect there).
+    Test: the lesion as a checkerboard of single voxels, which that rule removes: chosen on test, it would not be."""
+    from evaluate.postprocess import PostProcessing, choose, rule_of_report
+
+    store, run_dir = trained
+    root = zstore.open_store(store)
+    val = set(run_mod.split_scans(root, "val"))
+    x, y, z = np.indices(zstore.read_scan(root, sorted(val)[0], ("brain",))["brain"].shape)
+    specks = (x % 7 == 0) & (y % 7 == 0) & (z % 7 == 0)
+    board = (x + y + z) % 2 == 0
+    probability = {}
+
+    def value(scan_id, data):
+        lesion, brain = data["lesion"] > 0, data["brain"] > 0
+        if scan_id in val:
+            far = ~ndimage.binary_dilation(lesion, iterations=2)
+            hot = lesion | (specks & brain & far)
+        else:
+            hot = lesion & board
+        probability[scan_id] = (np.where(hot, 0.9, 0.02), lesion)
+        return np.where(hot, _logit(0.9), _logit(0.02))
+
+    _constant_logits(monkeypatch, value)
+    metrics = evaluate_split(run_dir, store, "test", tmp_path / "t", threshold="auto", prior_correction=False, **QUIET)
+    rule = PostProcessing(0.05, 10, False)
+    assert metrics["postprocessing"] == {**rule.to_dict(), "source": "chosen on the validation split"}
+    assert metrics["mean_dice"] == 0.0  # every test component is one voxel: the val rule removes them all
+    test_ids = set(run_mod.split_scans(root, "test"))
+    on_test, _ = choose(probability[s] for s in test_ids)
+    assert on_test.min_component == 0  # what choosing on test would have done (and scored better)
+    assert rule_of_report(tmp_path / "t") == rule  # what `predict --rule-from` applies
