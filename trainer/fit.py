@@ -241,9 +241,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                 },
             )
 
-    loader = torch.utils.data.DataLoader(
-        train, batch_size=None, num_workers=cfg.workers, pin_memory=device.type == "cuda"
-    )
+    loader = _loader(train, cfg.workers, device)
     to_device = DeviceCutter(device, manifest["config"]["patch"])  # moves x, or cuts blocks on the device
     seen = []  # sample fingerprints, for the rank audit
     window = Window()
@@ -324,6 +322,19 @@ def _summary(out: Path, step: int, rows: list[dict], world: int, rank_audit: dic
     }
 
 
+def _loader(stream: ShardStream, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Batches of ``stream`` from ``workers`` DataLoader workers.
+
+    Under DDP the workers start from a forkserver, not by forking this process:
+    a fork taken while a gloo or NCCL thread holds a lock can leave the worker
+    deadlocked, and with it every rank.
+    """
+    context = "forkserver" if workers > 0 and dist.is_initialized() else None
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", multiprocessing_context=context
+    )
+
+
 def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
     """Is the loss finite on every rank? (All ranks must stop together, or DDP would hang.)"""
     bad = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -372,7 +383,7 @@ def _validate(model, raw, val: ShardStream, device, workers: int, weight) -> dic
     """Loss and voxel Dice/precision/recall (argmax, i.e. p > 0.5) over the validation stream."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, n, tp, fp, fn
-    for batch in torch.utils.data.DataLoader(val, batch_size=None, num_workers=min(workers, 1)):
+    for batch in _loader(val, min(workers, 1), device):
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = raw(raw.prepare(x)).float()
         c = confusion(logits.argmax(1) == 1, y == 1)
