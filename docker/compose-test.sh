@@ -2,7 +2,9 @@
 # `make compose-test`: the service stack run for real on a small phantom, with a real Docker engine.
 #   builds the image; synth -> ingest -> build -> nginx -> trainer (streams over HTTP) -> evaluator;
 #   `docker stop`s the trainer mid-run (SIGTERM: a checkpoint) and runs the stack again (it resumes);
-#   runs it a third time (a finished run: nothing to do); checks the outputs' owner (HOST_UID) and
+#   runs it a third time (a finished run: nothing to do); runs two training nodes of
+#   docker-compose.node.yml on this host (torchrun over TCP, gloo) from the stack's shard server;
+#   checks the outputs' owner (HOST_UID) and
 #   nginx's access log; prints the evaluator's summary (the Dice).
 # Compose v2 (`docker compose`) or v1 (`docker-compose`), whichever is installed. With no engine
 # reachable it says so and exits 0. Not part of `make test` (CI has no engine).
@@ -68,6 +70,27 @@ c logs --no-color trainer | grep -q "resuming /runs/$MODEL at step" || fail "the
 echo "== run 2: the finished run is a no-op, the evaluator runs again =="
 c run --rm evaluator || fail "the second run failed"
 c logs --no-color trainer | grep -q "already finished" || fail "the second run trained again"
+
+echo "== two training nodes (docker-compose.node.yml, host network) streaming from this stack's shard server =="
+node() {  # node RANK: one node's trainer, its own project name and runs folder
+  mkdir -p "$work/nodes/$1" && chown "$HOST_UID:$HOST_GID" "$work/nodes/$1"
+  COMPOSE_PROJECT_NAME=atlas-compose-test-node$1 RUNS_HOST_DIR=$work/nodes/$1 NODE_RANK=$1 \
+    "${compose[@]}" -f docker-compose.node.yml up --no-build --abort-on-container-exit --exit-code-from trainer
+}
+export SHARD_URL=http://127.0.0.1:$SHARD_PORT/ NNODES=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((SHARD_PORT + 1))
+export GPUS=1 DEVICE=cpu STEPS_PER_EPOCH=20 LOADER_WORKERS=0 VAL_BATCHES=2 EVAL_EVERY=10 RUN_NAME=two-nodes
+node 1 > "$work/node1.log" 2>&1 &
+node1=$!
+node 0 > "$work/node0.log" 2>&1 || { cat "$work/node0.log" >&2; fail "node 0 failed"; }
+wait "$node1" || { cat "$work/node1.log" >&2; fail "node 1 failed"; }
+[ -f "$work/nodes/0/two-nodes/ranks.json" ] || fail "no ranks.json from node 0"
+python3 - "$work/nodes/0/two-nodes/ranks.json" <<'PY' || fail "the two nodes disagree"
+import json, sys
+audit = json.load(open(sys.argv[1]))
+assert audit["world_size"] == 2 and audit["identical_parameters"] and audit["samples_seen_by_two_ranks"] == 0, audit
+print(f"two nodes: world size 2, identical parameters, {audit['samples_compared_per_rank']} samples a rank, none shared")
+PY
+for n in 0 1; do COMPOSE_PROJECT_NAME=atlas-compose-test-node$n "${compose[@]}" -f docker-compose.node.yml down >/dev/null 2>&1; done
 c stop
 
 report=$REPORTS_HOST_DIR/$MODEL-val
