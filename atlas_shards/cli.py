@@ -6,8 +6,14 @@ Heavy imports live inside the commands so ``--help`` is instant.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import click
+
+from atlas_shards.plan import BuildConfig
+from atlas_shards.split import SPLITS
+from shards.norm import METHODS
+from shards.schema import FORMATS
 
 from shards.cli_errors import OneLineErrors
 from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat
@@ -129,31 +135,31 @@ def eda(store, out_dir) -> None:
     click.echo(f"  {out_dir}/eda.json")
 
 
+B = BuildConfig  # every default below is the dataclass's own
+
+
 @main.command()
 @click.argument("store", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--split", type=click.Choice(["train", "val", "test"]), required=True)
-@click.option("--patch", type=int, default=25, show_default=True, help="Cube edge in voxels (odd).")
+@click.option("--split", type=click.Choice(SPLITS), required=True)
+@click.option("--patch", type=int, default=B.patch, show_default=True, help="Cube edge in voxels (odd).")
 @click.option(
     "--format",
-    "fmt",
-    type=click.Choice(["blocks", "pairs"]),
-    default="blocks",
+    type=click.Choice(FORMATS),
+    default=B.format,
     show_default=True,
     help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
     "pairs: records of ready-cut pairs. The same samples either way.",
 )
-@click.option(
-    "--block", type=click.IntRange(min=1), default=None, help="Block edge in voxels (blocks format).  [default: 32]"
-)
+@click.option("--block", type=click.IntRange(min=1), default=B.block, show_default=True, help="Block edge (voxels).")
 @click.option(
     "--target-lesion-fraction",
     type=FiniteFloat(0, 1, min_open=True, max_open=True),
     default=None,
-    help="Lesion share of the samples; the background rate is derived from it.  [default: 0.437]",
+    help=f"Lesion share of the samples; the background rate is derived from it.  [default: {B.target_lesion_fraction}]",
 )
 @click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
-@click.option("--lesion-rate", type=RATE, default=1.0, show_default=True, help="Share of lesion voxels sampled.")
+@click.option("--lesion-rate", type=RATE, default=B.lesion_rate, show_default=True, help="Share of lesion voxels.")
 @click.option(
     "--natural",
     "natural_rate",
@@ -162,67 +168,30 @@ def eda(store, out_dir) -> None:
     metavar="RATE",
     help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).",
 )
-@click.option("--norm", type=click.Choice(["histeq", "zscore"]), default="histeq", show_default=True)
-@click.option(
-    "--samples-per-record",
-    type=click.IntRange(min=1),
-    default=256,
-    show_default=True,
-    help="Pairs per record (pairs format).",
-)
-@click.option("--shard-size-mb", type=POSITIVE, default=128.0, show_default=True)
-@click.option(
-    "--num-shards", type=click.IntRange(min=1), default=None, help="Exact shard count (overrides --shard-size-mb)."
-)
+@click.option("--norm", type=click.Choice(METHODS), default=B.norm, show_default=True)
+@click.option("--samples-per-record", type=click.IntRange(min=1), default=B.samples_per_record, show_default=True)
+@click.option("--shard-size-mb", type=POSITIVE, default=B.shard_size_mb, show_default=True)
+@click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact count (overrides --shard-size-mb).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=B.seed, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
-def build(
-    store,
-    out_dir,
-    split,
-    patch,
-    fmt,
-    block,
-    target_lesion_fraction,
-    background_rate,
-    lesion_rate,
-    natural_rate,
-    norm,
-    samples_per_record,
-    shard_size_mb,
-    num_shards,
-    workers,
-    seed,
-    dry_run,
-) -> None:
+def build(store, out_dir, workers, dry_run, **options) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
-    from atlas_shards.build import BuildConfig, BuildError, build as run_build
-    from atlas_shards.plan import TARGET_LESION_FRACTION
+    from atlas_shards.build import BuildError, build as run_build
     from shards.manifest import ManifestError, summarise
 
-    if natural_rate is not None and (target_lesion_fraction is not None or background_rate is not None):
+    natural, fraction, background = (options[k] for k in ("natural_rate", "target_lesion_fraction", "background_rate"))
+    if natural is not None and (fraction is not None or background is not None):
         raise click.UsageError("--natural samples without balancing: do not combine it with the balancing rates")
-    if target_lesion_fraction is not None and background_rate is not None:
+    if fraction is not None and background is not None:
         raise click.UsageError("give --target-lesion-fraction or --background-rate, not both")
-    if target_lesion_fraction is None and background_rate is None:
-        target_lesion_fraction = TARGET_LESION_FRACTION
-    config = BuildConfig(
-        split=split,
-        patch=patch,
-        format=fmt,
-        **({"block": block} if block else {}),
-        mode="natural" if natural_rate is not None else "balanced",
-        target_lesion_fraction=None if natural_rate is not None else target_lesion_fraction,
-        lesion_rate=lesion_rate,
-        background_rate=background_rate,
-        natural_rate=natural_rate,
-        norm=norm,
-        samples_per_record=samples_per_record,
-        shard_size_mb=shard_size_mb,
-        num_shards=num_shards,
-        seed=seed,
-    )
+    if natural is not None:
+        options.update(mode="natural", target_lesion_fraction=None)
+    elif background is not None:
+        options.update(target_lesion_fraction=None)
+    else:
+        options.update(target_lesion_fraction=fraction or B.target_lesion_fraction)
+    config = BuildConfig(**{f.name: options[f.name] for f in fields(BuildConfig) if f.name in options})
     try:
         result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)
     except (BuildError, ManifestError) as exc:

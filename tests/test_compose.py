@@ -120,8 +120,8 @@ def test_the_trainer_knobs_reach_its_command(compose):
     assert one[:2] == ["atlas-train", "fit"]  # one process: no torchrun wrapped around its errors
     _, _, opts = check_cli(one)
     assert (opts["steps_per_epoch"], opts["val_batches"], opts["eval_every"]) == ("7", "3", "5")
-    assert opts["run_dir"] == "/runs/cnn3d-sym" and opts["resume"] is True  # RUN_NAME defaults to the model
-    assert check_cli(command_of(trainer, MODEL="cnn3d", RUN_NAME=""))[2]["run_dir"] == "/runs/cnn3d"
+    assert opts["out"] == "/runs/cnn3d-sym" and opts["resume"] is True  # RUN_NAME defaults to the model
+    assert check_cli(command_of(trainer, MODEL="cnn3d", RUN_NAME=""))[2]["out"] == "/runs/cnn3d"
     many = command_of(trainer, GPUS="8")
     assert many[0] == "torchrun" and "--nproc_per_node=8" in many
     check_cli(many)

@@ -11,6 +11,7 @@ import click
 
 from shards.cli_errors import OneLineErrors, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat
+from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError, TrainConfig, from_options
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -37,28 +38,29 @@ def main() -> None:
     """Train the paper's models on streamed patch-pair shards."""
 
 
+T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
+
+
 @main.command()
 @click.option("--shards", required=True, help="Training shards: directory, manifest, URL or brace pattern.")
-@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--model", type=click.Choice(["cnn3d", "cnn3d-sym", "resnet2d"]), default="cnn3d-sym", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--model", "name", type=click.Choice(MODELS), default=M.name, show_default=True)
 @click.option(
     "--layout",
-    type=click.Choice(["channels", "concat"]),
-    default="channels",
+    type=click.Choice(LAYOUTS),
+    default=M.layout,
     show_default=True,
     help="cnn3d-sym input: 2 channels (dense-convertible) or the paper's 50x25x25 stack.",
 )
 @click.option("--val-shards", default=None, help="An un-upsampled stream (build --natural) for the curves.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=T.epochs, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=POSITIVE, default=1e-5, show_default=True)
-@click.option(
-    "--workers", type=click.IntRange(min=0), default=2, show_default=True, help="DataLoader workers per rank."
-)
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt at its step.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--batch-size", type=click.IntRange(min=1), default=T.batch_size, show_default=True)
+@click.option("--lr", type=POSITIVE, default=T.lr, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=T.workers, show_default=True, help="Per rank.")
+@click.option("--seed", type=SEED, default=T.seed, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT/last.pt at its step.")
+@click.option("--device", default=T.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
 @click.option(
     "--cut-on-device",
@@ -69,89 +71,24 @@ def main() -> None:
 @click.option("--class-weights", default=None, metavar="W0,W1", help="Cross-entropy class weights.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option(
-    "--widths", default="16,32,32,64,64", show_default=True, help="cnn3d: output channels of the 5 convolutions."
-)
-@click.option(
-    "--hidden", type=click.IntRange(min=1), default=128, show_default=True, help="cnn3d: first fully connected layer."
-)
-@click.option("--pretrained", default="none", show_default=True, help="resnet2d: imagenet, none or a weights PATH.")
-@click.option("--finetune", type=click.Choice(["last", "all"]), default="last", show_default=True)
-@click.option(
-    "--timeout",
-    type=FiniteFloat(min=0.1),
-    default=30.0,
-    show_default=True,
-    help="Seconds per HTTP connection attempt to the shard server.",
-)
-@click.option(
-    "--retries",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Attempts to open a shard before training stops with an error.",
-)
-def fit(
-    shards,
-    run_dir,
-    model,
-    layout,
-    val_shards,
-    epochs,
-    steps_per_epoch,
-    batch_size,
-    lr,
-    workers,
-    seed,
-    resume,
-    device,
-    amp,
-    cut_on_device,
-    class_weights,
-    eval_every,
-    val_batches,
-    log_every,
-    checkpoint_every,
-    widths,
-    hidden,
-    pretrained,
-    finetune,
-    timeout,
-    retries,
-) -> None:
+@click.option("--log-every", type=click.IntRange(min=1), default=T.log_every, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=T.checkpoint_every, show_default=True)
+@click.option("--widths", default=",".join(map(str, M.widths)), show_default=True, help="cnn3d: the 5 convolutions.")
+@click.option("--hidden", type=click.IntRange(min=1), default=M.hidden, show_default=True, help="cnn3d: fc1 width.")
+@click.option("--pretrained", default=M.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH.")
+@click.option("--finetune", type=click.Choice(["last", "all"]), default=M.finetune, show_default=True)
+@click.option("--timeout", type=FiniteFloat(min=0.1), default=T.timeout, show_default=True, help="Seconds a try.")
+@click.option("--retries", type=click.IntRange(min=1), default=T.retries, show_default=True, help="Tries a shard.")
+def fit(resume: bool, **options) -> None:
     """Train a model on streamed shards (one process, or DDP under torchrun)."""
     from shards.manifest import ManifestError
     from shards.sources import ShardSourceError
     from trainer.checkpoint import CheckpointError
-    from trainer.fit import TrainConfig, TrainError, fit as run_fit
-    from trainer.models import ModelConfig, ModelError
+    from trainer.fit import TrainError, fit as run_fit
 
-    cfg = TrainConfig(
-        shards=shards,
-        out=run_dir,
-        val_shards=val_shards,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=batch_size,
-        lr=lr,
-        workers=workers,
-        seed=seed,
-        device=device,
-        amp=amp,
-        cut_on_device=cut_on_device,
-        class_weights=_pair(class_weights),
-        eval_every=eval_every,
-        val_batches=val_batches,
-        log_every=log_every,
-        checkpoint_every=checkpoint_every,
-        timeout=timeout,
-        retries=retries,
-    )
-    model_cfg = ModelConfig(
-        name=model, layout=layout, widths=_ints(widths), hidden=hidden, pretrained=pretrained, finetune=finetune
-    )
+    cfg = from_options(TrainConfig, options, class_weights=_pair(options["class_weights"]))
+    model_cfg = from_options(ModelConfig, options, widths=_ints(options["widths"]))
+    run_dir = cfg.out
     try:
         summary = run_fit(cfg, model_cfg, resume=resume, log=click.echo)
     except (TrainError, ModelError, CheckpointError, ShardSourceError, ManifestError) as exc:

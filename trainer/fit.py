@@ -31,35 +31,12 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
-from trainer.models import ModelConfig, build_model
+from trainer.config import ModelConfig, TrainConfig
+from trainer.models import build_model
 
 
 class TrainError(Exception):
     """Training cannot start: bad run directory, shards without a manifest, wrong checkpoint."""
-
-
-@dataclass
-class TrainConfig:
-    shards: str
-    out: str
-    val_shards: str | None = None
-    epochs: int = 1
-    steps_per_epoch: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-5
-    workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    cut_on_device: bool = False
-    class_weights: tuple[float, float] | None = None
-    shuffle: int = 1024
-    log_every: int = 10
-    eval_every: int | None = None
-    val_batches: int | None = None
-    checkpoint_every: int = 500
-    timeout: float = 30.0
-    retries: int = 3
 
 
 def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress: bool = True, log=print) -> dict:

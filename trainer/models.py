@@ -9,65 +9,17 @@ lesion probability. ``ModelConfig`` is saved in every checkpoint.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from shards.views import axial_slice, concat_pair, dequantise, single_cube
+from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError
 
-MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
-LAYOUTS = ("channels", "concat")
+__all__ = ["LAYOUTS", "MODELS", "ModelConfig", "ModelError", "build_model"]
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class ModelError(ValueError):
-    """A model cannot be built as asked (bad config, weights not available)."""
-
-
-@dataclass
-class ModelConfig:
-    """Model hyper-parameters plus the preprocessing they were trained with.
-
-    ``widths`` are the 5 convolutions' output channels, ``kernels`` their
-    (cubic) kernel sizes; convolutions are valid (unpadded), max-pooling 2x2x2
-    after the first two. With P=25 and the default kernels the feature map
-    ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
-    """
-
-    name: str = "cnn3d-sym"
-    layout: str = "channels"
-    patch: int = 25
-    widths: tuple[int, ...] = (16, 32, 32, 64, 64)
-    kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
-    hidden: int = 128
-    pretrained: str = "none"
-    finetune: str = "last"
-    norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})
-
-    def check(self) -> None:
-        if self.name not in MODELS:
-            raise ModelError(f"unknown model {self.name!r}; choose from {', '.join(MODELS)}")
-        if self.layout not in LAYOUTS:
-            raise ModelError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
-        if self.layout == "concat" and self.name != "cnn3d-sym":
-            raise ModelError("the concat layout is for cnn3d-sym only")
-        if len(self.widths) != 5 or len(self.kernels) != 5:
-            raise ModelError("cnn3d needs exactly 5 widths and 5 kernel sizes")
-        if self.finetune not in ("last", "all"):
-            raise ModelError("--finetune is 'last' or 'all'")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ModelConfig:
-        data = dict(data)
-        for key in ("widths", "kernels"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class PatchCNN(nn.Module):

@@ -1,0 +1,91 @@
+"""The trainer's settings: ``TrainConfig`` (a run) and ``ModelConfig`` (a model), their defaults in one place.
+
+Plain dataclasses without torch, so ``atlas-train``'s options take their
+defaults from here and ``--help`` stays instant. ``ModelConfig`` is saved in
+every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
+LAYOUTS = ("channels", "concat")
+
+
+class ModelError(ValueError):
+    """A model cannot be built as asked (bad config, weights not available)."""
+
+
+@dataclass
+class TrainConfig:
+    shards: str
+    out: str
+    val_shards: str | None = None
+    epochs: int = 1
+    steps_per_epoch: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-5
+    workers: int = 2
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    cut_on_device: bool = False
+    class_weights: tuple[float, float] | None = None
+    shuffle: int = 1024
+    log_every: int = 10
+    eval_every: int | None = None
+    val_batches: int | None = None
+    checkpoint_every: int = 500
+    timeout: float = 30.0
+    retries: int = 3
+
+
+@dataclass
+class ModelConfig:
+    """Model hyper-parameters plus the preprocessing they were trained with.
+
+    ``widths`` are the 5 convolutions' output channels, ``kernels`` their
+    (cubic) kernel sizes; convolutions are valid (unpadded), max-pooling 2x2x2
+    after the first two. With P=25 and the default kernels the feature map
+    ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
+    """
+
+    name: str = "cnn3d-sym"
+    layout: str = "channels"
+    patch: int = 25
+    widths: tuple[int, ...] = (16, 32, 32, 64, 64)
+    kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
+    hidden: int = 128
+    pretrained: str = "none"
+    finetune: str = "last"
+    norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})
+
+    def check(self) -> None:
+        if self.name not in MODELS:
+            raise ModelError(f"unknown model {self.name!r}; choose from {', '.join(MODELS)}")
+        if self.layout not in LAYOUTS:
+            raise ModelError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
+        if self.layout == "concat" and self.name != "cnn3d-sym":
+            raise ModelError("the concat layout is for cnn3d-sym only")
+        if len(self.widths) != 5 or len(self.kernels) != 5:
+            raise ModelError("cnn3d needs exactly 5 widths and 5 kernel sizes")
+        if self.finetune not in ("last", "all"):
+            raise ModelError("--finetune is 'last' or 'all'")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        for key in ("widths", "kernels"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def from_options(cls, options: dict, **given):
+    """A config dataclass from command-line options of the same names (``given`` wins)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names and k not in given}, **given)
