@@ -40,6 +40,8 @@ mkdir -p "$DATA_HOST_DIR" "$SHARDS_HOST_DIR" "$RUNS_HOST_DIR" "$REPORTS_HOST_DIR
 run=$RUNS_HOST_DIR/$MODEL
 
 c() { "${compose[@]}" "$@"; }
+# the whole log first: grep -q may stop reading early, and pipefail would then count the writer's SIGPIPE
+logged() { local text; text=$(c logs --no-color "$1"); grep -qF "$2" <<< "$text"; }
 cleanup() {
   c down --remove-orphans >/dev/null 2>&1 || true
   [ -n "${KEEP:-}" ] || rm -rf "$work"
@@ -60,16 +62,16 @@ for _ in $(seq 600); do
 done
 [ -f "$run/metrics.csv" ] || fail "the trainer wrote no metrics.csv in 10 minutes"
 c stop trainer
-c logs --no-color trainer | grep -q "interrupted at step" || fail "no checkpoint message after SIGTERM"
+logged trainer "interrupted at step" || fail "no checkpoint message after SIGTERM"
 [ -f "$run/last.pt" ] || fail "docker stop left no checkpoint"
 
 echo "== run 1 (one shot): the trainer resumes, then the evaluator; its exit status is the run's =="
 c run --rm evaluator || fail "the evaluator failed"
-c logs --no-color trainer | grep -q "resuming /runs/$MODEL at step" || fail "the restarted trainer did not resume"
+logged trainer "resuming /runs/$MODEL at step" || fail "the restarted trainer did not resume"
 
 echo "== run 2: the finished run is a no-op, the evaluator runs again =="
 c run --rm evaluator || fail "the second run failed"
-c logs --no-color trainer | grep -q "already finished" || fail "the second run trained again"
+logged trainer "already finished" || fail "the second run trained again"
 
 echo "== two training nodes (docker-compose.node.yml, host network) streaming from this stack's shard server =="
 node() {  # node RANK: one node's trainer, its own project name and runs folder

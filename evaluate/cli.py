@@ -8,13 +8,28 @@ from shards.cli_errors import OneLineErrors
 from shards.params import FiniteFloat
 
 
+MODEL = click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run.")
+MIN_COMPONENT = click.option(
+    "--min-component",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Smallest component kept (voxels).",
+)
+FILL_HOLES = click.option("--fill-holes", is_flag=True, help="Fill enclosed holes in the mask.")
+
+
+def prior_correction(default: bool, help: str):
+    return click.option("--prior-correction/--no-prior-correction", default=default, show_default=True, help=help)
+
+
 @click.group(cls=OneLineErrors)
 def main() -> None:
     """Evaluate trained runs: whole volumes, shard streams, single scans, the model ladder."""
 
 
 @main.command()
-@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@MODEL
 @click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
 @click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
@@ -24,22 +39,9 @@ def main() -> None:
     show_default=True,
     help="Probability threshold, or 'auto': threshold and post-processing chosen together on the val split.",
 )
-@click.option(
-    "--min-component",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Remove predicted components smaller than this (voxels); with --threshold auto, chosen on val.",
-)
-@click.option(
-    "--fill-holes", is_flag=True, help="Fill enclosed holes in the mask; with --threshold auto, chosen on val."
-)
-@click.option(
-    "--prior-correction/--no-prior-correction",
-    default=True,
-    show_default=True,
-    help="Undo the balanced sample's prior: logit - log(lesion rate / background rate).",
-)
+@MIN_COMPONENT
+@FILL_HOLES
+@prior_correction(True, "Undo the balanced sample's prior: logit - log(lesion rate / background rate).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--tile", type=click.IntRange(min=8), default=64, show_default=True, help="Dense tile edge (output voxels)."
@@ -99,16 +101,11 @@ def run(
 
 
 @main.command()
-@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@MODEL
 @click.option("--shards", required=True, help="Shards (build --natural for un-upsampled voxel scores).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
-@click.option(
-    "--prior-correction/--no-prior-correction",
-    default=False,
-    show_default=True,
-    help="Off by default: the same numbers as the training curve.",
-)
+@prior_correction(False, "Off by default: the same numbers as the training curve.")
 @click.option("--device", default="cpu", show_default=True)
 def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> None:
     """Voxel-level Dice, precision, recall, ROC AUC on a shard stream (any model, bounded memory)."""
@@ -136,21 +133,21 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 
 
 @main.command()
-@click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run directory.")
+@MODEL
 @click.argument("t1", type=click.Path())
 @click.argument("out_mask", type=click.Path(dir_okay=False))
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)
 @click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
-@click.option("--min-component", type=click.IntRange(min=0), default=0, show_default=True, help="Voxels.")
-@click.option("--fill-holes", is_flag=True)
+@MIN_COMPONENT
+@FILL_HOLES
 @click.option(
     "--rule-from",
     type=click.Path(exists=True),
     default=None,
     help="A report of atlas-evaluate run (its directory or metrics.json): use its threshold and post-processing.",
 )
-@click.option("--prior-correction/--no-prior-correction", default=True, show_default=True)
+@prior_correction(True, "As for run.")
 @click.option(
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
