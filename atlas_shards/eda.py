@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import atomic_path, atomic_write_text, check_output_dir
+from shards import atomic_write_text, check_output_dir, save_figure
 
 from atlas_shards import store
 
@@ -104,12 +104,7 @@ def run_eda(store_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
 
 
 def _save(fig, path: Path) -> str:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _size_distribution(records: list[dict], out: Path) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from shards.tables import cell
 
 PAPER_DICE = {"rf": 0.015, "resnet2d": 0.146, "cnn3d": 0.389, "cnn3d-sym": 0.499}
 PAPER_NAMES = {
@@ -16,7 +17,7 @@ PAPER_NAMES = {
 
 
 def _f(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+    return cell(v, ".3f", "n/a")
 
 
 def ladder(report_dirs: list[str | Path]) -> str:

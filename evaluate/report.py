@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from atlas_shards import store as zstore
-from shards import atomic_path, atomic_write_text
+from shards import atomic_write_text, save_figure
+from shards.tables import cell
 
 KEYS = (
     "mean_dice",
@@ -34,10 +34,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> str:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90, bbox_inches="tight")
-    _plt().close(fig)
-    return path.name
+    return save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
 def _overlays(out: Path, rows: list[dict], masks: dict, root) -> str | None:
@@ -82,11 +79,7 @@ def _histogram(out: Path, rows: list[dict]) -> str:
 
 
 def _fmt(v) -> str:
-    return (
-        "n/a"
-        if v is None or (isinstance(v, float) and math.isnan(v))
-        else (f"{v:.4g}" if isinstance(v, float) else str(v))
-    )
+    return cell(v, ".4g", "n/a")
 
 
 def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, run_dir) -> Path:

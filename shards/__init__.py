@@ -24,6 +24,6 @@ This package imports none of ``atlas_shards``, ``trainer`` or ``evaluate``.
 Heavy modules (the reader needs torch) are imported from their submodules.
 """
 
-from shards.atomic import atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir
+from shards.atomic import atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir, save_figure
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "save_figure"]

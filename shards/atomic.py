@@ -66,3 +66,13 @@ def check_output_dir(path: str | os.PathLike) -> None:
             if not where.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, f"cannot be an output directory: {where} is a file", str(path))
             return
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100, **savefig) -> str:
+    """Save a matplotlib figure as a PNG atomically and close it; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, **savefig)
+    plt.close(fig)
+    return Path(path).name

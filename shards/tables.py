@@ -29,11 +29,12 @@ def write_csv(path: str | os.PathLike, columns: tuple[str, ...], rows: list[dict
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        writer.writerow({k: cell(row.get(k)) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
-def _fmt(value) -> str:
+def cell(value, spec: str = ".6g", missing: str = "") -> str:
+    """A table cell: floats with ``spec``, anything else as text; None, "" and NaN as ``missing``."""
     if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+        return missing
+    return format(value, spec) if isinstance(value, float) else str(value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shards import atomic_path
+from shards import save_figure
 from shards.tables import read_rows, write_csv
 
 __all__ = ["COLUMNS", "plot", "read_rows", "write_rows"]
@@ -54,7 +54,5 @@ def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     ax2.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return Path(path)
