@@ -76,7 +76,7 @@ logged trainer "already finished" || fail "the second run trained again"
 echo "== two training nodes (docker-compose.node.yml, host network) streaming from this stack's shard server =="
 node() {  # node RANK: one node's trainer, its own project name and runs folder
   mkdir -p "$work/nodes/$1" && chown "$HOST_UID:$HOST_GID" "$work/nodes/$1"
-  COMPOSE_PROJECT_NAME=atlas-compose-test-node$1 RUNS_HOST_DIR=$work/nodes/$1 NODE_RANK=$1 \
+  COMPOSE_PROJECT_NAME=atlas-compose-test-node$1 RUNS_HOST_DIR=$work/nodes/$1 NODE_RANK=$1 LOCAL_ADDR=127.0.0.$(($1 + 1)) \
     "${compose[@]}" -f docker-compose.node.yml up --no-build --abort-on-container-exit --exit-code-from trainer
 }
 export SHARD_URL=http://127.0.0.1:$SHARD_PORT/ NNODES=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$((SHARD_PORT + 1))

@@ -22,7 +22,10 @@ if [ "${NNODES:-1}" = 1 ] && [ "${GPUS:-1}" = 1 ]; then
 else
   cmd=(torchrun "--nnodes=${NNODES:-1}" "--nproc_per_node=${GPUS:-1}" "--node_rank=${NODE_RANK:-0}"
        --rdzv_backend=c10d "--rdzv_endpoint=${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}"
-       "--rdzv_id=${RUN_NAME:-$model}" -m trainer.cli "${args[@]}")
+       "--rdzv_id=${RUN_NAME:-$model}")
+  # A node's own address; nodes on one host need different ones (their containers share hostname and PIDs)
+  [ -n "${LOCAL_ADDR:-}" ] && cmd+=("--local-addr=$LOCAL_ADDR")
+  cmd+=(-m trainer.cli "${args[@]}")
 fi
 if [ -n "${TRAIN_DRY_RUN:-}" ]; then
   printf '%s\n' "${cmd[@]}"
