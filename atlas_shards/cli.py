@@ -47,21 +47,12 @@ def main() -> None:
 @click.option("--truncated", type=click.IntRange(min=0), default=0, help="Scans whose T1 file is cut short.")
 @click.option("--empty-masks", type=click.IntRange(min=0), default=0, help="Scans whose lesion masks are all zero.")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-def synth(out_dir, layout, subjects, seed, mismatched_masks, truncated, empty_masks, workers) -> None:
+def synth(out_dir, layout, subjects, **options) -> None:
     """Write a phantom ATLAS release (from the MNI152 template) to OUT_DIR."""
     from atlas_shards.synth import TRUTH_FILE, synthesize_release
 
     try:
-        truth = synthesize_release(
-            out_dir,
-            layout,
-            subjects,
-            seed=seed,
-            mismatched_masks=mismatched_masks,
-            truncated=truncated,
-            empty_masks=empty_masks,
-            workers=workers,
-        )
+        truth = synthesize_release(out_dir, layout, subjects, **options)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {len(truth['scans'])} {layout} phantom scans under {out_dir} (truth: {out_dir}/{TRUTH_FILE})")

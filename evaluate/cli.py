@@ -48,46 +48,19 @@ def main() -> None:
 )
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
-def run(
-    run_dir,
-    store,
-    split,
-    out_dir,
-    threshold,
-    min_component,
-    fill_holes,
-    prior_correction,
-    device,
-    tile,
-    save_probabilities,
-    patchwise,
-) -> None:
+def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
     from evaluate.predictors import EvaluateError
     from evaluate.run import evaluate_split
 
-    if threshold != "auto":
+    if options["threshold"] != "auto":
         try:
-            if not 0 < float(threshold) < 1:
+            if not 0 < float(options["threshold"]) < 1:
                 raise ValueError
         except ValueError:
             raise click.BadParameter("a number in (0, 1) or 'auto'", param_hint="--threshold") from None
     try:
-        m = evaluate_split(
-            run_dir,
-            store,
-            split,
-            out_dir,
-            threshold=threshold,
-            min_component=min_component,
-            fill_holes=fill_holes,
-            prior_correction=prior_correction,
-            device=device,
-            tile=tile,
-            save_probabilities=save_probabilities,
-            use_dense=not patchwise,
-            log=click.echo,
-        )
+        m = evaluate_split(run_dir, store, split, out_dir, use_dense=not patchwise, log=click.echo, **options)
     except EvaluateError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
@@ -152,20 +125,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
 @click.option("--device", default="cpu", show_default=True)
-def predict(
-    run_dir,
-    t1,
-    out_mask,
-    space,
-    brain_mask,
-    threshold,
-    min_component,
-    fill_holes,
-    rule_from,
-    prior_correction,
-    probabilities,
-    device,
-) -> None:
+def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, rule_from, **options) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
     from evaluate.postprocess import PostProcessing, rule_of_report
     from evaluate.predictors import EvaluateError
@@ -182,17 +142,7 @@ def predict(
             f"holes {'filled' if rule.fill_holes else 'kept'}"
         )
     try:
-        r = predict_file(
-            run_dir,
-            t1,
-            out_mask,
-            space=space,
-            brain_mask=brain_mask,
-            rule=rule,
-            prior_correction=prior_correction,
-            device=device,
-            probabilities=probabilities,
-        )
+        r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
     except EvaluateError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(

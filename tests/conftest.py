@@ -207,3 +207,10 @@ def fit_argv(shards, out, steps: int, *extra: str) -> list[str]:
     """``atlas-train fit`` arguments of a short test run: batches of 16, no DataLoader worker, a row every 5 steps."""
     short = "--batch-size 16 --workers 0 --log-every 5".split()
     return ["fit", "--shards", str(shards), "--out", str(out), "--steps-per-epoch", str(steps), *short, *extra]
+
+
+def tiny_shards(store, tmp_path_factory, name: str, **build):
+    """Training shards of ``store`` built once for a test module (``build``: BuildConfig fields)."""
+    out = tmp_path_factory.mktemp(name) / "train"
+    build_quietly(store, out, split="train", **build)
+    return out

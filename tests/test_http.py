@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_quietly, need_nginx, sample_ids
+from conftest import need_nginx, sample_ids, tiny_shards
 from shards.manifest import read_manifest
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
@@ -14,9 +14,7 @@ from atlas_shards.serve import serving
 
 @pytest.fixture(scope="module")
 def served_dir(tiny_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("http") / "train"
-    build_quietly(tiny_store, out, split="train", num_shards=3, samples_per_record=16)
-    return out
+    return tiny_shards(tiny_store, tmp_path_factory, "http", num_shards=3, samples_per_record=16)
 
 
 @pytest.mark.parametrize("prefer", ["nginx", "python"])

@@ -6,15 +6,13 @@ import pytest
 from click.testing import CliRunner
 
 from atlas_shards.serve import free_port
-from conftest import build_quietly, heavy_modules_after_import
+from conftest import heavy_modules_after_import, tiny_shards
 from trainer.cli import main
 
 
 @pytest.fixture(scope="module")
 def train_shards(tiny_store, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "train"
-    build_quietly(tiny_store, out, split="train", num_shards=2, samples_per_record=32)
-    return out
+    return tiny_shards(tiny_store, tmp_path_factory, "cli", num_shards=2, samples_per_record=32)
 
 
 @pytest.mark.parametrize("cmd", ["fit", "rf"])
