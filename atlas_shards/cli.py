@@ -12,11 +12,10 @@ import click
 
 from atlas_shards.plan import BuildConfig
 from atlas_shards.split import SPLITS
+from shards.cli_errors import OneLineErrors, expected
 from shards.norm import METHODS
-from shards.schema import FORMATS
-
-from shards.cli_errors import OneLineErrors
 from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat
+from shards.schema import FORMATS
 
 
 def _numbers(kind: type, text: str | None, name: str) -> tuple | None:
@@ -51,10 +50,8 @@ def synth(out_dir, layout, subjects, **options) -> None:
     """Write a phantom ATLAS release (from the MNI152 template) to OUT_DIR."""
     from atlas_shards.synth import TRUTH_FILE, synthesize_release
 
-    try:
+    with expected(ValueError):
         truth = synthesize_release(out_dir, layout, subjects, **options)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {len(truth['scans'])} {layout} phantom scans under {out_dir} (truth: {out_dir}/{TRUTH_FILE})")
 
 
@@ -85,12 +82,10 @@ def ingest(release_dir, store, workers, split_counts, split_fractions, seed, spa
     for name, values in (("--split", counts), ("--split-fractions", fractions)):
         if values is not None and (len(values) != 3 or sum(values) == 0):
             raise click.BadParameter("three numbers TRAIN,VAL,TEST, not all 0", param_hint=name)  # before any work
-    try:
+    with expected(DiscoveryError, IngestError, StoreError, SplitError):
         s = run_ingest(
             release_dir, store, workers=workers, split_counts=counts, split_fractions=fractions, seed=seed, space=space
         )
-    except (DiscoveryError, IngestError, StoreError, SplitError) as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{s.layout} release: {s.found} scans found, {s.ingested} ingested ({s.repaired} repaired, "
         f"{s.resumed} already in the store, {s.unlabelled} unlabelled), {s.excluded} excluded"
@@ -113,10 +108,8 @@ def eda(store, out_dir) -> None:
     from atlas_shards.eda import run_eda
     from atlas_shards.store import StoreError
 
-    try:
+    with expected(StoreError):
         summary = run_eda(store, out_dir)
-    except StoreError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{summary['n_scans']} labelled scans, lesion voxel fraction {summary['lesion_voxel_fraction']:.4%} "
         f"of all voxels ({summary['lesion_brain_fraction']:.3%} of brain)"
@@ -183,10 +176,8 @@ def build(store, out_dir, workers, dry_run, **options) -> None:
     else:
         options.update(target_lesion_fraction=fraction or B.target_lesion_fraction)
     config = BuildConfig(**{f.name: options[f.name] for f in fields(BuildConfig) if f.name in options})
-    try:
+    with expected(BuildError, ManifestError):
         result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)
-    except (BuildError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
     if not dry_run:
         click.echo(summarise(result, out_dir))
 
@@ -198,7 +189,7 @@ def inspect(out_dir, verify) -> None:
     """Print the manifest of a shard directory (and check it with --verify)."""
     from shards.manifest import ManifestError, read_manifest, summarise, verify as run_verify
 
-    try:
+    with expected(ManifestError):
         click.echo(summarise(read_manifest(out_dir), out_dir))
         if verify:
             problems = run_verify(out_dir)
@@ -207,8 +198,6 @@ def inspect(out_dir, verify) -> None:
             if problems:
                 raise click.ClickException(f"{out_dir}: {len(problems)} problem(s) found")
             click.echo("verify: every shard matches the manifest (size, sha256, records, samples, lesion samples)")
-    except ManifestError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -223,7 +212,7 @@ def verify(path) -> None:
     from shards.manifest import ManifestError, verify as verify_shards
     from shards.schema import MANIFEST
 
-    try:
+    with expected(StoreError, ManifestError):
         if remote.exists(remote.join(path, MANIFEST)):
             problems = verify_shards(path)
             for problem in problems:
@@ -235,8 +224,6 @@ def verify(path) -> None:
                 click.echo(f"  {scan_id}: {status}")
             problems = [r for r in results if r[1] != "ok" and not r[1].startswith("unverified")]
             kind, checked = "store", f"{len(results)} scans read, every chunk and array as ingest wrote it"
-    except (StoreError, ManifestError) as exc:
-        raise click.ClickException(str(exc)) from None
     if problems:
         raise click.ClickException(f"{path}: {len(problems)} problem(s) found in the {kind}")
     click.echo(f"verify: {checked}")
@@ -264,7 +251,7 @@ def serve(directory, host, port, server, ready_file) -> None:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
-    try:
+    with expected(ServeError, OSError):
         with serving(directory, host, port, server) as (url, name):
             click.echo(f"serving {directory} at {url}/ with {name}; Ctrl-C to stop", err=True)
             if ready_file:
@@ -275,8 +262,6 @@ def serve(directory, host, port, server, ready_file) -> None:
                 stop.wait()
             except KeyboardInterrupt:
                 pass
-    except (ServeError, OSError) as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from shards.cli_errors import OneLineErrors
+from shards.cli_errors import OneLineErrors, expected
 from shards.params import FiniteFloat
 
 
@@ -59,10 +59,8 @@ def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
                 raise ValueError
         except ValueError:
             raise click.BadParameter("a number in (0, 1) or 'auto'", param_hint="--threshold") from None
-    try:
+    with expected(EvaluateError):
         m = evaluate_split(run_dir, store, split, out_dir, use_dense=not patchwise, log=click.echo, **options)
-    except EvaluateError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
         f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, components "
@@ -91,10 +89,8 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
     from shards.sources import ShardSourceError
 
     check_output_dir(out_dir)
-    try:
+    with expected(EvaluateError, ShardSourceError):
         result = score_stream(run_dir, shards, threshold=threshold, prior_correction=prior_correction, device=device)
-    except (EvaluateError, ShardSourceError) as exc:
-        raise click.ClickException(str(exc)) from None
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / "stream_metrics.json", json.dumps(result, indent=1, default=str))
     click.echo(
@@ -133,18 +129,14 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, rule_fr
 
     rule = PostProcessing(threshold, min_component, fill_holes)
     if rule_from:
-        try:
+        with expected(ValueError):
             rule = rule_of_report(rule_from)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
         click.echo(
             f"rule from {rule_from}: threshold {rule.threshold}, components >= {rule.min_component} voxels, "
             f"holes {'filled' if rule.fill_holes else 'kept'}"
         )
-    try:
+    with expected(EvaluateError):
         r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
-    except EvaluateError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{out_mask}: {r['lesion_voxels']} lesion voxels ({r['lesion_voxels'] * r['voxel_ml']:.2f} mL); "
         f"space {r['space']}, mirror index {r['mirror_index']}, brain mask {r['brain_mask']}"
@@ -161,10 +153,8 @@ def compare(report_dirs, out_file) -> None:
     from evaluate.compare import ladder
     from shards import atomic_write_text
 
-    try:
+    with expected(FileNotFoundError, KeyError, ValueError):
         table = ladder(list(report_dirs))
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(table)
     if out_file:
         atomic_write_text(out_file, table)

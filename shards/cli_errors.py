@@ -10,10 +10,12 @@ printed only when asked for: ``--debug`` before the command, or
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 
 import click
 
@@ -32,6 +34,15 @@ def one_line(exc: BaseException) -> str:
     if "Original Traceback" in text:  # a DataLoader worker's exception, re-raised with its traceback as text
         text = text.splitlines()[-1].split(": ", 1)[-1]
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def expected(*errors: type[BaseException]) -> Iterator[None]:
+    """The errors a command expects of its API call become its one-line ``Error:`` (no traceback, even in debug)."""
+    try:
+        yield
+    except errors as exc:
+        raise click.ClickException(one_line(exc)) from exc
 
 
 def debugging(ctx: click.Context | None = None) -> bool:

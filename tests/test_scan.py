@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from atlas_shards.discover import ScanSource
-from atlas_shards.scan import ScanError, prepare_scan
+from atlas_shards.scan import ScanError, prepare_scan, preprocess
 
 SHAPE = (40, 44, 40)
 AFFINE = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS, like many native scans
@@ -118,10 +118,9 @@ def test_user_brain_mask_is_used(tmp_path):
     t1, lesion = small_head()
     brain = np.zeros(SHAPE, dtype=np.uint8)
     brain[8:32, 10:34, 10:30] = 1
-    write(tmp_path / "t1.nii.gz", t1)
-    write(tmp_path / "lesion.nii.gz", lesion.astype(np.uint8))
-    write(tmp_path / "brain_mask.nii.gz", brain)
-    src = source(tmp_path)
-    src.brain_mask = "brain_mask.nii.gz"
-    scan = prepare_scan(tmp_path, src)
+    files = {"t1": t1, "lesion": lesion.astype(np.uint8), "brain": brain}
+    paths = {name: tmp_path / f"{name}.nii.gz" for name in files}
+    for name, data in files.items():
+        write(paths[name], data)
+    scan = preprocess(paths["t1"], [paths["lesion"]], brain_mask=paths["brain"])  # by file paths, as predict does
     assert scan.attrs["brain_mask_source"] == "user" and scan.attrs["brain_voxels"] == int(brain.sum())

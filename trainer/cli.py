@@ -9,7 +9,7 @@ import math
 
 import click
 
-from shards.cli_errors import OneLineErrors, one_line
+from shards.cli_errors import OneLineErrors, expected, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat
 from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError, TrainConfig, from_options
 
@@ -125,12 +125,10 @@ def rf(shards, run_dir, max_samples, grid, val_shards, seed) -> None:
     from shards.sources import ShardSourceError
     from trainer.forest import FOREST, train_forest
 
-    try:
+    with expected(ShardSourceError, ManifestError, ValueError):
         result = train_forest(
             shards, run_dir, max_samples=max_samples, grid=grid, seed=seed, val_spec=val_shards, log=click.echo
         )
-    except (ShardSourceError, ManifestError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"forest {result['params']}: train accuracy {result['train_accuracy']:.3f}"
         + (f", validation Dice {result['val']['dice']:.3f}" if "val" in result else "")
