@@ -6,7 +6,6 @@ Heavy imports live inside the commands so ``--help`` is instant.
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import click
 
@@ -14,7 +13,7 @@ from atlas_shards.plan import BuildConfig
 from atlas_shards.split import SPLITS
 from shards.cli_errors import OneLineErrors, expected
 from shards.norm import METHODS
-from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat
+from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat, from_options
 from shards.schema import FORMATS
 
 
@@ -175,7 +174,7 @@ def build(store, out_dir, workers, dry_run, **options) -> None:
         options.update(target_lesion_fraction=None)
     else:
         options.update(target_lesion_fraction=fraction or B.target_lesion_fraction)
-    config = BuildConfig(**{f.name: options[f.name] for f in fields(BuildConfig) if f.name in options})
+    config = from_options(BuildConfig, options)
     with expected(BuildError, ManifestError):
         result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)
     if not dry_run:

@@ -1,8 +1,9 @@
-"""Command-line number types shared by the three CLIs (click only: ``--help`` stays instant)."""
+"""What the three CLIs share: number and location types, settings from options (click only: fast --help)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from pathlib import Path
 
 import click
@@ -43,3 +44,9 @@ class Location(click.ParamType):
 
 
 LOCATION = Location()
+
+
+def from_options(cls, options: dict, **given):
+    """A settings dataclass from command-line options of the same names (``given`` wins)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names and k not in given}, **given)

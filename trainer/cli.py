@@ -10,8 +10,8 @@ import math
 import click
 
 from shards.cli_errors import OneLineErrors, expected, one_line
-from shards.params import POSITIVE, SEED, FiniteFloat
-from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError, TrainConfig, from_options
+from shards.params import POSITIVE, SEED, FiniteFloat, from_options
+from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError, TrainConfig
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:

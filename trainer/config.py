@@ -7,7 +7,7 @@ every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
 LAYOUTS = ("channels", "concat")
@@ -83,9 +83,3 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def from_options(cls, options: dict, **given):
-    """A config dataclass from command-line options of the same names (``given`` wins)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in options.items() if k in names and k not in given}, **given)
