@@ -40,7 +40,8 @@ import numpy as np
 from atlas_shards import publish
 from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
-from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan
+from atlas_shards.hard_negatives import HardNegativeError, load_map
+from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan, scan_hardness
 from atlas_shards.spill import write_spill
 from atlas_shards.workers import Workers
 from shards import atomic_write_text, check_output_dir, remote
@@ -86,7 +87,7 @@ def build(
     if not scans:
         raise BuildError(f"{store_path}: split {config.split!r} has no labelled scans")
     with Workers(workers) as pool:
-        counts = list(pool.map(_count_scan, [(str(store_path), s) for s in scans]))
+        counts = list(pool.map(_count_scan, [(str(store_path), s, config.hard_negatives) for s in scans]))
         skipped = [f"scan {s} skipped: {c['problem']}" for s, c in zip(scans, counts) if "problem" in c]
         usable = [(s, c) for s, c in zip(scans, counts) if "problem" not in c]
         if not usable:
@@ -167,13 +168,15 @@ def _build_into_object_store(
     return manifest
 
 
-def _count_scan(args: tuple[str, str]) -> dict:
+def _count_scan(args: tuple[str, str, str | None]) -> dict:
     """Worker: lesion, background (brain, not lesion) and candidate voxel counts of one scan.
 
     A scan the build cannot use gives ``{"problem": reason}`` instead; the
-    build goes on without it and the manifest's notes say why.
+    build goes on without it and the manifest's notes say why. With hard
+    negatives, a scan whose probability map cannot be used is sampled
+    uniformly, and ``hard_problem`` says why.
     """
-    store_path, scan_id = args
+    store_path, scan_id, hard_dir = args
     try:
         root = zstore.open_store(store_path, "r")
         if scan_id not in root:
@@ -197,7 +200,13 @@ def _count_scan(args: tuple[str, str]) -> dict:
     if not brain.any():
         return {"problem": "empty brain mask (nothing to normalise over or sample)"}
     n_lesion = int(lesion.sum())
-    return {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
+    counts = {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
+    if hard_dir is not None:
+        try:
+            load_map(hard_dir, scan_id, lesion.shape)
+        except HardNegativeError as exc:
+            counts["hard_problem"] = str(exc)
+    return counts
 
 
 def _existing(out_dir: Path, plan: dict) -> dict | None:
@@ -255,7 +264,7 @@ def _spill_scan(args: tuple) -> dict:
     data = zstore.read_scan(root, scan_id)
     mirror = float(root[scan_id].attrs["mirror_index"])
     lesion, brain = data["lesion"] > 0, data["brain"] > 0
-    chosen = draw_voxels(lesion, brain, scan_id, entry, config)
+    chosen = draw_voxels(lesion, brain, scan_id, entry, config, scan_hardness(config, entry, lesion.shape))
     shard_of = (entry["offset"] + np.arange(n)) % num_shards
     order = np.argsort(shard_of, kind="stable")
     chosen = chosen[order]

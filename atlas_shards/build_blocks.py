@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
-from atlas_shards.plan import BuildConfig, draw_voxels, shards_for
+from atlas_shards.plan import BuildConfig, draw_voxels, scan_hardness, shards_for
 from atlas_shards.spill import write_spill
 from shards import atomic_write_text
 from shards.blocks import BlockCutter, block_size, group_by_block
@@ -39,7 +39,7 @@ def _blocks_of(store_path: str, entry: dict, config: BuildConfig, with_t1: bool)
     root = zstore.open_store(store_path, "r")
     data = zstore.read_scan(root, scan_id, zstore.ARRAYS if with_t1 else ("lesion", "brain"))
     lesion, brain = data["lesion"] > 0, data["brain"] > 0
-    chosen = draw_voxels(lesion, brain, scan_id, entry, config)
+    chosen = draw_voxels(lesion, brain, scan_id, entry, config, scan_hardness(config, entry, lesion.shape))
     labels = lesion.ravel()[chosen].astype(np.uint8)
     locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(LOC_DTYPE)
     order, starts = group_by_block(locs, lesion.shape, config.block)

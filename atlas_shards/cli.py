@@ -151,6 +151,21 @@ B = BuildConfig  # every default below is the dataclass's own
     metavar="RATE",
     help="Uniform sample of brain voxels, no balancing (un-upsampled validation stream).",
 )
+@click.option(
+    "--hard-negatives",
+    type=click.Path(exists=True, file_okay=False, resolve_path=True),
+    default=None,
+    metavar="DIR",
+    help="Probability maps of a prior model (atlas-evaluate run --split train --save-probabilities): "
+    "background voxels are drawn in proportion to them. The lesion fraction is unchanged.",
+)
+@click.option(
+    "--hard-share",
+    type=RATE,
+    default=B.hard_share,
+    show_default=True,
+    help="Share of the background draws that follows the maps (the rest stays uniform).",
+)
 @click.option("--norm", type=click.Choice(METHODS), default=B.norm, show_default=True)
 @click.option("--samples-per-record", type=click.IntRange(min=1), default=B.samples_per_record, show_default=True)
 @click.option("--shard-size-mb", type=POSITIVE, default=B.shard_size_mb, show_default=True)

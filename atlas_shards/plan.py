@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from atlas_shards.hard_negatives import draw_background, load_map
 from atlas_shards.split import SPLITS
 from shards.norm import METHODS
 from shards.schema import BLOCK, FORMATS, PATCH, block_bytes, bytes_per_sample
@@ -52,6 +53,8 @@ class BuildConfig:
     shard_size_mb: float = 128.0
     num_shards: int | None = None
     seed: int = 0
+    hard_negatives: str | None = None  # a directory of probability maps (``atlas_shards.hard_negatives``)
+    hard_share: float = 0.5  # the share of background draws that follows them
 
     def check(self) -> None:
         if self.split not in SPLITS:
@@ -78,6 +81,10 @@ class BuildConfig:
                     raise BuildError(f"--{name.replace('_', '-')} must be in [0, 1], got {rate}")
         else:
             raise BuildError(f"unknown mode {self.mode!r}")
+        if self.hard_negatives is not None and self.mode != "balanced":
+            raise BuildError("--hard-negatives is for balanced builds (a natural stream must stay unbiased)")
+        if not 0 <= self.hard_share <= 1:
+            raise BuildError(f"--hard-share must be in [0, 1], got {self.hard_share}")
         if (
             self.samples_per_record < 1
             or self.shard_size_mb <= 0
@@ -125,6 +132,10 @@ def make_plan(
                 "offset": offset,
             }
         )
+        if config.hard_negatives is not None:
+            entries[-1]["hard_negatives"] = "hard_problem" not in c
+            if "hard_problem" in c:
+                notes.append(f"scan {scan_id}: background drawn uniformly: {c['hard_problem']}")
         offset += n
     if offset == 0:
         raise BuildError("the sampling rates select no voxels at all; raise the rates")
@@ -163,23 +174,39 @@ def shards_for(config: BuildConfig, samples: int, records: int) -> int:
     return min(wanted, records if config.format == "blocks" else samples)
 
 
-def draw_voxels(lesion: np.ndarray, brain: np.ndarray, scan_id: str, entry: dict, config: BuildConfig) -> np.ndarray:
+def draw_voxels(
+    lesion: np.ndarray,
+    brain: np.ndarray,
+    scan_id: str,
+    entry: dict,
+    config: BuildConfig,
+    hardness: np.ndarray | None = None,
+) -> np.ndarray:
     """Flat indices of one scan's samples, in sample order.
 
     The one place that decides which voxels are sampled: a function of the
-    scan's masks, its plan entry, and the seed, whatever the format.
+    scan's masks, its plan entry, the seed and, for hard negatives, the
+    prior model's probability map ``hardness``, whatever the format.
     """
     rng = np.random.default_rng([config.seed, zlib.crc32(scan_id.encode())])
     if config.mode == "natural":
         chosen = rng.choice(np.flatnonzero(brain | lesion), entry["samples"], replace=False)
     else:
-        chosen = np.concatenate(
-            [
-                rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False),
-                rng.choice(np.flatnonzero(brain & ~lesion), entry["background_draws"], replace=False),
-            ]
-        )
+        lesions = rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False)
+        background = np.flatnonzero(brain & ~lesion)
+        if hardness is None:
+            background = rng.choice(background, entry["background_draws"], replace=False)
+        else:
+            background = draw_background(background, entry["background_draws"], hardness, config.hard_share, rng)
+        chosen = np.concatenate([lesions, background])
     return chosen[rng.permutation(entry["samples"])]
+
+
+def scan_hardness(config: BuildConfig, entry: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The probability map a scan's background draws follow, if the plan gave it one."""
+    if config.hard_negatives is None or not entry.get("hard_negatives"):
+        return None
+    return load_map(config.hard_negatives, entry["scan_id"], shape)
 
 
 def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | None = None) -> str:
@@ -192,6 +219,12 @@ def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | 
         f"background rate {plan['background_rate']:.4g}",
         f"  {n} samples in {shards} shards",
     ]
+    if config.hard_negatives is not None:
+        hard = sum(bool(s.get("hard_negatives")) for s in plan["scans"])
+        lines.append(
+            f"  hard negatives: {100 * config.hard_share:.0f}% of the background draws follow the probability "
+            f"maps in {config.hard_negatives} ({hard} of {len(plan['scans'])} scans)"
+        )
     pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
     lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")
     if blocks is not None:

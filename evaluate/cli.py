@@ -6,6 +6,7 @@ import click
 
 from shards.cli_errors import OneLineErrors, expected
 from shards.params import FiniteFloat
+from shards.tables import cell
 
 
 MODEL = click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run.")
@@ -31,7 +32,7 @@ def main() -> None:
 @main.command()
 @MODEL
 @click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
-@click.option("--split", type=click.Choice(["val", "test"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option(
     "--threshold",
@@ -63,7 +64,8 @@ def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
         m = evaluate_split(run_dir, store, split, out_dir, use_dense=not patchwise, log=click.echo, **options)
     click.echo(
         f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
-        f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f} (threshold {m['threshold']}, components "
+        f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f}, Dice under 5 mL "
+        f"{cell(m['small_lesion_dice'], '.3f', 'n/a')} ({m['n_small']} scans) (threshold {m['threshold']}, components "
         f">= {m['postprocessing']['min_component']} voxels, holes "
         f"{'filled' if m['postprocessing']['fill_holes'] else 'kept'}, "
         f"prior correction {'on' if m['prior_correction'] else 'off'}, {m['inference']})"
@@ -143,6 +145,25 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, rule_fr
     )
     for note in r["notes"]:
         click.echo(f"  note: {note}")
+
+
+@main.command()
+@MODEL
+@click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Where the curve goes.")
+@click.option("--scans", type=click.IntRange(min=1), default=None, help="Score the first N validation scans [all].")
+@click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+def curve(run_dir, store, out_dir, scans, threshold) -> None:
+    """Whole-volume validation Dice of every snapshot of a run (fit --snapshot-every), step by step."""
+    from evaluate.curve import CURVE, volume_curve
+    from evaluate.postprocess import PostProcessing
+    from evaluate.predictors import EvaluateError
+
+    with expected(EvaluateError):
+        rows = volume_curve(run_dir, store, out_dir, scans, PostProcessing(threshold), log=click.echo)
+    best = max(rows, key=lambda r: float(r["mean_dice"]))
+    click.echo(f"best mean Dice {float(best['mean_dice']):.3f} at step {best['step']} ({len(rows)} points)")
+    click.echo(f"curve: {out_dir}/{CURVE} and volume-curve.png")
 
 
 @main.command()

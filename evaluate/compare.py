@@ -32,14 +32,14 @@ def ladder(report_dirs: list[str | Path]) -> str:
     rows.sort(key=lambda r: order.index(r[1]["model"]) if r[1]["model"] in order else len(order))
     lines = [
         "| model | paper | report | split | scans | mean Dice | paper test Dice | pooled Dice | lesion F1 | "
-        "precision | recall |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Dice < 5 mL | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d, m in rows:
         lines.append(
             f"| {m['model']} | {PAPER_NAMES.get(m['model'], '-')} | `{d}` | {m.get('split')} | {m['n_subjects']} | "
             f"{_f(m['mean_dice'])} | {_f(PAPER_DICE.get(m['model']))} | {_f(m['pooled_dice'])} | "
-            f"{_f(m['mean_lesion_f1'])} | {_f(m['precision'])} | {_f(m['recall'])} |"
+            f"{_f(m['mean_lesion_f1'])} | {_f(m.get('small_lesion_dice'))} | {_f(m['precision'])} | {_f(m['recall'])} |"
         )
     lines += [
         "",

@@ -10,6 +10,9 @@
   volume has a lesion.
 - Simple lesion count difference = |#components(P) - #components(T)|.
 - Voxel precision TP/(TP+FP) and recall TP/(TP+FN); NaN when undefined.
+- Small-lesion Dice: the mean Dice of the scans whose whole lesion load is
+  under ``SMALL_LESION_ML`` (5 mL): the cases a model most often misses,
+  reported apart because the large ones dominate pooled Dice.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from shards.scores import COUNTS, confusion, voxel_scores
+
+SMALL_LESION_ML = 5.0
 
 
 def lesion_f1(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -54,17 +59,20 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001) -
         "precision": scores["precision"],
         "recall": scores["recall"],
         "true_voxels": vol_t,
+        "true_ml": vol_t * voxel_ml,
         "predicted_voxels": vol_p,
         **c,
     }
 
 
 def summarise(cases: list[dict]) -> dict[str, float]:
-    """Means over cases, plus pooled Dice, precision and recall over all voxels."""
+    """Means over cases, pooled Dice, precision and recall over all voxels, and the small-lesion Dice."""
 
-    def mean(key):
-        values = [c[key] for c in cases if not (isinstance(c[key], float) and math.isnan(c[key]))]
+    def mean(key, among=cases):
+        values = [c[key] for c in among if not (isinstance(c[key], float) and math.isnan(c[key]))]
         return float(np.mean(values)) if values else math.nan
+
+    small = [c for c in cases if c["true_ml"] < SMALL_LESION_ML]
 
     pooled = voxel_scores(*(sum(c[k] for c in cases) for k in COUNTS))
     return {
@@ -77,4 +85,6 @@ def summarise(cases: list[dict]) -> dict[str, float]:
         "mean_lesion_count_diff": mean("lesion_count_diff"),
         "precision": pooled["precision"],
         "recall": pooled["recall"],
+        "n_small": len(small),
+        "small_lesion_dice": mean("dice", small),
     }

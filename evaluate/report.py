@@ -21,6 +21,8 @@ KEYS = (
     "mean_lesion_count_diff",
     "precision",
     "recall",
+    "small_lesion_dice",
+    "n_small",
 )
 
 

@@ -31,6 +31,7 @@ SUBJECT_COLUMNS = (
     "lesion_count_diff",
     "precision",
     "recall",
+    "true_ml",
     "status",
 )
 
@@ -47,6 +48,11 @@ def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool)
     )
     logits[data["brain"] == 0] = -np.inf  # predictions outside the brain mask are 0
     return logits, {**data, "attrs": attrs}
+
+
+def voxel_ml(attrs: dict) -> float:
+    """One voxel's volume in mL (the store's voxel size; 1 mm^3 when not recorded)."""
+    return float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
 
 
 def choose_postprocessing(
@@ -126,12 +132,11 @@ def evaluate_split(
             prob = to_probability(logits, shift)
             mask = rule.apply(prob)
             attrs = data["attrs"]
-            voxel_ml = float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
             row = {
                 "scan_id": scan_id,
                 "subject_id": attrs.get("subject_id"),
                 "hemisphere": attrs.get("hemisphere"),
-                **case_metrics(mask, data["lesion"] > 0, voxel_ml),
+                **case_metrics(mask, data["lesion"] > 0, voxel_ml(attrs)),
                 "status": "ok",
             }
             write_on_original_grid(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +19,7 @@ from evaluate.run import evaluate_split
 from evaluate.volume import lesion_logits
 from shards.norm import normalise
 from shards.patches import PairCutter
+from trainer import checkpoint as ckpt_io
 from trainer.models import ModelConfig, build_model
 
 
@@ -61,6 +63,12 @@ def test_case_metrics_and_pooled_summary():
     assert s["n_subjects"] == 2 and s["mean_dice"] == pytest.approx((8 / 14) / 2)
     assert s["pooled_dice"] == pytest.approx(2 * 4 / (2 * 4 + 2 + 12))
     assert s["precision"] == pytest.approx(4 / 6)  # pooled over voxels
+    # small-lesion Dice: only the scans under 5 mL of lesion (m: 8 voxels of 0.5 mL = 4 mL; empty: 0.008 mL)
+    assert m["true_ml"] == 4.0 and s["n_small"] == 2 and s["small_lesion_dice"] == pytest.approx((8 / 14) / 2)
+    large = case_metrics(pred, truth, voxel_ml=1.0)  # the same scan at 8 mL
+    s = summarise([large, empty])
+    assert s["n_small"] == 1 and s["small_lesion_dice"] == 0.0
+    assert math.isnan(summarise([large])["small_lesion_dice"])  # none small: undefined, not 0
 
 
 def _predictor(name: str, seed: int) -> Predictor:
@@ -128,6 +136,23 @@ def test_run_writes_documented_outputs(trained, tmp_path):
     assert rows[0].startswith("scan_id,subject_id,hemisphere") and len(rows) == 2
     assert (tmp_path / "rep" / "report.md").read_text().startswith("# Evaluation of cnn3d-sym")
     assert int(rows[1].split(",")[5]) == int(data.sum())  # predicted_voxels is what the NIfTI holds
+
+
+def test_curve_scores_snapshots_as_run_does(trained, tmp_path):
+    from evaluate.curve import volume_curve
+
+    store, run_dir = trained
+    run = evaluate_split(run_dir, store, "val", tmp_path / "rep", progress=False, log=lambda m: None)
+    snapshots = tmp_path / "run" / ckpt_io.SNAPSHOTS
+    snapshots.mkdir(parents=True)
+    shutil.copy(run_dir / ckpt_io.LAST, snapshots / ckpt_io.snapshot_name(30))  # the same weights, as a snapshot
+    rows = volume_curve(tmp_path / "run", store, tmp_path / "curve", progress=False, log=lambda m: None)
+    assert [(r["step"], r["scans"]) for r in rows] == [(30, 1)]
+    for key in ("mean_dice", "pooled_dice", "mean_lesion_f1", "precision", "recall"):
+        assert rows[0][key] == pytest.approx(run[key], nan_ok=True)
+    assert (tmp_path / "curve" / "volume-curve.png").stat().st_size > 1000
+    again = volume_curve(tmp_path / "run", store, tmp_path / "curve", progress=False, log=print)  # nothing new
+    assert [r["step"] for r in again] == ["30"] and float(again[0]["mean_dice"]) == pytest.approx(run["mean_dice"])
 
 
 def test_a_failing_scan_is_reported_and_the_rest_go_on(trained, tmp_path):

@@ -22,6 +22,17 @@ from shards import atomic_path
 
 FORMAT, VERSION = "atlas-train-checkpoint", 1
 LAST = "last.pt"
+SNAPSHOTS = "snapshots"  # fit --snapshot-every: snapshots/step-NNNNNNN.pt, read by atlas-evaluate curve
+
+
+def snapshot_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def snapshots(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of a run's snapshots, in step order."""
+    found = sorted(Path(run_dir, SNAPSHOTS).glob("step-*.pt"))
+    return [(int(p.stem.removeprefix("step-")), p) for p in found if p.stem.removeprefix("step-").isdigit()]
 
 
 class CheckpointError(ValueError):

@@ -11,7 +11,7 @@ import click
 
 from shards.cli_errors import OneLineErrors, expected, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat, from_options
-from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError, TrainConfig
+from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -56,7 +56,35 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--epochs", type=click.IntRange(min=1), default=T.epochs, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=T.batch_size, show_default=True)
-@click.option("--lr", type=POSITIVE, default=T.lr, show_default=True)
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default=T.recipe,
+    show_default=True,
+    help="Defaults of the six options below. paper: Adam, lr 1e-5, constant, no augmentation; "
+    "modern: AdamW (weight decay 1e-4), lr 1e-3, 5% warm-up then cosine, flips and intensity jitter.",
+)
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate [the recipe's].")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="[the recipe's]")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=None, help="[the recipe's]")
+@click.option("--warmup", type=FiniteFloat(0, 1, max_open=True), default=None, help="Share of the run [the recipe's].")
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=None, help="[the recipe's]")
+@click.option("--augment/--no-augment", default=None, help="Axis flips of both cubes, intensity jitter [the recipe's].")
+@click.option(
+    "--time-budget",
+    type=POSITIVE,
+    default=None,
+    metavar="MINUTES",
+    help="Stop after this much training (validation not counted); the schedule then follows the clock.",
+)
+@click.option(
+    "--budget-clock",
+    type=click.Choice(["wall", "cpu"]),
+    default=T.budget_clock,
+    show_default=True,
+    help="What --time-budget counts: elapsed time, or this process's CPU time (all threads; with --workers 0, "
+    "the data loading too): CPU-minutes that other work on the machine does not eat into.",
+)
 @click.option("--workers", type=click.IntRange(min=0), default=T.workers, show_default=True, help="Per rank.")
 @click.option("--seed", type=SEED, default=T.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt at its step.")
@@ -73,6 +101,12 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
 @click.option("--log-every", type=click.IntRange(min=1), default=T.log_every, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=T.checkpoint_every, show_default=True)
+@click.option(
+    "--snapshot-every",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also keep OUT/snapshots/step-N.pt every N steps (atlas-evaluate curve scores them on whole volumes).",
+)
 @click.option("--widths", default=",".join(map(str, M.widths)), show_default=True, help="cnn3d: the 5 convolutions.")
 @click.option("--hidden", type=click.IntRange(min=1), default=M.hidden, show_default=True, help="cnn3d: fc1 width.")
 @click.option("--pretrained", default=M.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH.")

@@ -7,10 +7,24 @@ every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
 LAYOUTS = ("channels", "concat")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+# A recipe is the defaults of the optimisation settings; an option given on the
+# command line wins over its recipe. ``paper``: the published method (Adam,
+# lr 1e-5, constant, no augmentation). ``modern``: AdamW, linear warm-up over
+# the first 5% of the run then cosine decay, axis flips of both cubes and
+# intensity jitter (``trainer/augment.py``); measured in BENCHMARKS.md.
+RECIPES = {
+    "paper": {"optimizer": "adam", "lr": 1e-5, "schedule": "constant", "warmup": 0.0, "weight_decay": 0.0,
+              "augment": False},
+    "modern": {"optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-4,
+               "augment": True},
+}  # fmt: skip
 
 
 class ModelError(ValueError):
@@ -25,7 +39,15 @@ class TrainConfig:
     epochs: int = 1
     steps_per_epoch: int | None = None
     batch_size: int = 64
-    lr: float = 1e-5
+    recipe: str = "modern"
+    lr: float | None = None  # None: the recipe's (as for the five below)
+    optimizer: str | None = None
+    schedule: str | None = None
+    warmup: float | None = None  # share of the run spent warming up
+    weight_decay: float | None = None
+    augment: bool | None = None
+    time_budget: float | None = None  # minutes of training; the schedule then runs on elapsed time
+    budget_clock: str = "wall"  # or "cpu": this process's CPU time
     workers: int = 2
     seed: int = 0
     device: str = "auto"
@@ -37,8 +59,16 @@ class TrainConfig:
     eval_every: int | None = None
     val_batches: int | None = None
     checkpoint_every: int = 500
+    snapshot_every: int | None = None  # also keep snapshots/step-NNNNNNN.pt (for atlas-evaluate curve)
     timeout: float = 30.0
     retries: int = 3
+
+    def resolved(self) -> TrainConfig:
+        """This config with every setting its recipe decides filled in (the ones given kept)."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        given = {k: getattr(self, k) for k in RECIPES[self.recipe] if getattr(self, k) is not None}
+        return replace(self, **{**RECIPES[self.recipe], **given})
 
 
 @dataclass

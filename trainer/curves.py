@@ -18,6 +18,8 @@ COLUMNS = (
     "samples_per_s",
     "data_wait",
     "skipped",
+    "lr",
+    "trained_s",
     "val_loss",
     "val_dice",
     "val_precision",

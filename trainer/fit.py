@@ -8,6 +8,7 @@ steps because ``ShardStream`` gives each the same number of batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,7 +32,8 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
-from trainer.config import ModelConfig, TrainConfig
+from trainer.augment import flip_pairs, jitter, learning_rate, step_generator
+from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
 from trainer.models import build_model
 
 
@@ -43,10 +45,10 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     """Train ``model_cfg`` on ``cfg.shards``; returns a summary (rank 0's view)."""
     try:
         chosen = resolve_device(cfg.device)  # before any work: a GPU that is not there is a one-line error
+        cfg = cfg.resolved()  # the recipe's settings, where none was given
     except ValueError as exc:
         raise TrainError(str(exc)) from None
-    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise TrainError(f"--lr must be a finite positive number, got {cfg.lr}")
+    _check_recipe(cfg)
     check_output_dir(cfg.out)
     ranks = setup_distributed(chosen)
     stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
@@ -57,6 +59,21 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
         stop()
         if ranks.ddp:
             dist.destroy_process_group()
+
+
+def _check_recipe(cfg: TrainConfig) -> None:
+    if not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise TrainError(f"--lr must be a finite positive number, got {cfg.lr}")
+    if cfg.optimizer not in OPTIMIZERS or cfg.schedule not in SCHEDULES:
+        raise TrainError(
+            f"optimizer {cfg.optimizer!r}, schedule {cfg.schedule!r}: choose from {OPTIMIZERS}, {SCHEDULES}"
+        )
+    if not 0 <= cfg.warmup < 1 or not cfg.weight_decay >= 0:
+        raise TrainError(f"--warmup must be in [0, 1) and --weight-decay >= 0, got {cfg.warmup}, {cfg.weight_decay}")
+    if cfg.budget_clock not in ("wall", "cpu"):
+        raise TrainError(f"--budget-clock is wall or cpu, got {cfg.budget_clock!r}")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise TrainError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +100,59 @@ def setup_distributed(chosen: torch.device) -> Ranks:
     if cuda:
         torch.cuda.set_device(device)
     return Ranks(dist.get_rank(), dist.get_world_size(), device, ddp=True)
+
+
+class Clock:
+    """Training time against ``--time-budget`` (minutes), across resumes; validation paused out.
+
+    ``wall``: elapsed time. ``cpu``: this process's CPU time over all its
+    threads (``--workers 0`` puts the data loading in it too): a budget that
+    other work on the machine does not eat into, for comparing models.
+
+    With a budget the schedule's progress is the larger of the step share and
+    the time share, so a run cut by its budget still ends its schedule. Every
+    rank must stop at the same step (DDP): under torchrun the ranks agree on
+    the largest clock (all-reduce max).
+    """
+
+    def __init__(self, budget_minutes: float | None, device: torch.device, kind: str = "wall"):
+        self.budget = None if budget_minutes is None else 60 * budget_minutes
+        self.device = device
+        self.read = time.process_time if kind == "cpu" else time.perf_counter  # cpu: this process, all threads
+        self.before = 0.0  # seconds trained before a resume
+        self.restart()
+        self.paused_for = 0.0
+        self.now = 0.0  # the shared clock at the last tick
+
+    def seconds(self) -> float:
+        return self.before + self.read() - self.start - self.paused_for
+
+    def restart(self) -> None:
+        self.start, self.paused_for = self.read(), 0.0
+
+    def tick(self) -> None:
+        """Read the clock, once a step (all ranks: the largest)."""
+        if self.budget is None:
+            return
+        mine = torch.tensor([self.seconds()], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+        self.now = float(mine.item())
+
+    def spent(self) -> bool:
+        return self.budget is not None and self.now >= self.budget
+
+    def progress(self, step: int, total_steps: int) -> float:
+        share = step / max(total_steps, 1)
+        return share if self.budget is None else max(share, self.now / self.budget)
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = self.read()
+        try:
+            yield
+        finally:
+            self.paused_for += self.read() - t0
 
 
 @dataclass
@@ -165,15 +235,21 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     # -- model, optimiser, resume --
     model_cfg = replace(model_cfg, patch=manifest["config"]["patch"], norm=manifest["norm"])  # the caller's stays
     model = build_model(model_cfg).to(device)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
-    step, rows = 0, []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, rows, clock = 0, [], Clock(cfg.time_budget, device, cfg.budget_clock)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
+        clock.before = float(ckpt.get("trained_seconds", 0.0))
+        clock.tick()
         ckpt_io.set_rng_state(ckpt["rng"])
         rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
-        if step >= total_steps:  # a finished run asked to resume (a re-run of a service): nothing to do
+        if step >= total_steps or clock.spent():  # a finished run asked to resume (a service re-run): nothing to do
             log(f"{out}: already finished ({step} of {total_steps} steps); nothing to do")
             return _summary(out, step, rows, world, None)
         log(f"resuming {out} at step {step}")
@@ -202,15 +278,16 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
             ),
         )
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(path: Path = out / ckpt_io.LAST) -> None:
         if master:
             ckpt_io.save(
-                out / ckpt_io.LAST,
+                path,
                 {
                     "model": raw.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
                     "epoch": step // steps_per_epoch,
+                    "trained_seconds": clock.seconds(),
                     "rng": ckpt_io.rng_state(),
                     "model_config": model_cfg.to_dict(),
                     "preprocessing": preprocessing,
@@ -223,6 +300,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     seen = []  # sample fingerprints, for the rank audit
     window = Window()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
+    clock.restart()  # the budget counts training, not the set-up
     try:
         for epoch in range(step // steps_per_epoch, cfg.epochs):
             train.set_epoch(epoch)
@@ -236,9 +314,15 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                     to_device.load(batch)  # a device pool must still see the blocks these batches brought
                     continue
                 model.train()
+                lr = learning_rate(cfg.lr, cfg.schedule, cfg.warmup, clock.progress(step, total_steps))
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 x, y = to_device(batch), batch["y"].to(device, non_blocking=True)
+                gen = step_generator(cfg.seed, ranks.rank, step) if cfg.augment else None
+                x = flip_pairs(x, gen) if cfg.augment else x
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                    logits = model(raw.prepare(x))
+                    inputs = raw.prepare(x)
+                    logits = model(jitter(inputs, gen) if cfg.augment else inputs)
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
                 if not _finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
                     save_checkpoint()
@@ -250,17 +334,23 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                 loss.backward()
                 opt.step()
                 step += 1
+                clock.tick()
                 if world > 1 and len(seen) < audit.KEEP:
                     seen.append(audit.fingerprint(batch))
                 window.loss += loss.item() * len(y)
                 window.samples += len(y)
                 window.wait += waited
                 window.skipped += int(batch["skipped"])
-                if step % cfg.log_every == 0 or step % eval_every == 0 or step == total_steps:
-                    row, window = _log_row(window, step, epoch, world, device), Window()
-                    if val is not None and (step % eval_every == 0 or step == total_steps):
-                        row.update(_validate(model, raw, val, device, cfg.workers, weight))
-                        window = Window()  # validation time is not training throughput
+                last = step == total_steps or clock.spent()
+                if step % cfg.log_every == 0 or step % eval_every == 0 or last:
+                    row, window = (
+                        {**_log_row(window, step, epoch, world, device), "lr": lr, "trained_s": clock.seconds()},
+                        Window(),
+                    )
+                    if val is not None and (step % eval_every == 0 or last):
+                        with clock.paused():  # validation time is neither throughput nor budget
+                            row.update(_validate(model, raw, val, device, cfg.workers, weight))
+                        window = Window()
                     bar.set_postfix(
                         loss=f"{row['loss']:.4f}",
                         sps=f"{row['samples_per_s']:.0f}",
@@ -271,7 +361,15 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                         write_rows(out / "metrics.csv", rows)
                 if step % cfg.checkpoint_every == 0:
                     save_checkpoint()
+                if cfg.snapshot_every and step % cfg.snapshot_every == 0 and master:
+                    (out / ckpt_io.SNAPSHOTS).mkdir(exist_ok=True)
+                    save_checkpoint(out / ckpt_io.SNAPSHOTS / ckpt_io.snapshot_name(step))
                 bar.update()
+                if clock.spent():
+                    break
+            if clock.spent():
+                log(f"time budget of {cfg.time_budget} minutes spent at step {step} of {total_steps}")
+                break
     except (KeyboardInterrupt, ShardSourceError) as exc:
         save_checkpoint()
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "shards unreachable"

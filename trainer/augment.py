@@ -1,0 +1,58 @@
+"""On-the-fly augmentation and the learning-rate schedule of the ``modern`` recipe.
+
+Augmentations keep the pair's meaning. Cube B is stored flipped left-right
+so that it is aligned with cube A (``shards.patches``): flipping both cubes
+along the same axis gives the pair of the same voxel in a mirrored head, so
+every axis flip is applied to both cubes at once. Intensity jitter scales and
+shifts both cubes of a sample by the same amount, so the comparison between
+the hemispheres is unchanged. The draws come from a generator seeded by
+(seed, rank, step) (``step_generator``): a function of the step, so a resumed
+run augments exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CONTRAST = 0.1  # intensities scaled by U(1 - CONTRAST, 1 + CONTRAST) ...
+BRIGHTNESS = 0.1  # ... then shifted by U(-BRIGHTNESS, BRIGHTNESS) (histeq puts the brain in [0, 1])
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The augmentation draws of one training step of one rank."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63)
+
+
+def flip_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``x (B, 2, P, P, P)``: each sample flipped along each spatial axis with probability 1/2, both cubes alike."""
+    x = x.clone()
+    for axis in (2, 3, 4):
+        chosen = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+        x[chosen] = x[chosen].flip(axis)
+    return x
+
+
+def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample contrast and brightness (one draw for every channel and voxel of a sample)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    scale = 1 + CONTRAST * (2 * torch.rand(shape, generator=gen) - 1)
+    shift = BRIGHTNESS * (2 * torch.rand(shape, generator=gen) - 1)
+    return x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
+
+
+def learning_rate(peak: float, schedule: str, warmup: float, progress: float) -> float:
+    """The learning rate at ``progress`` (0 at the start, 1 at the end of the run).
+
+    ``constant``: ``peak`` throughout. ``cosine``: linear warm-up from
+    ``peak / 100`` to ``peak`` over the first ``warmup`` of the run, then
+    cosine decay to ``peak / 100``.
+    """
+    if schedule == "constant":
+        return peak
+    floor, progress = peak / 100, min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return floor + (peak - floor) * progress / warmup
+    rest = (progress - warmup) / max(1 - warmup, 1e-12)
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * rest))
