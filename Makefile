@@ -6,8 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := demo-out
 WORKERS ?= 2
+LADDER ?= ladder-out
+BUDGET ?= 20
 
-.PHONY: install test lint demo bench clean compose-test compose-up
+.PHONY: install test lint demo bench ladder clean compose-test compose-up
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +58,7 @@ demo: $(STAMP)
 	@echo "           evaluation $(DEMO)/reports/cnn3d-sym/report.md (metrics.json, subjects.csv, masks/)"
 
 clean:
-	rm -rf $(DEMO) bench-out .pytest_cache
+	rm -rf $(DEMO) bench-out $(LADDER) .pytest_cache
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
@@ -66,6 +68,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_stages.py --subjects 8 --workers $(WORKERS) --out bench-out/stages
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
+
+# The paper's model ladder measured on a 50-subject phantom (24/8/8): BUDGET CPU-minutes of training a model
+# (about 2 hours on 2 cores at the default 20); resumable. See bench/ladder.py and BENCHMARKS.md.
+ladder: $(STAMP)
+	$(PY) bench/ladder.py --out $(LADDER) --budget $(BUDGET)
 
 # The service stack for real (a Docker engine; not part of `make test`): see docker/compose-test.sh.
 compose-test:

@@ -47,6 +47,14 @@ def main() -> None:
 @click.option(
     "--tile", type=click.IntRange(min=8), default=64, show_default=True, help="Dense tile edge (output voxels)."
 )
+@click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Patch-by-patch models (rf, resnet2d) on the CPU: classify every Kth voxel per axis, fill the rest from "
+    "it (K^3 times faster, coarser masks).",
+)
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
 def run(run_dir, store, split, out_dir, patchwise, **options) -> None:

@@ -40,12 +40,13 @@ def split_scans(root, split: str) -> list[str]:
     return [s for s in zstore.split_scans(root, split) if s in root]
 
 
-def scan_logits(pred: Predictor, root, scan_id: str, tile: int, use_dense: bool) -> tuple[np.ndarray, dict]:
+def scan_logits(
+    pred: Predictor, root, scan_id: str, tile: int, use_dense: bool, stride: int = 1
+) -> tuple[np.ndarray, dict]:
     data = zstore.read_scan(root, scan_id)
     attrs = dict(root[scan_id].attrs)
-    logits = lesion_logits(
-        pred, data["t1"], data["brain"], float(attrs["mirror_index"]), tile=tile, use_dense=use_dense
-    )
+    mirror = float(attrs["mirror_index"])
+    logits = lesion_logits(pred, data["t1"], data["brain"], mirror, tile=tile, use_dense=use_dense, stride=stride)
     logits[data["brain"] == 0] = -np.inf  # predictions outside the brain mask are 0
     return logits, {**data, "attrs": attrs}
 
@@ -56,7 +57,7 @@ def voxel_ml(attrs: dict) -> float:
 
 
 def choose_postprocessing(
-    pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print
+    pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print, stride: int = 1
 ) -> PostProcessing:
     """Threshold, minimum component volume and hole filling with the best mean Dice over the *validation* split.
 
@@ -71,7 +72,7 @@ def choose_postprocessing(
     def probabilities():
         for scan_id in tqdm(scans, desc="post-processing on val", unit="scan", disable=not progress):
             try:
-                logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+                logits, data = scan_logits(pred, root, scan_id, tile, use_dense, stride)
             except zstore.DamagedScan as exc:
                 log(f"  {scan_id} (val): skipped, damaged: {str(exc).removeprefix(f'{scan_id}: ')}")
                 continue
@@ -96,6 +97,7 @@ def evaluate_split(
     tile: int = 64,
     save_probabilities: bool = False,
     use_dense: bool = True,
+    stride: int = 1,
     progress: bool = True,
     log=print,
 ) -> dict:
@@ -106,6 +108,10 @@ def evaluate_split(
 
     check_output_dir(out)
     pred = load_run(run_dir, device=device)
+    dense = use_dense and pred.dense is not None
+    if stride > 1 and dense:
+        raise EvaluateError(f"--stride is for models without a dense path; {pred.name} is predicted densely, exactly")
+    inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
     try:
         root = zstore.open_store(store_path, "r")
     except zstore.StoreError as exc:
@@ -115,7 +121,7 @@ def evaluate_split(
         raise EvaluateError(f"{store_path}: split {split!r} has no labelled scans")
     shift = pred.prior_shift() if prior_correction else 0.0
     if threshold == "auto":
-        rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log)
+        rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log, stride)
         log(
             f"chosen on the validation split: threshold {rule.threshold}, components of at least "
             f"{rule.min_component} voxels, holes {'filled' if rule.fill_holes else 'kept'}"
@@ -128,7 +134,7 @@ def evaluate_split(
     rows, masks = [], {}
     for scan_id in tqdm(scans, desc=f"evaluate {split}", unit="scan", disable=not progress):
         try:
-            logits, data = scan_logits(pred, root, scan_id, tile, use_dense)
+            logits, data = scan_logits(pred, root, scan_id, tile, use_dense, stride)
             prob = to_probability(logits, shift)
             mask = rule.apply(prob)
             attrs = data["attrs"]
@@ -165,7 +171,7 @@ def evaluate_split(
         "postprocessing": {**rule.to_dict(), "source": source},
         "prior_correction": bool(prior_correction and shift != 0.0),
         "prior_shift": shift if prior_correction else 0.0,
-        "inference": "dense" if (use_dense and pred.dense is not None) else "patch by patch",
+        "inference": inference,
         "run_dir": str(run_dir),
         "store": str(store_path),
         "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],

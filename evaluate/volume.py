@@ -27,13 +27,17 @@ def lesion_logits(
     tile: int = 64,
     use_dense: bool = True,
     batch: int = 512,
+    stride: int = 1,
 ) -> np.ndarray:
     """Lesion logit ``(X, Y, Z)`` float32, -inf where it was not computed.
 
     The volume is normalised with the training run's method (``shards.norm``),
     then each voxel's pair is classified: densely over the brain mask's
     bounding box in tiles of ``tile``^3 output voxels (input tiles overlap by
-    P-1), or patch by patch in batches over the brain mask's voxels.
+    P-1), or patch by patch in batches over the brain mask's voxels. A
+    ``stride`` k > 1 (patch by patch only: models without a dense twin, on
+    the CPU) classifies the brain voxels whose three indices are multiples
+    of k and gives every voxel the logit of the one at its k^3 block's corner.
     """
     vol = normalise(t1, brain, pred.norm["method"])
     p = pred.patch
@@ -48,10 +52,15 @@ def lesion_logits(
             out[a[0] : b[0], a[1] : b[1], a[2] : b[2]] = pred.dense_logits(tile_in)
         return out
     cutter = PairCutter(vol, mirror, p)
-    grid = np.argwhere(brain > 0)  # outside the brain the answer is 0 anyway: classify only inside
+    k = stride
+    grid = np.argwhere(brain[::k, ::k, ::k] > 0) * k  # outside the brain the answer is 0 anyway: classify only inside
     for start in range(0, len(grid), batch * 8):
         centres = grid[start : start + batch * 8]
         out[tuple(centres.T)] = pred.patch_logits(cutter(centres), batch=batch)
+    if k > 1:
+        corners = out[::k, ::k, ::k]
+        out = np.repeat(np.repeat(np.repeat(corners, k, 0), k, 1), k, 2)[: vol.shape[0], : vol.shape[1], : vol.shape[2]]
+        out = np.ascontiguousarray(out)
     return out
 
 

@@ -296,3 +296,27 @@ def test_post_processing_removes_small_components_and_fills_holes():
     rule, used = choose([(prob, truth)], thresholds=(0.05, 0.5), min_components=(0, 2), fill=(False, True))
     assert used == 1 and rule == PostProcessing(0.5, 2, True)  # the only rule that gives Dice 1
     assert np.array_equal(rule.apply(prob), truth)
+
+
+class _CentreVoxel:
+    """A predictor whose logit is the stored value of the voxel itself (an oracle for where each logit came from)."""
+
+    name, patch, norm, dense = "centre", 5, {"method": "histeq", "offset": 0.0, "scale": 1 / 255}, None
+
+    def patch_logits(self, pairs, batch=512):
+        return pairs[:, 0, 2, 2, 2].astype(np.float64)
+
+
+def test_stride_classifies_every_kth_voxel_and_fills_its_block(tiny_store):
+    from atlas_shards import store as zstore
+
+    data = zstore.read_scan(zstore.open_store(tiny_store), "sub-000_ses-1")
+    pred = _CentreVoxel()
+    full = lesion_logits(pred, data["t1"], data["brain"], 15.0, use_dense=False)
+    coarse = lesion_logits(pred, data["t1"], data["brain"], 15.0, use_dense=False, stride=2)
+    assert coarse.shape == full.shape
+    brain = data["brain"] > 0
+    np.testing.assert_array_equal(full[brain], normalise(data["t1"], data["brain"], "histeq")[brain])
+    idx = np.indices(full.shape)
+    corner = tuple(i // 2 * 2 for i in idx)
+    np.testing.assert_array_equal(coarse, np.where(brain[corner], full[corner], -np.inf))

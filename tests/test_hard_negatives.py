@@ -116,3 +116,20 @@ def test_weighted_draw_without_replacement():
     )  # more than the hot voxels: all of them, then the rest
     drawn = draw_background(candidates, 300, np.zeros(1000), 1.0, rng)  # a map of zeros: uniform
     assert len(set(drawn)) == 300 and 0.05 < np.mean(drawn < 100) < 0.15
+
+
+def test_cli_builds_with_a_report_of_maps_and_says_so(tiny_store, tmp_path):
+    from click.testing import CliRunner
+
+    from atlas_shards.cli import main
+
+    root = zstore.open_store(tiny_store)
+    _write_maps(tiny_store, tmp_path / "report" / "masks", zstore.split_scans(root, "train"))
+    args = ["build", str(tiny_store), str(tmp_path / "out"), "--split", "train", "--block", "8"]
+    r = CliRunner().invoke(main, args + ["--hard-negatives", str(tmp_path / "report"), "--hard-share", "0.8"])
+    assert r.exit_code == 0, r.output
+    assert (
+        f"hard negatives: 80% of the background draws follow the probability maps in {tmp_path / 'report'}" in r.output
+    )
+    r = CliRunner().invoke(main, args + ["--hard-negatives", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "does not exist" in r.output

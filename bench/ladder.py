@@ -1,0 +1,220 @@
+"""The paper's model ladder, measured: RF, ResNet-18, 3D CNN and 3D CNN + symmetry on the same shards.
+
+Usage: .venv/bin/python bench/ladder.py --out ladder-out [--budget 20] [--subjects 50] [--split 24,8,8]
+       .venv/bin/python bench/ladder.py --out seeds --data ladder-out --models cnn3d-sym --train-seed 1
+
+Every step runs the project's own commands, as a user would, and is skipped
+when its output is already there (rerun after an interruption: it goes on):
+
+1. a phantom v2.0 release (``--subjects``; the Testing part has no masks) and
+   its store, split ``--split`` (train, val, test subjects);
+2. training shards at the paper's sample (every lesion voxel, 43.7% lesion)
+   and an un-upsampled validation stream;
+3. each model trained for at most ``--budget`` CPU-minutes (``--budget-clock
+   cpu``: this process's CPU time, so other work on the machine does not eat
+   into it; the forest fits on ``--rf-samples`` samples);
+4. each model scored on the same whole validation volumes at threshold 0.5
+   with the prior correction and no post-processing (nothing chosen on what
+   is reported); the patch-by-patch models (rf, resnet2d) at one voxel in
+   ``--stride`` per axis (the dense models: every voxel, exactly);
+5. the best 3D model on the held-out test volumes, its threshold and
+   post-processing chosen on validation (``--threshold auto``);
+6. ``ladder.md`` (and ``ladder.json``): the tables beside the paper's numbers
+   and whether the paper's order (RF < 2D < 3D < 3D + symmetry) holds.
+
+Model entries are ``NAME`` or ``NAME@RECIPE`` (``cnn3d-sym@paper``: the
+paper's optimiser settings; the default recipe is the trainer's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from shards.tables import read_rows
+
+BIN = Path(sys.executable).parent
+PAPER_ORDER = ("rf", "resnet2d", "cnn3d", "cnn3d-sym")
+
+
+def sh(*cmd, log: Path) -> None:
+    """Run one of the project's commands; its output goes to ``log``; stop the ladder if it fails."""
+    cmd = [str(c) for c in cmd]
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
+
+
+def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
+    release, store, shards = out / "release", out / "store.zarr", out / "shards"
+    if not (store / "zarr.json").exists() or not (store / "ingest-report.csv").exists():
+        sh(
+            BIN / "atlas-shards",
+            "synth",
+            release,
+            "--subjects",
+            args.subjects,
+            "--seed",
+            args.seed,
+            "--workers",
+            2,
+            log=log,
+        )
+        sh(BIN / "atlas-shards", "ingest", release, store, "--split", args.split, "--workers", 2, log=log)
+    if not (shards / "train" / "manifest.json").exists():
+        sh(BIN / "atlas-shards", "build", store, shards / "train", "--split", "train", "--workers", 2, log=log)
+    if not (shards / "val" / "manifest.json").exists():
+        sh(
+            BIN / "atlas-shards",
+            "build",
+            store,
+            shards / "val",
+            "--split",
+            "val",
+            "--natural",
+            0.002,
+            "--workers",
+            2,
+            log=log,
+        )
+    return store, shards / "train", shards / "val"
+
+
+def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, log: Path) -> tuple[Path, float]:
+    """Train one ladder entry within the budget; returns its run directory and the wall seconds it took."""
+    name, _, recipe = entry.partition("@")
+    run = runs / (entry.replace("@", "-") + (f"-seed{args.train_seed}" if args.train_seed else ""))
+    t0 = time.perf_counter()
+    if name == "rf":
+        if not (run / "forest.npz").exists():
+            sh(
+                BIN / "atlas-train",
+                "rf",
+                "--shards",
+                train_shards,
+                "--out",
+                run,
+                "--max-samples",
+                args.rf_samples,
+                log=log,
+            )
+        return run, time.perf_counter() - t0
+    cmd = [BIN / "atlas-train", "fit", "--shards", train_shards, "--val-shards", val_shards, "--out", run]
+    cmd += ["--model", name, "--time-budget", args.budget, "--budget-clock", "cpu", "--workers", 0]
+    cmd += ["--batch-size", args.batch_size, "--val-batches", 20, "--seed", args.train_seed, "--resume"]
+    cmd += ["--recipe", recipe] if recipe else []
+    if name == "resnet2d":
+        cmd += ["--finetune", "all"]  # no ImageNet weights offline: trained from scratch, every layer
+    sh(*cmd, log=log)
+    return run, time.perf_counter() - t0
+
+
+def evaluate(run: Path, store: Path, split: str, out: Path, threshold: str, stride: int, log: Path) -> dict:
+    if not (out / "metrics.json").exists():
+        cmd = [BIN / "atlas-evaluate", "run", "--model", run, "--store", store, "--split", split, "--out", out]
+        cmd += ["--threshold", threshold] + (["--stride", stride] if stride > 1 else [])
+        sh(*cmd, log=log)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="ladder-out")
+    p.add_argument("--data", default=None, help="Release, store and shards from here [OUT] (another ladder's).")
+    p.add_argument("--subjects", type=int, default=50)
+    p.add_argument("--split", default="24,8,8")
+    p.add_argument("--seed", type=int, default=7, help="Of the phantom.")
+    p.add_argument("--train-seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=20.0, help="CPU-minutes of training per model.")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--rf-samples", type=int, default=200_000)
+    p.add_argument("--stride", type=int, default=3, help="Patch-by-patch models: every Kth voxel per axis.")
+    p.add_argument("--models", default="rf,resnet2d,cnn3d,cnn3d-sym,cnn3d-sym@paper")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "ladder.log"
+    store, train_shards, val_shards = data(Path(args.data or out), args, log)
+    results = []
+    for entry in args.models.split(","):
+        run, seconds = train(entry, train_shards, val_shards, out / "runs", args, log)
+        name = entry.partition("@")[0]
+        stride = args.stride if name in ("rf", "resnet2d") else 1
+        metrics = evaluate(run, store, "val", out / "reports" / f"{run.name}-val", "0.5", stride, log)
+        config = json.loads((run / "config.json").read_text())
+        rows = read_rows(run / "metrics.csv")
+        steps = int(rows[-1]["step"]) if rows else None
+        results.append(
+            {
+                "entry": entry,
+                "run": str(run),
+                "steps": steps,
+                "train_wall_s": round(seconds),
+                "val": metrics,
+                "recipe": config.get("train", {}).get("recipe"),
+            }
+        )
+    best = max(
+        (r for r in results if r["entry"].startswith("cnn3d")), key=lambda r: r["val"]["mean_dice"], default=None
+    )
+    if best is not None:
+        best["test"] = evaluate(
+            Path(best["run"]), store, "test", out / "reports" / f"{Path(best['run']).name}-test", "auto", 1, log
+        )
+    (out / "ladder.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "ladder.md").write_text(table(results, args))
+    print((out / "ladder.md").read_text())
+
+
+def table(results: list[dict], args) -> str:
+    from evaluate.compare import PAPER_DICE
+
+    def f(v):
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    lines = [
+        f"Phantom: {args.subjects} subjects (seed {args.seed}), split {args.split}; budget {args.budget} CPU-minutes "
+        f"a model; validation at threshold 0.5, prior correction, no post-processing; rf and resnet2d at "
+        f"one voxel in {args.stride} per axis.",
+        "",
+        "| model | recipe | steps | train wall s | val mean Dice | pooled Dice | lesion F1 | Dice < 5 mL "
+        "| paper test Dice |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        m, name = r["val"], r["entry"].partition("@")[0]
+        lines.append(
+            f"| {r['entry']} | {r['recipe'] or '-'} | {r['steps'] or '-'} | {r['train_wall_s']} | "
+            f"{f(m['mean_dice'])} | "
+            f"{f(m['pooled_dice'])} | {f(m['mean_lesion_f1'])} | {f(m.get('small_lesion_dice'))} | "
+            f"{f(PAPER_DICE.get(name))} |"
+        )
+    plain = {r["entry"]: r["val"]["mean_dice"] for r in results if "@" not in r["entry"]}
+    ladder = [m for m in PAPER_ORDER if m in plain]
+    holds = all(plain[a] < plain[b] for a, b in zip(ladder, ladder[1:]))
+    order = " < ".join(sorted(plain, key=plain.get))
+    lines += ["", f"Paper's order ({' < '.join(ladder)}) {'holds' if holds else 'does not hold'} here: {order}."]
+    for r in results:
+        if "test" in r:
+            t = r["test"]
+            pp = t["postprocessing"]
+            lines += [
+                "",
+                f"Test ({t['n_subjects']} held-out scans), {r['entry']}, threshold {pp['threshold']}, components of at "
+                f"least {pp['min_component']} voxels, holes {'filled' if pp['fill_holes'] else 'kept'} (chosen on "
+                f"validation): mean Dice {f(t['mean_dice'])}, pooled Dice {f(t['pooled_dice'])}, lesion F1 "
+                f"{f(t['mean_lesion_f1'])}, Dice < 5 mL {f(t.get('small_lesion_dice'))} ({t.get('n_small')} scans).",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
