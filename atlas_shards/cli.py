@@ -144,6 +144,14 @@ B = BuildConfig  # every default below is the dataclass's own
 @click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
 @click.option("--lesion-rate", type=RATE, default=B.lesion_rate, show_default=True, help="Share of lesion voxels.")
 @click.option(
+    "--max-lesion-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="At most N lesion samples a scan (drawn uniformly from its lesion voxels): the interior of a large lesion "
+    "is much alike, and small lesions then weigh more. The background still follows the target fraction.",
+)
+@click.option(
     "--natural",
     "natural_rate",
     type=FiniteFloat(0, 1, min_open=True),

@@ -55,6 +55,7 @@ class BuildConfig:
     seed: int = 0
     hard_negatives: str | None = None  # a directory of probability maps (``atlas_shards.hard_negatives``)
     hard_share: float = 0.5  # the share of background draws that follows them
+    max_lesion_samples: int | None = None  # per scan: a large lesion's interior voxels are much alike
 
     def check(self) -> None:
         if self.split not in SPLITS:
@@ -83,6 +84,8 @@ class BuildConfig:
             raise BuildError(f"unknown mode {self.mode!r}")
         if self.hard_negatives is not None and self.mode != "balanced":
             raise BuildError("--hard-negatives is for balanced builds (a natural stream must stay unbiased)")
+        if self.max_lesion_samples is not None and self.max_lesion_samples < 1:
+            raise BuildError(f"--max-lesion-samples must be a positive count, got {self.max_lesion_samples}")
         if not 0 <= self.hard_share <= 1:
             raise BuildError(f"--hard-share must be in [0, 1], got {self.hard_share}")
         if (
@@ -103,9 +106,11 @@ def make_plan(
         lesion_rate = background_rate = config.natural_rate
     elif config.target_lesion_fraction is not None:
         f = config.target_lesion_fraction
-        total_l = sum(c["lesion"] for c in counts)
+        total_l = lesion_rate * sum(c["lesion"] for c in counts)
+        if config.max_lesion_samples is not None:
+            total_l = sum(_lesion_draws(config, lesion_rate, c) for c in counts)
         total_b = sum(c["background"] for c in counts)
-        background_rate = lesion_rate * total_l * (1 - f) / (f * total_b) if total_b else 0.0
+        background_rate = total_l * (1 - f) / (f * total_b) if total_b else 0.0
         if background_rate > 1:
             notes.append(
                 f"target lesion fraction {f} is not reachable: there are too few background voxels; "
@@ -117,7 +122,7 @@ def make_plan(
         if config.mode == "natural":
             n_les, n_bg, n = 0, 0, int(round(config.natural_rate * c["natural"]))
         else:
-            n_les, n_bg = int(round(lesion_rate * c["lesion"])), int(round(background_rate * c["background"]))
+            n_les, n_bg = _lesion_draws(config, lesion_rate, c), int(round(background_rate * c["background"]))
             n = n_les + n_bg
         entries.append(
             {
@@ -155,6 +160,12 @@ def make_plan(
     key = json.dumps({"config": asdict(config), "plan": plan}, sort_keys=True)
     plan["plan_id"] = hashlib.sha256(key.encode()).hexdigest()[:16]
     return plan
+
+
+def _lesion_draws(config: BuildConfig, lesion_rate: float, counts: dict) -> int:
+    """A scan's lesion samples: the lesion rate's share, at most ``max_lesion_samples``."""
+    n = int(round(lesion_rate * counts["lesion"]))
+    return n if config.max_lesion_samples is None else min(n, config.max_lesion_samples)
 
 
 def estimate_bytes(fmt: str, samples: int, records: int, patch: int, block: int = BLOCK) -> int:

@@ -82,6 +82,23 @@ def test_plan_reaches_any_feasible_target(target):
     assert not plan["notes"]
 
 
+@pytest.mark.parametrize("target", [0.2, 0.437])
+def test_a_lesion_cap_keeps_small_lesions_whole_and_the_fraction_on_target(target):
+    scans = [f"s{i}" for i in range(6)]
+    lesions = [50, 400, 3000, 20000, 150000, 500000]
+    counts = [{"lesion": n, "background": 1_500_000, "natural": 0} for n in lesions]
+    capped = make_plan(
+        BuildConfig(target_lesion_fraction=target, max_lesion_samples=5000), scans, counts, {s: s for s in scans}
+    )
+    assert [s["lesion_draws"] for s in capped["scans"]] == [50, 400, 3000, 5000, 5000, 5000]
+    lesion = sum(s["lesion_draws"] for s in capped["scans"])
+    assert abs(lesion / capped["samples"] - target) < 0.005
+    uncapped = make_plan(BuildConfig(target_lesion_fraction=target), scans, counts, {s: s for s in scans})
+    assert capped["background_rate"] < uncapped["background_rate"] / 10  # fewer lesion samples: fewer background
+    with pytest.raises(BuildError, match="--max-lesion-samples"):
+        BuildConfig(max_lesion_samples=0).check()
+
+
 def test_plan_says_when_the_target_is_unreachable():
     counts = [{"lesion": 1000, "background": 10, "natural": 0}]
     plan = make_plan(BuildConfig(target_lesion_fraction=0.2), ["s"], counts, {"s": "s"})
