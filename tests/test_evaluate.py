@@ -263,6 +263,8 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
     assert "mean Dice" in r.output and (tmp_path / "rep" / "report.md").is_file()
     r = runner.invoke(main, ["compare", str(tmp_path / "rep"), "--out", str(tmp_path / "ladder.md")])
     assert r.exit_code == 0 and "0.499" in (tmp_path / "ladder.md").read_text()
+    r = runner.invoke(main, ["curve", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0 and "best mean Dice" in r.output and "at step 30 (1 points)" in r.output, r.output
     for args, message in [
         (["run", "--model", str(tmp_path), "--store", str(store), "--out", str(tmp_path / "x")], "no checkpoint"),
         (["run", "--model", str(run_dir), "--store", str(tmp_path), "--out", str(tmp_path / "x")], "Zarr"),
@@ -275,6 +277,14 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
             "no such file",
         ),
         (["compare", str(tmp_path)], "no metrics.json"),
+        (
+            ["run", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "x"), "--stride", "2"],
+            "--stride is for models without a dense path",
+        ),
+        (
+            ["curve", "--model", str(tmp_path / "c"), "--store", str(store), "--out", str(tmp_path / "y")],
+            "no snapshots",
+        ),
     ]:
         r = runner.invoke(main, args)
         assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output, (args, r.output)
