@@ -152,12 +152,14 @@ def main() -> None:
         config = json.loads((run / "config.json").read_text())
         rows = read_rows(run / "metrics.csv")
         steps = int(rows[-1]["step"]) if rows else None
+        cpu_s = round(float(rows[-1]["trained_s"])) if rows and rows[-1].get("trained_s") else None
         results.append(
             {
                 "entry": entry,
                 "run": str(run),
                 "steps": steps,
                 "train_wall_s": round(seconds),
+                "train_cpu_s": cpu_s,
                 "val": metrics,
                 "recipe": config.get("train", {}).get("recipe"),
             }
@@ -189,14 +191,14 @@ def table(results: list[dict], args) -> str:
         f"a model; validation at threshold 0.5, prior correction, no post-processing; rf and resnet2d at "
         f"one voxel in {args.stride} per axis.",
         "",
-        "| model | recipe | steps | train wall s | val mean Dice | pooled Dice | lesion F1 | Dice < 5 mL "
+        "| model | recipe | steps | train CPU s | val mean Dice | pooled Dice | lesion F1 | Dice < 5 mL "
         "| paper test Dice |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         m, name = r["val"], r["entry"].partition("@")[0]
         lines.append(
-            f"| {r['entry']} | {r['recipe'] or '-'} | {r['steps'] or '-'} | {r['train_wall_s']} | "
+            f"| {r['entry']} | {r['recipe'] or '-'} | {r['steps'] or '-'} | {r['train_cpu_s'] or '-'} | "
             f"{f(m['mean_dice'])} | "
             f"{f(m['pooled_dice'])} | {f(m['mean_lesion_f1'])} | {f(m.get('small_lesion_dice'))} | "
             f"{f(PAPER_DICE.get(name))} |"

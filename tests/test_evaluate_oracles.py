@@ -33,8 +33,8 @@ def _constant_logits(monkeypatch, value_of_scan):
     """Make every scan's lesion logit a constant inside its brain mask (``value_of_scan(scan_id, data)``)."""
     real = run_mod.scan_logits
 
-    def oracle(pred, root, scan_id, tile, use_dense):
-        logits, data = real(pred, root, scan_id, tile, use_dense)
+    def oracle(pred, root, scan_id, tile, use_dense, stride=1):
+        logits, data = real(pred, root, scan_id, tile, use_dense, stride)
         inside = np.isfinite(logits)
         return np.where(inside, value_of_scan(scan_id, data), -np.inf).astype(np.float32), data
 
