@@ -110,6 +110,16 @@ def test_time_budget_stops_the_run_and_a_resume_has_nothing_left(shards, tmp_pat
     assert again["steps"] == summary["steps"] and "nothing to do" in messages[0]
 
 
+def test_the_modern_recipe_learns(shards, tmp_path):
+    cfg = TrainConfig(shards=str(shards), out=str(tmp_path), batch_size=32, workers=0, steps_per_epoch=80, log_every=5)
+    fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
+    rows = read_rows(tmp_path / "metrics.csv")
+    losses, rates = [float(r["loss"]) for r in rows], [float(r["lr"]) for r in rows]
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])  # flips and jitter make it harder, not impossible
+    assert max(rates) == pytest.approx(1e-3, rel=0.05) and rates[-1] < 1e-4  # warmed up, then decayed
+    assert ckpt_io.load(tmp_path)["train_config"]["optimizer"] == "adamw"
+
+
 def test_snapshots_and_recipe_errors(shards, tmp_path):
     cfg = TrainConfig(shards=str(shards), out=str(tmp_path / "a"), batch_size=8, workers=0, steps_per_epoch=12)
     fit(TrainConfig(**{**cfg.__dict__, "snapshot_every": 5}), ModelConfig(), progress=False, log=lambda m: None)

@@ -94,6 +94,7 @@ def _cfg(shards, out, **kw):
         log_every=5,
         eval_every=10,
         checkpoint_every=1000,
+        recipe="paper",  # Adam at a constant 1e-3, no augmentation: these tests are about the loop, not the recipe
     )
     return TrainConfig(**{**base, **kw})
 
@@ -134,7 +135,7 @@ def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
 )
 def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch, straight_kw, interrupted_kw):
     straight = fit(
-        _cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, **straight_kw),
+        _cfg(shards, tmp_path / "a", steps_per_epoch=12, epochs=2, recipe="modern", **straight_kw),
         ModelConfig(),
         progress=False,
         log=lambda m: None,
@@ -149,7 +150,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch
         return real(window, step, *args)
 
     monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
-    cfg = _cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2, **interrupted_kw)
+    cfg = _cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2, recipe="modern", **interrupted_kw)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
     assert ckpt_io.load(tmp_path / "b")["step"] == 15  # Ctrl-C saved a checkpoint mid-epoch 2
@@ -225,6 +226,8 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
         str(tmp_path / "ddp"),
         "--batch-size",
         "16",
+        "--recipe",
+        "paper",  # Adam at a constant rate, no augmentation: what the replay below does
         "--lr",
         "1e-3",
         "--workers",
