@@ -10,8 +10,9 @@ run=${RUNS_DIR:-/runs}/${RUN_NAME:-$model}
 url=${SHARD_URL:-http://shard-server/}
 url=${url%/}
 args=(fit --shards "$url/train/" --val-shards "$url/val/" --out "$run" --model "$model"
-      --epochs "${EPOCHS:-1}" --batch-size "${BATCH_SIZE:-256}" --lr "${LR:-1e-5}"
+      --epochs "${EPOCHS:-1}" --batch-size "${BATCH_SIZE:-256}" --recipe "${RECIPE:-modern}"
       --workers "${LOADER_WORKERS:-4}" --device "${DEVICE:-auto}" --resume)
+[ -n "${LR:-}" ] && args+=(--lr "$LR")  # unset: the recipe's
 [ -n "${STEPS_PER_EPOCH:-}" ] && args+=(--steps-per-epoch "$STEPS_PER_EPOCH")
 [ -n "${VAL_BATCHES:-}" ] && args+=(--val-batches "$VAL_BATCHES")
 [ -n "${EVAL_EVERY:-}" ] && args+=(--eval-every "$EVAL_EVERY")

@@ -121,6 +121,9 @@ def test_the_trainer_knobs_reach_its_command(compose):
     _, _, opts = check_cli(one)
     assert (opts["steps_per_epoch"], opts["val_batches"], opts["eval_every"]) == ("7", "3", "5")
     assert opts["out"] == "/runs/cnn3d-sym" and opts["resume"] is True  # RUN_NAME defaults to the model
+    assert (opts["recipe"], opts.get("lr")) == ("modern", None)  # no LR: the recipe's own
+    paper = check_cli(command_of(trainer, RECIPE="paper", LR="1e-4", RUN_NAME=""))[2]
+    assert (paper["recipe"], paper["lr"]) == ("paper", "1e-4")
     assert check_cli(command_of(trainer, MODEL="cnn3d", RUN_NAME=""))[2]["out"] == "/runs/cnn3d"
     many = command_of(trainer, GPUS="8")
     assert many[0] == "torchrun" and "--nproc_per_node=8" in many
