@@ -121,7 +121,6 @@ class Clock:
         self.read = time.process_time if kind == "cpu" else time.perf_counter  # cpu: this process, all threads
         self.before = 0.0  # seconds trained before a resume
         self.restart()
-        self.paused_for = 0.0
         self.now = 0.0  # the shared clock at the last tick
 
     def seconds(self) -> float:
