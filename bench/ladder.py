@@ -182,6 +182,7 @@ def main() -> None:
 
 def table(results: list[dict], args) -> str:
     from evaluate.compare import PAPER_DICE
+    from evaluate.postprocess import PostProcessing
 
     def f(v):
         return "n/a" if v is None or v != v else f"{v:.3f}"
@@ -211,12 +212,11 @@ def table(results: list[dict], args) -> str:
     for r in results:
         if "test" in r:
             t = r["test"]
-            pp = t["postprocessing"]
             lines += [
                 "",
-                f"Test ({t['n_subjects']} held-out scans), {r['entry']}, threshold {pp['threshold']}, components of at "
-                f"least {pp['min_component']} voxels, holes {'filled' if pp['fill_holes'] else 'kept'} (chosen on "
-                f"validation): mean Dice {f(t['mean_dice'])}, pooled Dice {f(t['pooled_dice'])}, lesion F1 "
+                f"Test ({t['n_subjects']} held-out scans), {r['entry']}, "
+                f"{PostProcessing.from_dict(t['postprocessing']).describe()} (chosen on validation): "
+                f"mean Dice {f(t['mean_dice'])}, pooled Dice {f(t['pooled_dice'])}, lesion F1 "
                 f"{f(t['mean_lesion_f1'])}, Dice < 5 mL {f(t.get('small_lesion_dice'))} ({t.get('n_small')} scans).",
                 f"The same at threshold 0.5 without post-processing: mean Dice {f(r['test_fixed']['mean_dice'])}, "
                 f"pooled Dice {f(r['test_fixed']['pooled_dice'])}, lesion F1 {f(r['test_fixed']['mean_lesion_f1'])}, "

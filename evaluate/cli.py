@@ -18,6 +18,13 @@ MIN_COMPONENT = click.option(
     help="Smallest component kept (voxels).",
 )
 FILL_HOLES = click.option("--fill-holes", is_flag=True, help="Fill enclosed holes in the mask.")
+MIN_PEAK = click.option(
+    "--min-peak",
+    type=FiniteFloat(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Keep a component only if its highest probability reaches this (hysteresis; 0: no limit).",
+)
 
 
 def prior_correction(default: bool, help: str):
@@ -42,6 +49,7 @@ def main() -> None:
 )
 @MIN_COMPONENT
 @FILL_HOLES
+@MIN_PEAK
 @prior_correction(True, "Undo the balanced sample's prior: logit - log(lesion rate / background rate).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
@@ -59,6 +67,7 @@ def main() -> None:
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
 def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
+    from evaluate.postprocess import PostProcessing
     from evaluate.predictors import EvaluateError
     from evaluate.run import evaluate_split
 
@@ -73,9 +82,8 @@ def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
     click.echo(
         f"{m['model']} on {m['split']}: {m['n_subjects']} scans, mean Dice {m['mean_dice']:.3f}, pooled Dice "
         f"{m['pooled_dice']:.3f}, lesion F1 {m['mean_lesion_f1']:.3f}, Dice under 5 mL "
-        f"{cell(m['small_lesion_dice'], '.3f', 'n/a')} ({m['n_small']} scans) (threshold {m['threshold']}, components "
-        f">= {m['postprocessing']['min_component']} voxels, holes "
-        f"{'filled' if m['postprocessing']['fill_holes'] else 'kept'}, "
+        f"{cell(m['small_lesion_dice'], '.3f', 'n/a')} ({m['n_small']} scans) "
+        f"({PostProcessing.from_dict(m['postprocessing']).describe()}, "
         f"prior correction {'on' if m['prior_correction'] else 'off'}, {m['inference']})"
     )
     click.echo(f"report: {out_dir}/report.md (metrics.json, subjects.csv, masks/)")
@@ -120,6 +128,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @MIN_COMPONENT
 @FILL_HOLES
+@MIN_PEAK
 @click.option(
     "--rule-from",
     type=click.Path(exists=True),
@@ -131,20 +140,17 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
 @click.option("--device", default="cpu", show_default=True)
-def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, rule_from, **options) -> None:
+def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_peak, rule_from, **options) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
     from evaluate.postprocess import PostProcessing, rule_of_report
     from evaluate.predictors import EvaluateError
     from evaluate.single import predict_file
 
-    rule = PostProcessing(threshold, min_component, fill_holes)
+    rule = PostProcessing(threshold, min_component, fill_holes, min_peak)
     if rule_from:
         with expected(ValueError):
             rule = rule_of_report(rule_from)
-        click.echo(
-            f"rule from {rule_from}: threshold {rule.threshold}, components >= {rule.min_component} voxels, "
-            f"holes {'filled' if rule.fill_holes else 'kept'}"
-        )
+        click.echo(f"rule from {rule_from}: {rule.describe()}")
     with expected(EvaluateError):
         r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
     click.echo(

@@ -1,10 +1,14 @@
-"""From lesion probabilities to a mask: the threshold, then small components removed and holes filled.
+"""From lesion probabilities to a mask: the threshold, then doubtful components removed and holes filled.
 
 ``PostProcessing`` is the whole rule, applied alike by ``atlas-evaluate run``
-and ``predict``. ``choose`` searches threshold, minimum component volume and
-hole filling jointly for the best mean Dice over scans it is given; the
-evaluator gives it the *validation* scans only (``--threshold auto``), never
-the scans it reports on.
+and ``predict``. A component of the thresholded map is kept when it has at
+least ``min_component`` voxels and its highest probability reaches
+``min_peak`` (hysteresis thresholding: ``threshold`` sets a lesion's extent,
+``min_peak`` whether the model is sure enough that it is one, whatever its
+size; a size limit alone erases every small lesion). ``choose`` searches
+threshold, minimum volume, minimum peak and hole filling jointly for the best
+mean Dice over scans it is given; the evaluator gives it the *validation*
+scans only (``--threshold auto``), never the scans it reports on.
 
 Components are 6-connected (``scipy.ndimage.label``'s default, as the
 lesion-wise F1 counts them); hole filling is ``scipy.ndimage.binary_fill_holes``.
@@ -25,6 +29,7 @@ from shards.scores import dice
 
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_COMPONENTS = (0, 10, 30, 100, 300)  # voxels (at 1 mm^3: 0.01 to 0.3 mL)
+MIN_PEAKS = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98)  # 0: no peak required (a peak <= the threshold is no limit)
 FILL = (False, True)
 
 
@@ -35,13 +40,32 @@ class PostProcessing:
     threshold: float = 0.5
     min_component: int = 0  # voxels: smaller connected components are removed
     fill_holes: bool = False
+    min_peak: float = 0.0  # components whose highest probability is lower are removed
 
     def apply(self, prob: np.ndarray) -> np.ndarray:
         """``prob`` (X, Y, Z) float -> mask (X, Y, Z) bool."""
-        return clean(prob > self.threshold, self.min_component, self.fill_holes)
+        return clean(prob > self.threshold, self.min_component, self.fill_holes, prob, self.min_peak)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line, as the commands print it."""
+        peak = f" peaking at >= {self.min_peak}" if self.min_peak > self.threshold else ""
+        return (
+            f"threshold {self.threshold}, components of at least {self.min_component} voxels{peak}, "
+            f"holes {'filled' if self.fill_holes else 'kept'}"
+        )
+
+    @classmethod
+    def from_dict(cls, rule: dict) -> PostProcessing:
+        """From ``to_dict``'s form (older reports: no ``min_peak``, or only a threshold)."""
+        return cls(
+            float(rule["threshold"]),
+            int(rule.get("min_component", 0)),
+            bool(rule.get("fill_holes", False)),
+            float(rule.get("min_peak", 0.0)),
+        )
 
 
 def rule_of_report(report: str | os.PathLike) -> PostProcessing:
@@ -54,25 +78,37 @@ def rule_of_report(report: str | os.PathLike) -> PostProcessing:
     path = path / "metrics.json" if path.is_dir() else path
     try:
         metrics = json.loads(path.read_text())
-        rule = metrics.get("postprocessing") or {"threshold": metrics["threshold"]}
-        return PostProcessing(
-            float(rule["threshold"]), int(rule.get("min_component", 0)), bool(rule.get("fill_holes", False))
-        )
+        return PostProcessing.from_dict(metrics.get("postprocessing") or {"threshold": metrics["threshold"]})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run ({type(exc).__name__}: {exc})") from None
 
 
-def clean(mask: np.ndarray, min_component: int, fill_holes: bool) -> np.ndarray:
-    """Drop components under ``min_component`` voxels, then fill enclosed holes if asked."""
-    if min_component > 0:
+def clean(
+    mask: np.ndarray, min_component: int, fill_holes: bool, prob: np.ndarray | None = None, min_peak: float = 0.0
+) -> np.ndarray:
+    """Drop components under ``min_component`` voxels or whose highest ``prob`` is under ``min_peak``, then fill
+    enclosed holes if asked."""
+    if min_component > 0 or (prob is not None and min_peak > 0):
         labels, n = ndimage.label(mask)
         if n:
-            keep = np.bincount(labels.ravel()) >= min_component
-            keep[0] = False
-            mask = keep[labels]
+            mask = _kept(labels, n, prob, min_component, min_peak)[labels]
     if fill_holes:
         mask = ndimage.binary_fill_holes(mask)
     return mask
+
+
+def _kept(labels: np.ndarray, n: int, prob: np.ndarray | None, min_component: int, min_peak: float) -> np.ndarray:
+    """Which labels 0..n are kept (label 0, the background, never)."""
+    keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_component
+    if prob is not None and min_peak > 0:
+        keep &= _peaks(labels, n, prob) >= min_peak
+    keep[0] = False
+    return keep
+
+
+def _peaks(labels: np.ndarray, n: int, prob: np.ndarray) -> np.ndarray:
+    """The highest probability of each label 0..n."""
+    return np.asarray(ndimage.maximum(prob, labels, index=np.arange(n + 1)), dtype=np.float64)
 
 
 def _crop(prob: np.ndarray, truth: np.ndarray, lowest: float) -> tuple[np.ndarray, np.ndarray]:
@@ -96,25 +132,33 @@ def choose(
     thresholds: tuple[float, ...] = THRESHOLDS,
     min_components: tuple[int, ...] = MIN_COMPONENTS,
     fill: tuple[bool, ...] = FILL,
+    min_peaks: tuple[float, ...] = MIN_PEAKS,
 ) -> tuple[PostProcessing, int]:
     """The rule with the best mean Dice over ``scans`` (``(probability, truth)`` pairs), and how many were used.
 
-    Ties go to the lowest threshold, then the smallest minimum volume, then no
-    hole filling: the simplest rule that does as well.
+    Ties go to the lowest threshold, then the smallest minimum volume, then the
+    lowest minimum peak, then no hole filling: the simplest rule that does as
+    well. A minimum peak at or under the threshold is scored as none.
     """
-    total, n = np.zeros((len(thresholds), len(min_components), len(fill))), 0
+    total, n = np.zeros((len(thresholds), len(min_components), len(min_peaks), len(fill))), 0
     for prob, truth in scans:
         prob, truth = _crop(prob, truth > 0, min(thresholds))
         n += 1
         for i, t in enumerate(thresholds):
             mask = prob > t
             labels, count = ndimage.label(mask)
-            sizes = np.bincount(labels.ravel())
+            sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            peaks = _peaks(labels, count, prob) if count else np.zeros(1)
             for j, m in enumerate(min_components):
-                keep = sizes >= m
-                keep[0] = False
-                kept = keep[labels] if m > 0 and count else mask
-                for k, f in enumerate(fill):
-                    total[i, j, k] += dice(ndimage.binary_fill_holes(kept) if f else kept, truth)
-    i, j, k = np.unravel_index(int(np.argmax(total)), total.shape)
-    return PostProcessing(thresholds[i], int(min_components[j]), bool(fill[k])), n
+                scored: dict[float, list[float]] = {}  # effective minimum peak -> Dice with and without filling
+                for q, peak in enumerate(min_peaks):
+                    limit = peak if peak > t else 0.0
+                    if limit not in scored:
+                        keep = (sizes >= m) & (peaks >= limit)
+                        keep[0] = False
+                        kept = keep[labels] if count and not keep[1:].all() else mask
+                        scored[limit] = [dice(ndimage.binary_fill_holes(kept) if f else kept, truth) for f in fill]
+                    total[i, j, q] += scored[limit]
+    i, j, q, k = np.unravel_index(int(np.argmax(total)), total.shape)
+    peak = float(min_peaks[q]) if min_peaks[q] > thresholds[i] else 0.0
+    return PostProcessing(thresholds[i], int(min_components[j]), bool(fill[k]), peak), n

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
+from evaluate.postprocess import PostProcessing
 from shards import atomic_write_text, save_figure
 from shards.tables import cell
 
@@ -94,9 +95,8 @@ def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, 
         f"# Evaluation of {metrics['model']} on the {metrics['split']} split",
         "",
         f"Run `{metrics['run_dir']}`, store `{metrics['store']}`: {metrics['n_subjects']} scans, "
-        f"{metrics['inference']} inference, threshold {metrics['threshold']} ({metrics['threshold_source']}), "
-        f"components of at least {metrics['postprocessing']['min_component']} voxels kept, holes "
-        f"{'filled' if metrics['postprocessing']['fill_holes'] else 'kept'}, prior correction "
+        f"{metrics['inference']} inference, {PostProcessing.from_dict(metrics['postprocessing']).describe()} "
+        f"({metrics['threshold_source']}), prior correction "
         + (f"on (logit - {metrics['prior_shift']:.3f})" if metrics["prior_correction"] else "off")
         + ".",
         "",

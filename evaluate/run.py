@@ -59,7 +59,7 @@ def voxel_ml(attrs: dict) -> float:
 def choose_postprocessing(
     pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print, stride: int = 1
 ) -> PostProcessing:
-    """Threshold, minimum component volume and hole filling with the best mean Dice over the *validation* split.
+    """Threshold, minimum component volume and peak, hole filling: the best mean Dice over the *validation* split.
 
     Damaged validation scans are left out, by name. Never the split being reported on.
     """
@@ -92,6 +92,7 @@ def evaluate_split(
     threshold: str = "0.5",
     min_component: int = 0,
     fill_holes: bool = False,
+    min_peak: float = 0.0,
     prior_correction: bool = True,
     device: str = "cpu",
     tile: int = 64,
@@ -122,12 +123,9 @@ def evaluate_split(
     shift = pred.prior_shift() if prior_correction else 0.0
     if threshold == "auto":
         rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log, stride)
-        log(
-            f"chosen on the validation split: threshold {rule.threshold}, components of at least "
-            f"{rule.min_component} voxels, holes {'filled' if rule.fill_holes else 'kept'}"
-        )
+        log(f"chosen on the validation split: {rule.describe()}")
     else:
-        rule = PostProcessing(float(threshold), min_component, fill_holes)
+        rule = PostProcessing(float(threshold), min_component, fill_holes, min_peak)
     source = "chosen on the validation split" if threshold == "auto" else "given"
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)

@@ -257,10 +257,14 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
             str(tmp_path / "rep"),
             "--threshold",
             "0.4",
+            "--min-peak",
+            "0.8",
         ],
     )
     assert r.exit_code == 0, r.output
     assert "mean Dice" in r.output and (tmp_path / "rep" / "report.md").is_file()
+    assert "peaking at >= 0.8" in r.output and "peaking at >= 0.8" in (tmp_path / "rep" / "report.md").read_text()
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["postprocessing"]["min_peak"] == 0.8
     r = runner.invoke(main, ["compare", str(tmp_path / "rep"), "--out", str(tmp_path / "ladder.md")])
     assert r.exit_code == 0 and "0.499" in (tmp_path / "ladder.md").read_text()
     r = runner.invoke(main, ["curve", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "c")])
@@ -306,6 +310,35 @@ def test_post_processing_removes_small_components_and_fills_holes():
     rule, used = choose([(prob, truth)], thresholds=(0.05, 0.5), min_components=(0, 2), fill=(False, True))
     assert used == 1 and rule == PostProcessing(0.5, 2, True)  # the only rule that gives Dice 1
     assert np.array_equal(rule.apply(prob), truth)
+
+
+def test_min_peak_keeps_a_small_sure_lesion_where_a_size_limit_cannot():
+    from evaluate.postprocess import PostProcessing, choose, clean
+
+    truth = np.zeros((20, 20, 20), bool)
+    truth[2:4, 2:4, 2:4] = True  # a small lesion (8 voxels) the model is sure of
+    prob = np.where(truth, 0.95, 0.02)
+    prob[10:15, 10:15, 10:12] = 0.6  # a bigger doubtful blob (50 voxels), not a lesion
+    assert np.array_equal(clean(prob > 0.5, 0, False, prob, 0.9), truth)
+    assert np.array_equal(PostProcessing(0.5, 0, False, 0.9).apply(prob), truth)
+    assert PostProcessing(0.5, 0, False, 0.9).describe().endswith("at least 0 voxels peaking at >= 0.9, holes kept")
+    # No size limit separates them (the blob is the larger); the peak does, and choose finds it.
+    rule, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100), fill=(False,))
+    assert rule == PostProcessing(0.5, 0, False, 0.7)  # the lowest peak that removes the blob
+    size_only, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100), min_peaks=(0.0,))
+    assert size_only.min_peak == 0.0 and size_only.apply(prob).sum() > truth.sum()
+    # A peak at or under the threshold is no limit: reported as none.
+    rule, _ = choose([(truth * 0.9, truth)], thresholds=(0.5,), min_peaks=(0.0, 0.3, 0.8))
+    assert rule.min_peak == 0.0
+
+
+def test_rule_of_an_older_report_has_no_peak(tmp_path):
+    from evaluate.postprocess import PostProcessing, rule_of_report
+
+    (tmp_path / "metrics.json").write_text('{"postprocessing": {"threshold": 0.3, "min_component": 5}}')
+    assert rule_of_report(tmp_path) == PostProcessing(0.3, 5, False, 0.0)
+    (tmp_path / "metrics.json").write_text('{"threshold": 0.4}')
+    assert rule_of_report(tmp_path) == PostProcessing(0.4)
 
 
 class _CentreVoxel:
