@@ -91,6 +91,12 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--device", default=T.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
 @click.option(
+    "--channels-last/--no-channels-last",
+    default=T.channels_last,
+    show_default=True,
+    help="3D CNNs: channels-last memory layout (the same model; more steps a CPU-second, see BENCHMARKS.md).",
+)
+@click.option(
     "--cut-on-device",
     is_flag=True,
     help="Blocks shards: keep the pool of blocks on the training device and cut pairs there "

@@ -34,7 +34,7 @@ from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
 from trainer.augment import flip_pairs, jitter, learning_rate, step_generator
 from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
-from trainer.models import build_model
+from trainer.models import build_model, memory_format
 
 
 class TrainError(Exception):
@@ -234,6 +234,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     # -- model, optimiser, resume --
     model_cfg = replace(model_cfg, patch=manifest["config"]["patch"], norm=manifest["norm"])  # the caller's stays
     model = build_model(model_cfg).to(device)
+    layout = memory_format(model, cfg.channels_last)
+    model = model.to(memory_format=layout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -320,7 +322,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                 gen = step_generator(cfg.seed, ranks.rank, step) if cfg.augment else None
                 x = flip_pairs(x, gen) if cfg.augment else x
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                    inputs = raw.prepare(x)
+                    inputs = raw.prepare(x).contiguous(memory_format=layout)
                     logits = model(jitter(inputs, gen) if cfg.augment else inputs)
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
                 if not _finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones

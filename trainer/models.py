@@ -17,7 +17,7 @@ from torch import nn
 from shards.views import axial_slice, concat_pair, dequantise, single_cube
 from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError
 
-__all__ = ["LAYOUTS", "MODELS", "ModelConfig", "ModelError", "build_model"]
+__all__ = ["LAYOUTS", "MODELS", "ModelConfig", "ModelError", "build_model", "memory_format"]
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -122,6 +122,15 @@ def _imagenet_weights():
             f"({type(exc).__name__}: {exc}); copy the file there, or use --pretrained none or --pretrained PATH"
         ) from None
     return weights
+
+
+def memory_format(model: nn.Module, channels_last: bool) -> torch.memory_format:
+    """The layout to train ``model`` in: channels-last for the 3D CNNs when asked, else PyTorch's default.
+
+    Numbers are the same either way; only their order in memory differs
+    (bench/bench_cpu_step.py measures the speed).
+    """
+    return torch.channels_last_3d if channels_last and isinstance(model, PatchCNN) else torch.contiguous_format
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
