@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from shards.scores import dice
+from shards.scores import dice, voxel_scores
 
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_COMPONENTS = (0, 10, 30, 100, 300)  # voxels (at 1 mm^3: 0.01 to 0.3 mL)
@@ -144,21 +144,25 @@ def choose(
     for prob, truth in scans:
         prob, truth = _crop(prob, truth > 0, min(thresholds))
         n += 1
+        n_true = int(truth.sum())
         for i, t in enumerate(thresholds):
-            mask = prob > t
-            labels, count = ndimage.label(mask)
+            labels, count = ndimage.label(prob > t)
             sizes = np.bincount(labels.ravel(), minlength=count + 1)
+            hits = np.bincount(labels[truth], minlength=count + 1)  # true voxels in each component
             peaks = _peaks(labels, count, prob) if count else np.zeros(1)
+            scored: dict[bytes, list[float]] = {}  # the components kept -> Dice without and with hole filling
             for j, m in enumerate(min_components):
-                scored: dict[float, list[float]] = {}  # effective minimum peak -> Dice with and without filling
                 for q, peak in enumerate(min_peaks):
-                    limit = peak if peak > t else 0.0
-                    if limit not in scored:
-                        keep = (sizes >= m) & (peaks >= limit)
-                        keep[0] = False
-                        kept = keep[labels] if count and not keep[1:].all() else mask
-                        scored[limit] = [dice(ndimage.binary_fill_holes(kept) if f else kept, truth) for f in fill]
-                    total[i, j, q] += scored[limit]
+                    keep = (sizes >= m) & (peaks >= (peak if peak > t else 0.0))
+                    keep[0] = False
+                    key = keep.tobytes()
+                    if key not in scored:  # Dice from counts; only hole filling needs the mask
+                        tp, marked = int(hits[keep].sum()), int(sizes[keep].sum())
+                        plain = voxel_scores(tp, marked - tp, n_true - tp)["dice"]
+                        scored[key] = [
+                            dice(ndimage.binary_fill_holes(keep[labels]), truth) if f else plain for f in fill
+                        ]
+                    total[i, j, q] += scored[key]
     i, j, q, k = np.unravel_index(int(np.argmax(total)), total.shape)
     peak = float(min_peaks[q]) if min_peaks[q] > thresholds[i] else 0.0
     return PostProcessing(thresholds[i], int(min_components[j]), bool(fill[k]), peak), n

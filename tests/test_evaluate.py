@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from conftest import build_quietly
 from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
@@ -330,6 +331,30 @@ def test_min_peak_keeps_a_small_sure_lesion_where_a_size_limit_cannot():
     # A peak at or under the threshold is no limit: reported as none.
     rule, _ = choose([(truth * 0.9, truth)], thresholds=(0.5,), min_peaks=(0.0, 0.3, 0.8))
     assert rule.min_peak == 0.0
+
+
+def test_choose_finds_what_applying_every_rule_finds():
+    """The search scores rules from per-component counts; the oracle applies each rule to the volume."""
+    import itertools
+
+    from evaluate.postprocess import PostProcessing, choose
+
+    rng = np.random.default_rng(3)
+    scans = []
+    for _ in range(3):
+        prob = ndimage.gaussian_filter(rng.random((24, 24, 24)), 1.5)
+        prob = (prob - prob.min()) / (prob.max() - prob.min())
+        truth = ndimage.binary_dilation(prob > 0.7, iterations=rng.integers(0, 2)) & (rng.random(prob.shape) > 0.1)
+        scans.append((prob, truth))
+    grid = dict(thresholds=(0.3, 0.5, 0.6), min_components=(0, 5, 40), min_peaks=(0.0, 0.65, 0.8), fill=(False, True))
+    best, best_score = None, -1.0
+    for t, m, peak, f in itertools.product(*grid.values()):  # the documented tie order: first best wins
+        rule = PostProcessing(t, m, f, peak if peak > t else 0.0)
+        score = np.mean([dice(rule.apply(p), tr) for p, tr in scans])
+        if score > best_score + 1e-12:
+            best, best_score = rule, score
+    chosen, used = choose(scans, **grid)
+    assert used == 3 and chosen == best
 
 
 def test_rule_of_an_older_report_has_no_peak(tmp_path):
