@@ -2,14 +2,16 @@
 
 Usage: .venv/bin/python bench/ladder.py --out ladder-out [--budget 20] [--subjects 50] [--split 24,8,8]
        .venv/bin/python bench/ladder.py --out seeds --data ladder-out --models cnn3d-sym --train-seed 1
+       .venv/bin/python bench/ladder.py --out capped --data ladder-out --max-lesion-samples 20000
 
 Every step runs the project's own commands, as a user would, and is skipped
 when its output is already there (rerun after an interruption: it goes on):
 
 1. a phantom v2.0 release (``--subjects``; the Testing part has no masks) and
    its store, split ``--split`` (train, val, test subjects);
-2. training shards at the paper's sample (every lesion voxel, 43.7% lesion)
-   and an un-upsampled validation stream;
+2. training shards at the paper's sample (every lesion voxel, 43.7% lesion;
+   with ``--max-lesion-samples N`` at most N lesion samples a scan, the
+   fraction kept) and an un-upsampled validation stream;
 3. each model trained for at most ``--budget`` CPU-minutes (``--budget-clock
    cpu``: this process's CPU time, so other work on the machine does not eat
    into it; the forest fits on ``--rf-samples`` samples);
@@ -69,8 +71,11 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
             log=log,
         )
         sh(BIN / "atlas-shards", "ingest", release, store, "--split", args.split, "--workers", 2, log=log)
-    if not (shards / "train" / "manifest.json").exists():
-        sh(BIN / "atlas-shards", "build", store, shards / "train", "--split", "train", "--workers", 2, log=log)
+    cap = args.max_lesion_samples
+    train = shards / (f"train-cap{cap}" if cap else "train")
+    if not (train / "manifest.json").exists():
+        more = ["--max-lesion-samples", cap] if cap else []
+        sh(BIN / "atlas-shards", "build", store, train, "--split", "train", "--workers", 2, *more, log=log)
     if not (shards / "val" / "manifest.json").exists():
         sh(
             BIN / "atlas-shards",
@@ -85,7 +90,7 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
             2,
             log=log,
         )
-    return store, shards / "train", shards / "val"
+    return store, train, shards / "val"
 
 
 def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, log: Path) -> tuple[Path, float]:
@@ -138,6 +143,9 @@ def main() -> None:
     p.add_argument("--rf-samples", type=int, default=200_000)
     p.add_argument("--stride", type=int, default=3, help="Patch-by-patch models: every Kth voxel per axis.")
     p.add_argument("--models", default="rf,resnet2d,cnn3d,cnn3d-sym,cnn3d-sym@paper")
+    p.add_argument(
+        "--max-lesion-samples", type=int, default=0, help="Cap each scan's lesion samples (0: the paper's sample)."
+    )
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +196,10 @@ def table(results: list[dict], args) -> str:
         return "n/a" if v is None or v != v else f"{v:.3f}"
 
     lines = [
-        f"Phantom: {args.subjects} subjects (seed {args.seed}), split {args.split}; budget {args.budget} CPU-minutes "
-        f"a model; validation at threshold 0.5, prior correction, no post-processing; rf and resnet2d at "
-        f"one voxel in {args.stride} per axis.",
+        f"Phantom: {args.subjects} subjects (seed {args.seed}), split {args.split}; "
+        + (f"at most {args.max_lesion_samples} lesion samples a scan; " if args.max_lesion_samples else "")
+        + f"budget {args.budget} CPU-minutes a model; validation at threshold 0.5, prior correction, "
+        f"no post-processing; rf and resnet2d at one voxel in {args.stride} per axis.",
         "",
         "| model | recipe | steps | train CPU s | val mean Dice | pooled Dice | lesion F1 | Dice < 5 mL "
         "| paper test Dice |",
