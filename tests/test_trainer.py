@@ -123,20 +123,21 @@ def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
         fit(_cfg(shards, tmp_path / "run", steps_per_epoch=40), ModelConfig(), progress=False, log=lambda m: None)
 
 
-def test_channels_last_trains_the_same_model(shards, tmp_path):
-    """The memory layout changes only the order of the numbers in memory: 10 steps land on the same weights."""
+def test_channels_last_and_compile_train_the_same_model(shards, tmp_path):
+    """The memory layout and compilation change only how the numbers are computed: 10 steps land on the same
+    weights (to float rounding), and the checkpoint is the plain module's."""
     weights = {}
-    for flag in (True, False):
-        out = tmp_path / f"run-{flag}"
-        fit(
-            _cfg(shards, out, steps_per_epoch=10, channels_last=flag), ModelConfig(), progress=False, log=lambda m: None
-        )
-        weights[flag] = ckpt_io.load(out)["model"]
-    conv = weights[True]["features.0.weight"]
+    for name, kw in {"default": {}, "contiguous": {"channels_last": False}, "compiled": {"compile": True}}.items():
+        out = tmp_path / name
+        fit(_cfg(shards, out, steps_per_epoch=10, **kw), ModelConfig(), progress=False, log=lambda m: None)
+        weights[name] = ckpt_io.load(out)["model"]
+    conv = weights["default"]["features.0.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
-    for name, w in weights[False].items():
-        torch.testing.assert_close(weights[True][name], w, rtol=1e-4, atol=1e-5, msg=name)
-    assert build_model(ModelConfig()).load_state_dict(weights[True])  # and loads into a default-layout model
+    assert set(weights["compiled"]) == set(weights["contiguous"])  # no "_orig_mod." prefixes
+    for other in ("default", "compiled"):
+        for name, w in weights["contiguous"].items():
+            torch.testing.assert_close(weights[other][name], w, rtol=1e-4, atol=1e-5, msg=f"{other}: {name}")
+    assert build_model(ModelConfig()).load_state_dict(weights["default"])  # loads into a default-layout model
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,11 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
     help="3D CNNs: channels-last memory layout (the same model; more steps a CPU-second, see BENCHMARKS.md).",
 )
 @click.option(
+    "--compile",
+    is_flag=True,
+    help="torch.compile the model for training (a C compiler needed; the first steps compile, then faster).",
+)
+@click.option(
     "--cut-on-device",
     is_flag=True,
     help="Blocks shards: keep the pool of blocks on the training device and cut pairs there "

@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = False
     channels_last: bool = True  # 3D CNNs: channels-last activations (more steps a CPU-second: BENCHMARKS.md)
+    compile: bool = False  # torch.compile the training forward (needs a C compiler; compiling takes a while)
     cut_on_device: bool = False
     class_weights: tuple[float, float] | None = None
     shuffle: int = 1024

@@ -259,6 +259,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.compile:  # the training forward only; checkpoints and validation use the plain module (raw)
+        model = torch.compile(model)
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
     preprocessing = {"norm": manifest["norm"], "build": manifest["config"], "shards": cfg.shards}
     if master:
