@@ -314,7 +314,7 @@ def test_post_processing_removes_small_components_and_fills_holes():
 
 
 def test_min_peak_keeps_a_small_sure_lesion_where_a_size_limit_cannot():
-    from evaluate.postprocess import PostProcessing, choose, clean
+    from evaluate.postprocess import MIN_PEAKS, PostProcessing, choose, clean
 
     truth = np.zeros((20, 20, 20), bool)
     truth[2:4, 2:4, 2:4] = True  # a small lesion (8 voxels) the model is sure of
@@ -324,9 +324,9 @@ def test_min_peak_keeps_a_small_sure_lesion_where_a_size_limit_cannot():
     assert np.array_equal(PostProcessing(0.5, 0, False, 0.9).apply(prob), truth)
     assert PostProcessing(0.5, 0, False, 0.9).describe().endswith("at least 0 voxels peaking at >= 0.9, holes kept")
     # No size limit separates them (the blob is the larger); the peak does, and choose finds it.
-    rule, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100), fill=(False,))
+    rule, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100), min_peaks=MIN_PEAKS)
     assert rule == PostProcessing(0.5, 0, False, 0.7)  # the lowest peak that removes the blob
-    size_only, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100), min_peaks=(0.0,))
+    size_only, _ = choose([(prob, truth)], thresholds=(0.5,), min_components=(0, 10, 100))  # the default: no peak
     assert size_only.min_peak == 0.0 and size_only.apply(prob).sum() > truth.sum()
     # A peak at or under the threshold is no limit: reported as none.
     rule, _ = choose([(truth * 0.9, truth)], thresholds=(0.5,), min_peaks=(0.0, 0.3, 0.8))
