@@ -115,8 +115,17 @@ class _Run:
         return self.preprocessing["norm"]
 
     def prior_shift(self) -> float:
-        """log(lesion rate / background rate) of the training sample: 0 for an un-upsampled one."""
+        """log(lesion rate / background rate) of the training sample: 0 for an un-upsampled one.
+
+        Also 0 for hard-negative shards (``build --hard-negatives``): the shift
+        assumes the background was drawn uniformly, but there the voxels a
+        prior model mistook for lesion were drawn far more often, so the model
+        has already lowered its odds where it matters and the shift would lower
+        them again (measured: it then marks almost nothing; BENCHMARKS.md).
+        """
         build = self.preprocessing["build"]
+        if build.get("hard_negatives") and float(build.get("hard_share", 0.0)) > 0:
+            return 0.0
         lesion, background = float(build["lesion_rate"]), float(build["background_rate"])
         return 0.0 if lesion <= 0 or background <= 0 else math.log(lesion / background)
 

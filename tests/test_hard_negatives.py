@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -133,3 +135,13 @@ def test_cli_builds_with_a_report_of_maps_and_says_so(tiny_store, tmp_path):
     )
     r = CliRunner().invoke(main, args + ["--hard-negatives", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_a_run_on_hard_negative_shards_gets_no_prior_correction():
+    from evaluate.predictors import _Run
+
+    build = {"lesion_rate": 1.0, "background_rate": 0.01}
+    assert _Run("m", None, {}, {"build": build}).prior_shift() == pytest.approx(math.log(100))
+    hard = {**build, "hard_negatives": "reports/sym-train", "hard_share": 0.5}
+    assert _Run("m", None, {}, {"build": hard}).prior_shift() == 0.0
+    assert _Run("m", None, {}, {"build": {**hard, "hard_share": 0.0}}).prior_shift() == pytest.approx(math.log(100))
