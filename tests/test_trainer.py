@@ -134,9 +134,13 @@ def test_channels_last_and_compile_train_the_same_model(shards, tmp_path):
     conv = weights["default"]["features.0.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
     assert set(weights["compiled"]) == set(weights["contiguous"])  # no "_orig_mod." prefixes
+    # Float sums in another order differ by ~1e-7, but Adam moves a weight by ~lr (1e-3) whatever its gradient's
+    # size, so a rare element whose gradient is near zero may move the other way: bound every element by a few
+    # steps and the mean difference by 1% of one. A wrong layout (weights scrambled) breaks both by far.
     for other in ("default", "compiled"):
         for name, w in weights["contiguous"].items():
-            torch.testing.assert_close(weights[other][name], w, rtol=1e-4, atol=1e-5, msg=f"{other}: {name}")
+            diff = (weights[other][name] - w).abs()
+            assert diff.max() < 3e-3 and diff.mean() < 1e-5, (other, name, diff.max().item(), diff.mean().item())
     assert build_model(ModelConfig()).load_state_dict(weights["default"])  # loads into a default-layout model
 
 
@@ -244,7 +248,8 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
         "--batch-size",
         "16",
         "--recipe",
-        "paper",  # Adam at a constant rate, no augmentation: what the replay below does
+        "paper",  # Adam at a constant rate, no augmentation, the contiguous layout: what the replay below does
+        "--no-channels-last",
         "--lr",
         "1e-3",
         "--workers",
