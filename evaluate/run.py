@@ -59,7 +59,7 @@ def voxel_ml(attrs: dict) -> float:
 def choose_postprocessing(
     pred: Predictor, root, shift: float, tile: int, use_dense: bool, progress: bool, log=print, stride: int = 1
 ) -> PostProcessing:
-    """Threshold, minimum component volume and peak, hole filling: the best mean Dice over the *validation* split.
+    """Threshold, minimum component volume and hole filling with the best mean Dice over the *validation* split.
 
     Damaged validation scans are left out, by name. Never the split being reported on.
     """
