@@ -41,7 +41,15 @@ from atlas_shards import publish
 from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
 from atlas_shards.hard_negatives import HardNegativeError, load_map
-from atlas_shards.plan import BuildConfig, BuildError, describe_plan, draw_voxels, make_plan, scan_hardness
+from atlas_shards.plan import (
+    BuildConfig,
+    BuildError,
+    describe_plan,
+    draw_voxels,
+    lesion_components,
+    make_plan,
+    scan_hardness,
+)
 from atlas_shards.spill import write_spill
 from atlas_shards.workers import Workers
 from shards import atomic_write_text, check_output_dir, remote
@@ -201,6 +209,7 @@ def _count_scan(args: tuple[str, str, str | None]) -> dict:
         return {"problem": "empty brain mask (nothing to normalise over or sample)"}
     n_lesion = int(lesion.sum())
     counts = {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
+    counts["components"] = lesion_components(lesion)[1].tolist()
     if hard_dir is not None:
         try:
             load_map(hard_dir, scan_id, lesion.shape)

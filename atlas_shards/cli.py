@@ -152,6 +152,24 @@ B = BuildConfig  # every default below is the dataclass's own
     "is much alike, and small lesions then weigh more. The background still follows the target fraction.",
 )
 @click.option(
+    "--component-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="K",
+    help="Sample by lesion, not by voxel: K lesion samples from every lesion component (6-connected), "
+    "whatever its size, so a 40-voxel lesion weighs as much as a 400 mL one. Replaces --lesion-rate and "
+    "--max-lesion-samples; the background still follows the target fraction.",
+)
+@click.option(
+    "--max-repeat",
+    type=click.IntRange(min=1),
+    default=B.max_repeat,
+    show_default=True,
+    metavar="R",
+    help="With --component-samples: a component smaller than K gives at most R draws of each voxel "
+    "(a few-voxel speck of a tracing is not repeated K times).",
+)
+@click.option(
     "--natural",
     "natural_rate",
     type=FiniteFloat(0, 1, min_open=True),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from atlas_shards.hard_negatives import draw_background, load_map
 from atlas_shards.split import SPLITS
@@ -56,6 +57,8 @@ class BuildConfig:
     hard_negatives: str | None = None  # a directory of probability maps (``atlas_shards.hard_negatives``)
     hard_share: float = 0.5  # the share of background draws that follows them
     max_lesion_samples: int | None = None  # per scan: a large lesion's interior voxels are much alike
+    component_samples: int | None = None  # per lesion component: each lesion weighs the same, whatever its size
+    max_repeat: int = 20  # with component_samples: how often a small lesion's voxels may be drawn again
 
     def check(self) -> None:
         if self.split not in SPLITS:
@@ -86,6 +89,17 @@ class BuildConfig:
             raise BuildError("--hard-negatives is for balanced builds (a natural stream must stay unbiased)")
         if self.max_lesion_samples is not None and self.max_lesion_samples < 1:
             raise BuildError(f"--max-lesion-samples must be a positive count, got {self.max_lesion_samples}")
+        if self.component_samples is not None:
+            if self.component_samples < 1 or self.max_repeat < 1:
+                raise BuildError(
+                    f"--component-samples and --max-repeat must be positive counts, "
+                    f"got {self.component_samples} and {self.max_repeat}"
+                )
+            if self.mode != "balanced" or self.max_lesion_samples is not None or self.lesion_rate != 1:
+                raise BuildError(
+                    "--component-samples sets every lesion's draws itself: it is for balanced builds, "
+                    "without --max-lesion-samples or a --lesion-rate"
+                )
         if not 0 <= self.hard_share <= 1:
             raise BuildError(f"--hard-share must be in [0, 1], got {self.hard_share}")
         if (
@@ -107,7 +121,7 @@ def make_plan(
     elif config.target_lesion_fraction is not None:
         f = config.target_lesion_fraction
         total_l = lesion_rate * sum(c["lesion"] for c in counts)
-        if config.max_lesion_samples is not None:
+        if config.max_lesion_samples is not None or config.component_samples is not None:
             total_l = sum(_lesion_draws(config, lesion_rate, c) for c in counts)
         total_b = sum(c["background"] for c in counts)
         background_rate = total_l * (1 - f) / (f * total_b) if total_b else 0.0
@@ -137,6 +151,8 @@ def make_plan(
                 "offset": offset,
             }
         )
+        if config.component_samples is not None:
+            entries[-1]["lesion_components"] = len(c["components"])
         if config.hard_negatives is not None:
             entries[-1]["hard_negatives"] = "hard_problem" not in c
             if "hard_problem" in c:
@@ -163,9 +179,48 @@ def make_plan(
 
 
 def _lesion_draws(config: BuildConfig, lesion_rate: float, counts: dict) -> int:
-    """A scan's lesion samples: the lesion rate's share, at most ``max_lesion_samples``."""
+    """A scan's lesion samples: the lesion rate's share, at most ``max_lesion_samples``.
+
+    With ``component_samples``, the sum of its components' draws (``component_draws``).
+    """
+    if config.component_samples is not None:
+        return int(component_draws(config, np.asarray(counts["components"], dtype=np.int64)).sum())
     n = int(round(lesion_rate * counts["lesion"]))
     return n if config.max_lesion_samples is None else min(n, config.max_lesion_samples)
+
+
+def lesion_components(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, sizes) of the lesion mask's connected components.
+
+    6-connectivity (``scipy.ndimage.label``'s default), the components the
+    lesion-wise F1 counts (``evaluate.metrics``); ``sizes[k - 1]`` is label k's.
+    """
+    labels, n = ndimage.label(lesion)
+    return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
+
+
+def component_draws(config: BuildConfig, sizes: np.ndarray) -> np.ndarray:
+    """Each lesion component's samples: ``component_samples``, at most ``max_repeat`` x its size."""
+    return np.minimum(config.component_samples, config.max_repeat * sizes)
+
+
+def _draw_lesions(lesion: np.ndarray, config: BuildConfig, rng: np.random.Generator) -> np.ndarray:
+    """Flat indices of the lesion draws, component by component.
+
+    A component larger than its draws gives them without replacement; a
+    smaller one gives every voxel as often as it fits, the remainder without
+    replacement, so its voxels are drawn equally often (within one).
+    """
+    labels, sizes = lesion_components(lesion)
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)]) + int((flat == 0).sum())
+    out = []
+    for k, d in enumerate(component_draws(config, sizes)):
+        voxels = order[starts[k] : starts[k + 1]]
+        whole, rest = divmod(int(d), len(voxels))
+        out += [np.tile(voxels, whole), rng.choice(voxels, rest, replace=False)]
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def estimate_bytes(fmt: str, samples: int, records: int, patch: int, block: int = BLOCK) -> int:
@@ -203,7 +258,10 @@ def draw_voxels(
     if config.mode == "natural":
         chosen = rng.choice(np.flatnonzero(brain | lesion), entry["samples"], replace=False)
     else:
-        lesions = rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False)
+        if config.component_samples is None:
+            lesions = rng.choice(np.flatnonzero(lesion), entry["lesion_draws"], replace=False)
+        else:
+            lesions = _draw_lesions(lesion, config, rng)
         background = np.flatnonzero(brain & ~lesion)
         if hardness is None:
             background = rng.choice(background, entry["background_draws"], replace=False)
@@ -235,6 +293,12 @@ def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | 
         lines.append(
             f"  hard negatives: {100 * config.hard_share:.0f}% of the background draws follow the probability "
             f"maps in {config.hard_negatives} ({hard} of {len(plan['scans'])} scans)"
+        )
+    if config.component_samples is not None:
+        parts = sum(s["lesion_components"] for s in plan["scans"])
+        lines.append(
+            f"  lesions sampled by component: {parts} components, {config.component_samples} draws each "
+            f"(at most {config.max_repeat}x a component's voxels)"
         )
     pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
     lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")

@@ -38,9 +38,18 @@ def r20(tmp_path_factory):
 
 
 def write_tiny_store(
-    path, n_scans: int = 6, shape=(31, 28, 24), symmetric: bool = False, seed: int = 0, split: dict | None = None
+    path,
+    n_scans: int = 6,
+    shape=(31, 28, 24),
+    symmetric: bool = False,
+    seed: int = 0,
+    split: dict | None = None,
+    specks: bool = False,
 ):
     """A small store written through the store API: ellipsoid brains, one-sided lesions.
+
+    With ``specks`` every lesion mask also holds two small separate components:
+    one voxel at (10, 14, 12) and four at (10-11, 17-18, 12).
 
     The mirror plane is the centre of the first axis (mirror_index (X-1)/2). With
     ``symmetric`` every T1 is exactly left-right symmetric about it.
@@ -63,6 +72,8 @@ def write_tiny_store(
         lesion = np.zeros(shape, np.uint8)
         cx = int(centre[0] + 4 + i % 3)
         lesion[cx - 2 : cx + 2 + i % 2, 10:15, 9:13] = 1
+        if specks:
+            lesion[10, 14, 12] = lesion[10:12, 17:19, 12] = 1
         lesion &= brain
         if not symmetric:
             t1 -= 60 * lesion  # lesions are dark on T1, as in the real data (learnable)
