@@ -3,6 +3,7 @@
 Usage: .venv/bin/python bench/ladder.py --out ladder-out [--budget 20] [--subjects 50] [--split 24,8,8]
        .venv/bin/python bench/ladder.py --out seeds --data ladder-out --models cnn3d-sym --train-seed 1
        .venv/bin/python bench/ladder.py --out capped --data ladder-out --max-lesion-samples 20000
+       .venv/bin/python bench/ladder.py --out by-lesion --data ladder-out --component-samples 3000
 
 Every step runs the project's own commands, as a user would, and is skipped
 when its output is already there (rerun after an interruption: it goes on):
@@ -11,7 +12,8 @@ when its output is already there (rerun after an interruption: it goes on):
    its store, split ``--split`` (train, val, test subjects);
 2. training shards at the paper's sample (every lesion voxel, 43.7% lesion;
    with ``--max-lesion-samples N`` at most N lesion samples a scan, the
-   fraction kept) and an un-upsampled validation stream;
+   fraction kept; with ``--component-samples K``, K a lesion component) and
+   an un-upsampled validation stream;
 3. each model trained for at most ``--budget`` CPU-minutes (``--budget-clock
    cpu``: this process's CPU time, so other work on the machine does not eat
    into it; the forest fits on ``--rf-samples`` samples);
@@ -71,10 +73,10 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
             log=log,
         )
         sh(BIN / "atlas-shards", "ingest", release, store, "--split", args.split, "--workers", 2, log=log)
-    cap = args.max_lesion_samples
-    train = shards / (f"train-cap{cap}" if cap else "train")
+    cap, per = args.max_lesion_samples, args.component_samples
+    train = shards / (f"train-comp{per}" if per else f"train-cap{cap}" if cap else "train")
     if not (train / "manifest.json").exists():
-        more = ["--max-lesion-samples", cap] if cap else []
+        more = ["--component-samples", per] if per else ["--max-lesion-samples", cap] if cap else []
         sh(BIN / "atlas-shards", "build", store, train, "--split", "train", "--workers", 2, *more, log=log)
     if not (shards / "val" / "manifest.json").exists():
         sh(
@@ -146,7 +148,12 @@ def main() -> None:
     p.add_argument(
         "--max-lesion-samples", type=int, default=0, help="Cap each scan's lesion samples (0: the paper's sample)."
     )
+    p.add_argument(
+        "--component-samples", type=int, default=0, help="Sample by lesion: K samples a lesion component (0: off)."
+    )
     args = p.parse_args()
+    if args.component_samples and args.max_lesion_samples:
+        p.error("--component-samples and --max-lesion-samples are two ways to draw the lesions: give one")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ladder.log"
@@ -198,6 +205,7 @@ def table(results: list[dict], args) -> str:
     lines = [
         f"Phantom: {args.subjects} subjects (seed {args.seed}), split {args.split}; "
         + (f"at most {args.max_lesion_samples} lesion samples a scan; " if args.max_lesion_samples else "")
+        + (f"{args.component_samples} lesion samples a lesion component; " if args.component_samples else "")
         + f"budget {args.budget} CPU-minutes a model; validation at threshold 0.5, prior correction, "
         f"no post-processing; rf and resnet2d at one voxel in {args.stride} per axis.",
         "",
