@@ -27,6 +27,7 @@ interrupted. ``manifest.json`` is written last; ``.build/`` is then removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,7 +41,7 @@ import numpy as np
 from atlas_shards import publish
 from atlas_shards import store as zstore
 from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
-from atlas_shards.hard_negatives import HardNegativeError, load_map
+from atlas_shards.hard_negatives import HardNegativeError, load_map, map_path
 from atlas_shards.plan import (
     BuildConfig,
     BuildError,
@@ -213,6 +214,8 @@ def _count_scan(args: tuple[str, str, str | None]) -> dict:
     if hard_dir is not None:
         try:
             load_map(hard_dir, scan_id, lesion.shape)
+            # The plan (and so plan_id) holds the map's checksum: other maps, another build.
+            counts["hard_map_sha256"] = hashlib.sha256(map_path(hard_dir, scan_id).read_bytes()).hexdigest()
         except HardNegativeError as exc:
             counts["hard_problem"] = str(exc)
     return counts

@@ -155,6 +155,8 @@ def make_plan(
             entries[-1]["lesion_components"] = len(c["components"])
         if config.hard_negatives is not None:
             entries[-1]["hard_negatives"] = "hard_problem" not in c
+            if "hard_map_sha256" in c:
+                entries[-1]["hard_map_sha256"] = c["hard_map_sha256"]
             if "hard_problem" in c:
                 notes.append(f"scan {scan_id}: background drawn uniformly: {c['hard_problem']}")
         offset += n

@@ -86,6 +86,20 @@ def test_a_share_mixes_maps_and_uniform(tiny_store, tmp_path):
     assert 0.6 < share < 0.9  # half from the maps (all left), half uniform (~40% left)
 
 
+def test_other_maps_in_the_same_directory_are_another_build(tiny_store, tmp_path):
+    root = zstore.open_store(tiny_store)
+    train = zstore.split_scans(root, "train")
+    maps, out = tmp_path / "maps", tmp_path / "out"
+    _write_maps(tiny_store, maps, train)
+    first = build_quietly(tiny_store, out, split="train", hard_negatives=str(maps), block=8)
+    assert build_quietly(tiny_store, out, split="train", hard_negatives=str(maps), block=8) == first  # unchanged: done
+    nib.save(
+        nib.Nifti1Image(np.full(root[train[0]]["t1"].shape, 0.2, np.float32), np.eye(4)), maps / f"{train[0]}{SUFFIX}"
+    )
+    with pytest.raises(BuildError, match="already holds shards of another build"):
+        build_quietly(tiny_store, out, split="train", hard_negatives=str(maps), block=8)
+
+
 def test_unusable_maps_are_named_and_the_build_goes_on(tiny_store, tmp_path):
     root = zstore.open_store(tiny_store)
     train = zstore.split_scans(root, "train")
