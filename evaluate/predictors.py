@@ -117,6 +117,12 @@ class _Run:
     def prior_shift(self) -> float:
         """log(lesion rate / background rate) of the training sample: 0 for an un-upsampled one.
 
+        The rates actually drawn (``shards.manifest.sampling_rates``, recorded
+        at training time): with a lesion cap or sampling by component, the
+        configured lesion rate (1) overstates the drawn one (0.1 on the
+        phantom), and the shift would lower every lesion's odds ten-fold too
+        many. Runs from before that record use the configured rates.
+
         Also 0 for hard-negative shards (``build --hard-negatives``): the shift
         assumes the background was drawn uniformly, but there the voxels a
         prior model mistook for lesion were drawn far more often, so the model
@@ -126,7 +132,10 @@ class _Run:
         build = self.preprocessing["build"]
         if build.get("hard_negatives") and float(build.get("hard_share", 0.0)) > 0:
             return 0.0
-        lesion, background = float(build["lesion_rate"]), float(build["background_rate"])
+        if build.get("mode") == "natural":
+            return 0.0
+        rates = self.preprocessing.get("sampling") or build
+        lesion, background = float(rates["lesion_rate"]), float(rates["background_rate"])
         return 0.0 if lesion <= 0 or background <= 0 else math.log(lesion / background)
 
 

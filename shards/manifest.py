@@ -94,6 +94,29 @@ def preprocessing_of(m: dict) -> dict:
     }
 
 
+def sampling_rates(manifest: dict) -> dict | None:
+    """The rates the build actually drew lesion and background voxels at, over the split.
+
+    ``lesion_rate`` = lesion samples / lesion voxels and ``background_rate`` =
+    background samples / background voxels, from the manifest's per-scan
+    counts. With every lesion voxel kept they are the configured rates; with
+    a lesion cap (``--max-lesion-samples``) or sampling by component
+    (``--component-samples``) the lesion rate is the split's average, well
+    under the configured 1. None when the manifest lacks the counts.
+    """
+    scans = manifest.get("scans") or []
+    try:
+        lesion = sum(int(s["lesion_voxels"]) for s in scans)
+        background = sum(int(s["background_voxels"]) for s in scans)
+        drawn = sum(int(s["lesion_samples"]) for s in scans)
+        other = sum(int(s["samples"]) - int(s["lesion_samples"]) for s in scans)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if lesion <= 0 or background <= 0:
+        return None
+    return {"lesion_rate": drawn / lesion, "background_rate": other / background}
+
+
 def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
     """Refuse to mix samples cut or normalised differently (patch size, normalisation method and parameters).
 

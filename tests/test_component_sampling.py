@@ -111,3 +111,22 @@ def test_cli_says_it_samples_by_component(speckled, tmp_path):
     assert "lesions sampled by component: 12 components, 30 draws each (at most 5x a component's voxels)" in r.output
     r = CliRunner().invoke(main, args + ["--component-samples", "30", "--max-lesion-samples", "9"])
     assert r.exit_code != 0 and "--component-samples sets every lesion's draws itself" in r.output
+
+
+def test_the_prior_correction_uses_the_rates_actually_drawn(speckled, tmp_path):
+    from evaluate.predictors import _Run
+    from shards.manifest import sampling_rates
+
+    manifest = build_quietly(speckled, tmp_path / "out", split="train", component_samples=K, max_repeat=R, block=8)
+    rates = sampling_rates(manifest)
+    lesion_voxels = sum(s["lesion_voxels"] for s in manifest["scans"])
+    assert rates["lesion_rate"] == manifest["totals"]["lesion_samples"] / lesion_voxels < 1
+    background = manifest["totals"]["samples"] - manifest["totals"]["lesion_samples"]
+    assert rates["background_rate"] == background / sum(s["background_voxels"] for s in manifest["scans"])
+    build = manifest["config"]
+    assert build["lesion_rate"] == 1.0  # the configured rate: every component's draws, not a share
+    run = _Run("m", None, {}, {"build": build, "sampling": rates})
+    assert run.prior_shift() == pytest.approx(np.log(rates["lesion_rate"] / rates["background_rate"]))
+    older = _Run("m", None, {}, {"build": build})  # a run from before the record: the configured rates
+    assert older.prior_shift() == pytest.approx(np.log(1.0 / build["background_rate"]))
+    assert _Run("m", None, {}, {"build": {**build, "mode": "natural"}, "sampling": rates}).prior_shift() == 0.0

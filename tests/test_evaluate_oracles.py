@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -43,9 +44,16 @@ def _constant_logits(monkeypatch, value_of_scan):
 
 def test_prior_correction_subtracts_log_lesion_over_background_rate(trained, tmp_path, monkeypatch):
     store, run_dir = trained
-    build = json.loads((run_dir / "config.json").read_text())["preprocessing"]["build"]
-    shift = math.log(1.0 / build["background_rate"])  # by hand: lesion rate 1, background rate from the manifest
+    preprocessing = json.loads((run_dir / "config.json").read_text())["preprocessing"]
+    build = preprocessing["build"]
     assert build["lesion_rate"] == 1.0 and 0 < build["background_rate"] < 1
+    # By hand, from the training manifest's per-scan counts: every lesion voxel drawn (rate 1), and the
+    # background at the rate actually drawn (the configured one, to per-scan rounding).
+    scans = json.loads((Path(preprocessing["shards"]) / "manifest.json").read_text())["scans"]
+    assert sum(s["lesion_samples"] for s in scans) == sum(s["lesion_voxels"] for s in scans)
+    drawn = sum(s["samples"] - s["lesion_samples"] for s in scans) / sum(s["background_voxels"] for s in scans)
+    assert drawn == pytest.approx(build["background_rate"], rel=0.02)
+    shift = math.log(1.0 / drawn)
     assert load_run(run_dir).prior_shift() == pytest.approx(shift)
     # A logit between 0 and the shift: p > 0.5 uncorrected, p < 0.5 corrected (and > 0.5 if the sign were flipped).
     _constant_logits(monkeypatch, lambda scan_id, data: shift / 2)

@@ -24,7 +24,7 @@ from torch import distributed as dist
 
 from shards import atomic_write_text, check_output_dir
 from shards.blocks import DeviceCutter
-from shards.manifest import check_compatible
+from shards.manifest import check_compatible, sampling_rates
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
 from shards.scores import confusion, voxel_scores
@@ -262,7 +262,12 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     if cfg.compile:  # the training forward only; checkpoints and validation use the plain module (raw)
         model = torch.compile(model)
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
-    preprocessing = {"norm": manifest["norm"], "build": manifest["config"], "shards": cfg.shards}
+    preprocessing = {
+        "norm": manifest["norm"],
+        "build": manifest["config"],
+        "sampling": sampling_rates(manifest),
+        "shards": cfg.shards,
+    }
     if master:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(

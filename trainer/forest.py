@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shards import atomic_path, atomic_write_text
+from shards.manifest import sampling_rates
 from shards.reader import ShardStream
 
 PAPER = {"n_estimators": 50, "max_depth": 6, "min_samples_split": 2}
@@ -144,7 +145,11 @@ def train_forest(
         "samples": int(len(labels)),
         "seed": seed,
         "shards": spec,
-        "preprocessing": {"norm": manifest["norm"], "build": manifest["config"]} if manifest else None,
+        "preprocessing": (
+            {"norm": manifest["norm"], "build": manifest["config"], "sampling": sampling_rates(manifest)}
+            if manifest
+            else None
+        ),
     }
     model = ForestModel.from_sklearn(forest, config)
     result = {"params": params, "train_accuracy": float((forest.predict(features) == labels).mean())}
