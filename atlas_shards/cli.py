@@ -121,6 +121,13 @@ def eda(store, out_dir) -> None:
 B = BuildConfig  # every default below is the dataclass's own
 
 
+def _count(flag: str, metavar: str, default: int | None, help: str):
+    """A positive count option (no default: off)."""
+    return click.option(
+        flag, type=click.IntRange(min=1), default=default, show_default=default is not None, metavar=metavar, help=help
+    )
+
+
 @main.command()
 @click.argument("store", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
@@ -143,30 +150,26 @@ B = BuildConfig  # every default below is the dataclass's own
 )
 @click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
 @click.option("--lesion-rate", type=RATE, default=B.lesion_rate, show_default=True, help="Share of lesion voxels.")
-@click.option(
+@_count(
     "--max-lesion-samples",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="At most N lesion samples a scan (drawn uniformly from its lesion voxels): the interior of a large lesion "
+    "N",
+    None,
+    "At most N lesion samples a scan (drawn uniformly from its lesion voxels): the interior of a large lesion "
     "is much alike, and small lesions then weigh more. The background still follows the target fraction.",
 )
-@click.option(
+@_count(
     "--component-samples",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="K",
-    help="Sample by lesion, not by voxel: K lesion samples from every lesion component (6-connected), "
+    "K",
+    None,
+    "Sample by lesion, not by voxel: K lesion samples from every lesion component (6-connected), "
     "whatever its size, so a 40-voxel lesion weighs as much as a 400 mL one. Replaces --lesion-rate and "
     "--max-lesion-samples; the background still follows the target fraction.",
 )
-@click.option(
+@_count(
     "--max-repeat",
-    type=click.IntRange(min=1),
-    default=B.max_repeat,
-    show_default=True,
-    metavar="R",
-    help="With --component-samples: a component smaller than K gives at most R draws of each voxel "
+    "R",
+    B.max_repeat,
+    "With --component-samples: a component smaller than K gives at most R draws of each voxel "
     "(a few-voxel speck of a tracing is not repeated K times).",
 )
 @click.option(
