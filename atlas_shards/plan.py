@@ -58,7 +58,7 @@ class BuildConfig:
     hard_share: float = 0.5  # the share of background draws that follows them
     max_lesion_samples: int | None = None  # per scan: a large lesion's interior voxels are much alike
     component_samples: int | None = None  # per lesion component: each lesion weighs the same, whatever its size
-    max_repeat: int = 20  # with component_samples: how often a small lesion's voxels may be drawn again
+    max_repeat: int = 5  # with component_samples: how often a small lesion's voxels may be drawn again
 
     def check(self) -> None:
         if self.split not in SPLITS:
