@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from atlas_shards.hard_negatives import draw_background, load_map
 from atlas_shards.split import SPLITS
@@ -197,6 +196,8 @@ def lesion_components(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     6-connectivity (``scipy.ndimage.label``'s default), the components the
     lesion-wise F1 counts (``evaluate.metrics``); ``sizes[k - 1]`` is label k's.
     """
+    from scipy import ndimage  # not at import: the CLI's --help stays instant (tests/test_cli.py)
+
     labels, n = ndimage.label(lesion)
     return labels, np.bincount(labels.ravel(), minlength=n + 1)[1:]
 
