@@ -119,9 +119,10 @@ class _Run:
 
         The rates actually drawn (``shards.manifest.sampling_rates``, recorded
         at training time): with a lesion cap or sampling by component, the
-        configured lesion rate (1) overstates the drawn one (0.1 on the
-        phantom), and the shift would lower every lesion's odds ten-fold too
-        many. Runs from before that record use the configured rates.
+        configured lesion rate (1) overstates the drawn one (0.125 for a cap
+        of 20,000 on the phantom), and the shift would lower every voxel's
+        odds eight-fold too far. Runs from before that record use the
+        configured rates.
 
         Also 0 for hard-negative shards (``build --hard-negatives``): the shift
         assumes the background was drawn uniformly, but there the voxels a
