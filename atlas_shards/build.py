@@ -96,7 +96,9 @@ def build(
     if not scans:
         raise BuildError(f"{store_path}: split {config.split!r} has no labelled scans")
     with Workers(workers) as pool:
-        counts = list(pool.map(_count_scan, [(str(store_path), s, config.hard_negatives) for s in scans]))
+        by_component = config.component_samples is not None
+        jobs = [(str(store_path), s, config.hard_negatives, by_component) for s in scans]
+        counts = list(pool.map(_count_scan, jobs))
         skipped = [f"scan {s} skipped: {c['problem']}" for s, c in zip(scans, counts) if "problem" in c]
         usable = [(s, c) for s, c in zip(scans, counts) if "problem" not in c]
         if not usable:
@@ -177,7 +179,7 @@ def _build_into_object_store(
     return manifest
 
 
-def _count_scan(args: tuple[str, str, str | None]) -> dict:
+def _count_scan(args: tuple[str, str, str | None, bool]) -> dict:
     """Worker: lesion, background (brain, not lesion) and candidate voxel counts of one scan.
 
     A scan the build cannot use gives ``{"problem": reason}`` instead; the
@@ -185,7 +187,7 @@ def _count_scan(args: tuple[str, str, str | None]) -> dict:
     negatives, a scan whose probability map cannot be used is sampled
     uniformly, and ``hard_problem`` says why.
     """
-    store_path, scan_id, hard_dir = args
+    store_path, scan_id, hard_dir, by_component = args
     try:
         root = zstore.open_store(store_path, "r")
         if scan_id not in root:
@@ -210,7 +212,8 @@ def _count_scan(args: tuple[str, str, str | None]) -> dict:
         return {"problem": "empty brain mask (nothing to normalise over or sample)"}
     n_lesion = int(lesion.sum())
     counts = {"lesion": n_lesion, "background": int((brain & ~lesion).sum()), "natural": int((brain | lesion).sum())}
-    counts["components"] = lesion_components(lesion)[1].tolist()
+    if by_component:  # only sampling by lesion needs the component sizes
+        counts["components"] = lesion_components(lesion)[1].tolist()
     if hard_dir is not None:
         try:
             load_map(hard_dir, scan_id, lesion.shape)
