@@ -89,7 +89,7 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--seed", type=SEED, default=T.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt at its step.")
 @click.option("--device", default=T.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--amp", is_flag=True, help="bf16 autocast on CUDA (ignored on the CPU).")
+@click.option("--amp", is_flag=True, help="bf16 autocast of the forward pass (a GPU, or a CPU with bf16 instructions).")
 @click.option(
     "--channels-last/--no-channels-last",
     default=T.channels_last,

@@ -328,7 +328,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
                 x, y = to_device(batch), batch["y"].to(device, non_blocking=True)
                 gen = step_generator(cfg.seed, ranks.rank, step) if cfg.augment else None
                 x = flip_pairs(x, gen) if cfg.augment else x
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
                     inputs = raw.prepare(x).contiguous(memory_format=layout)
                     logits = model(jitter(inputs, gen) if cfg.augment else inputs)
                 loss = F.cross_entropy(logits.float(), y, weight=weight)
