@@ -1,11 +1,12 @@
-"""Training steps per CPU-second of cnn3d-sym on the CPU: memory format, torch.compile, threads.
+"""Training steps per CPU-second of cnn3d-sym on the CPU: memory format, torch.compile, bf16, threads.
 
 Usage: .venv/bin/python bench/bench_cpu_step.py [--batch-size 64] [--steps 40] [--threads 1,2]
 
 One optimiser step (AdamW, cross-entropy) on a random uint8 pair batch, as
 ``atlas-train fit`` takes it, timed by this process's CPU clock and the wall
 clock after ``--warmup`` steps (torch.compile's compilation is reported
-apart). The issue asks whether channels_last or torch.compile pays on the CPU;
+apart). A variant ending in ``+bf16`` runs the forward pass under bf16
+autocast, as ``atlas-train fit --amp`` does. The issue asks whether channels_last or torch.compile pays on the CPU;
 this measures it instead of assuming it. Run it on an otherwise idle machine.
 """
 
@@ -25,17 +26,20 @@ def measure(variant: str, threads: int, batch: int, steps: int, warmup: int) -> 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(ModelConfig())
-    fmt = torch.channels_last_3d if variant in ("channels_last", "channels_last+compile") else torch.contiguous_format
+    parts = set(variant.split("+"))
+    fmt = torch.channels_last_3d if "channels_last" in parts else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    step_model = torch.compile(model) if variant.endswith("compile") else model
+    step_model = torch.compile(model) if "compile" in parts else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     x = torch.randint(0, 256, (batch, 2, 25, 25, 25), dtype=torch.uint8)
     y = torch.randint(0, 2, (batch,))
 
     def step():
-        xb = model.prepare(x).contiguous(memory_format=fmt)
-        loss = loss_fn(step_model(xb), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in parts):
+            xb = model.prepare(x).contiguous(memory_format=fmt)
+            logits = step_model(xb)
+        loss = loss_fn(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -64,7 +68,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--variants", default="eager,channels_last,compile,channels_last+compile")
+    p.add_argument("--variants", default="eager,channels_last,compile,channels_last+compile,channels_last+bf16")
     args = p.parse_args()
     for threads in (int(t) for t in args.threads.split(",")):
         for variant in args.variants.split(","):
