@@ -10,6 +10,14 @@ from shards.tables import cell
 
 
 MODEL = click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run.")
+MODELS = click.option(
+    "--model",
+    "run_dir",
+    required=True,
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="Run; give it again for an ensemble (the mean of the runs' prior-corrected logits).",
+)
 MIN_COMPONENT = click.option(
     "--min-component",
     type=click.IntRange(min=0),
@@ -37,7 +45,7 @@ def main() -> None:
 
 
 @main.command()
-@MODEL
+@MODELS
 @click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
@@ -120,7 +128,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 
 
 @main.command()
-@MODEL
+@MODELS
 @click.argument("t1", type=click.Path())
 @click.argument("out_mask", type=click.Path(dir_okay=False))
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)

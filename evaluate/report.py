@@ -87,14 +87,21 @@ def _fmt(v) -> str:
 
 def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, run_dir) -> Path:
     figures = [_overlays(out, rows, masks, root), _hemispheres(out, metrics), _histogram(out, rows)]
-    curves = Path(run_dir) / "curves.png"
-    if curves.is_file():
+    ensemble = isinstance(metrics["run_dir"], list)
+    curves = None if ensemble else Path(run_dir) / "curves.png"  # an ensemble has no one training curve
+    if curves is not None and curves.is_file():
         shutil.copyfile(curves, out / "training_curves.png")
         figures.append("training_curves.png")
     lines = [
         f"# Evaluation of {metrics['model']} on the {metrics['split']} split",
         "",
-        f"Run `{metrics['run_dir']}`, store `{metrics['store']}`: {metrics['n_subjects']} scans, "
+        (
+            f"Ensemble of {len(metrics['run_dir'])} runs (the mean of their prior-corrected logits): "
+            + ", ".join(f"`{r}`" for r in metrics["run_dir"])
+            if ensemble
+            else f"Run `{metrics['run_dir']}`"
+        )
+        + f", store `{metrics['store']}`: {metrics['n_subjects']} scans, "
         f"{metrics['inference']} inference, {PostProcessing.from_dict(metrics['postprocessing']).describe()} "
         f"({metrics['threshold_source']}), prior correction "
         + (f"on (logit - {metrics['prior_shift']:.3f})" if metrics["prior_correction"] else "off")

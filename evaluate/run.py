@@ -12,7 +12,8 @@ from atlas_shards import store as zstore
 from atlas_shards.orient import write_on_original_grid
 from evaluate.metrics import case_metrics, summarise
 from evaluate.postprocess import PostProcessing, choose
-from evaluate.predictors import EvaluateError, Predictor, load_run
+from evaluate.ensemble import load_models, run_dirs_label
+from evaluate.predictors import EvaluateError, Predictor
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_write_text, check_output_dir
 from shards.tables import write_csv
@@ -102,13 +103,14 @@ def evaluate_split(
     progress: bool = True,
     log=print,
 ) -> dict:
-    """Evaluate a trained run on every labelled scan of ``split``; returns ``metrics.json``'s content."""
+    """Evaluate a trained run (or several: their ensemble) on every labelled scan of ``split``; returns
+    ``metrics.json``'s content."""
     from tqdm import tqdm
 
     from evaluate.report import write_report
 
     check_output_dir(out)
-    pred = load_run(run_dir, device=device)
+    pred = load_models(run_dir, device=device)
     dense = use_dense and pred.dense is not None
     if stride > 1 and dense:
         raise EvaluateError(f"--stride is for models without a dense path; {pred.name} is predicted densely, exactly")
@@ -170,7 +172,7 @@ def evaluate_split(
         "prior_correction": bool(prior_correction and shift != 0.0),
         "prior_shift": shift if prior_correction else 0.0,
         "inference": inference,
-        "run_dir": str(run_dir),
+        "run_dir": run_dirs_label(run_dir),
         "store": str(store_path),
         "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],
         "by_hemisphere": _breakdown(done, "hemisphere"),

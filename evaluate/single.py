@@ -10,7 +10,8 @@ import numpy as np
 from atlas_shards.orient import write_on_original_grid
 from atlas_shards.scan import ScanError, preprocess
 from evaluate.postprocess import PostProcessing
-from evaluate.predictors import EvaluateError, load_run
+from evaluate.ensemble import load_models
+from evaluate.predictors import EvaluateError
 from evaluate.volume import lesion_logits, to_probability
 from shards import check_output_dir
 
@@ -63,7 +64,7 @@ def predict_file(
         scan = preprocess(t1, brain_mask=Path(brain_mask).resolve() if brain_mask else None, space=space)
     except ScanError as exc:
         raise EvaluateError(f"{t1}: {exc}") from None
-    pred = load_run(run_dir, device=device)
+    pred = load_models(run_dir, device=device)
     logits = lesion_logits(pred, scan.t1, scan.brain, float(scan.attrs["mirror_index"]), tile=tile)
     logits[scan.brain == 0] = -np.inf
     prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)
