@@ -172,13 +172,6 @@ def _count(flag: str, metavar: str, default: int | None, help: str):
     "With --component-samples: a component smaller than K gives at most R draws of each voxel "
     "(a few-voxel speck of a tracing is not repeated K times).",
 )
-@_count(
-    "--repeat-from",
-    "S",
-    B.repeat_from,
-    "With --component-samples: only components of at least S voxels are repeated; smaller ones (specks) "
-    "give each voxel once.",
-)
 @click.option(
     "--natural",
     "natural_rate",

@@ -58,7 +58,6 @@ class BuildConfig:
     max_lesion_samples: int | None = None  # per scan: a large lesion's interior voxels are much alike
     component_samples: int | None = None  # per lesion component: each lesion weighs the same, whatever its size
     max_repeat: int = 5  # with component_samples: how often a small lesion's voxels may be drawn again
-    repeat_from: int = 1  # with component_samples: components under this many voxels (specks) are not repeated
 
     def check(self) -> None:
         if self.split not in SPLITS:
@@ -90,10 +89,10 @@ class BuildConfig:
         if self.max_lesion_samples is not None and self.max_lesion_samples < 1:
             raise BuildError(f"--max-lesion-samples must be a positive count, got {self.max_lesion_samples}")
         if self.component_samples is not None:
-            if self.component_samples < 1 or self.max_repeat < 1 or self.repeat_from < 1:
+            if self.component_samples < 1 or self.max_repeat < 1:
                 raise BuildError(
-                    f"--component-samples, --max-repeat and --repeat-from must be positive counts, "
-                    f"got {self.component_samples}, {self.max_repeat} and {self.repeat_from}"
+                    f"--component-samples and --max-repeat must be positive counts, "
+                    f"got {self.component_samples} and {self.max_repeat}"
                 )
             if self.mode != "balanced" or self.max_lesion_samples is not None or self.lesion_rate != 1:
                 raise BuildError(
@@ -204,10 +203,8 @@ def lesion_components(lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def component_draws(config: BuildConfig, sizes: np.ndarray) -> np.ndarray:
-    """Each lesion component's samples: ``component_samples``, at most ``max_repeat`` x its size (once its size
-    for a component under ``repeat_from`` voxels)."""
-    repeat = np.where(sizes >= config.repeat_from, config.max_repeat, 1)
-    return np.minimum(config.component_samples, repeat * sizes)
+    """Each lesion component's samples: ``component_samples``, at most ``max_repeat`` x its size."""
+    return np.minimum(config.component_samples, config.max_repeat * sizes)
 
 
 def _draw_lesions(lesion: np.ndarray, config: BuildConfig, rng: np.random.Generator) -> np.ndarray:
@@ -304,9 +301,7 @@ def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | 
         parts = sum(s["lesion_components"] for s in plan["scans"])
         lines.append(
             f"  lesions sampled by component: {parts} components, {config.component_samples} draws each "
-            f"(at most {config.max_repeat}x a component's voxels"
-            + (f"; components under {config.repeat_from} voxels once" if config.repeat_from > 1 else "")
-            + ")"
+            f"(at most {config.max_repeat}x a component's voxels)"
         )
     pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
     lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")

@@ -89,30 +89,11 @@ def test_draws_are_deterministic_and_tile_small_components():
     assert (~lesion.ravel()[a]).sum() == 100
 
 
-def test_specks_under_repeat_from_are_drawn_once():
-    components = [[1], [40, 3], [9, 10, 2000]]
-    counts = [{"lesion": sum(c), "background": 1_500_000, "natural": 0, "components": c} for c in components]
-    scans = [f"s{i}" for i in range(3)]
-    config = BuildConfig(component_samples=1000, max_repeat=20, repeat_from=10)
-    plan = make_plan(config, scans, counts, {s: s for s in scans})
-    assert [s["lesion_draws"] for s in plan["scans"]] == [1, 800 + 3, 9 + 200 + 1000]
-    lesion = np.zeros((20, 20, 20), bool)
-    lesion[2:5, 2:5, 2:5] = True  # 27 voxels: repeated
-    lesion[10, 10, 10:14] = True  # a 4-voxel speck: once each
-    entry = {"lesion_draws": 27 * 2 + 4, "background_draws": 50, "samples": 108}
-    config = BuildConfig(component_samples=100, max_repeat=2, repeat_from=5)
-    drawn = Counter(a for a in draw_voxels(lesion, np.ones_like(lesion), "s", entry, config).tolist())
-    speck = [int(np.ravel_multi_index((10, 10, z), lesion.shape)) for z in range(10, 14)]
-    cube = [int(i) for i in np.flatnonzero(lesion.ravel()) if i not in speck]
-    assert [drawn[i] for i in speck] == [1] * 4 and [drawn[i] for i in cube] == [2] * 27
-
-
 @pytest.mark.parametrize(
     "bad, match",
     [
         (dict(component_samples=0), "positive"),
         (dict(component_samples=10, max_repeat=0), "positive"),
-        (dict(component_samples=10, repeat_from=0), "positive"),
         (dict(component_samples=10, max_lesion_samples=100), "--component-samples"),
         (dict(component_samples=10, lesion_rate=0.5), "--component-samples"),
         (dict(component_samples=10, mode="natural", natural_rate=0.1, target_lesion_fraction=None), "balanced"),
@@ -128,8 +109,6 @@ def test_cli_says_it_samples_by_component(speckled, tmp_path):
     r = CliRunner().invoke(main, args + ["--component-samples", "30", "--max-repeat", "5", "--dry-run"])
     assert r.exit_code == 0, r.output
     assert "lesions sampled by component: 12 components, 30 draws each (at most 5x a component's voxels)" in r.output
-    r = CliRunner().invoke(main, args + ["--component-samples", "30", "--repeat-from", "10", "--dry-run"])
-    assert "(at most 5x a component's voxels; components under 10 voxels once)" in r.output, r.output
     r = CliRunner().invoke(main, args + ["--component-samples", "30", "--max-lesion-samples", "9"])
     assert r.exit_code != 0 and "--component-samples sets every lesion's draws itself" in r.output
 
