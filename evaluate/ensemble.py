@@ -60,11 +60,14 @@ class Ensemble:
         return np.mean([m.dense_logits(padded_tile) for m in self.members], axis=0)
 
 
+def _as_list(run_dirs) -> list[Path]:
+    """One run directory, or any sequence of them, as a list."""
+    return [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
+
+
 def load_models(run_dirs, device: str = "cpu", dense: bool = True) -> Predictor:
     """One run directory (or a list of one): that run; several: their ``Ensemble``."""
-    if isinstance(run_dirs, (str, os.PathLike)):
-        run_dirs = [run_dirs]
-    run_dirs = [Path(r) for r in run_dirs]
+    run_dirs = _as_list(run_dirs)
     if not run_dirs:
         raise EvaluateError("no run given")
     if len(set(r.resolve() for r in run_dirs)) < len(run_dirs):
@@ -75,6 +78,5 @@ def load_models(run_dirs, device: str = "cpu", dense: bool = True) -> Predictor:
 
 def run_dirs_label(run_dirs) -> str | list[str]:
     """How a report names its run(s): the directory, or the list of them."""
-    if isinstance(run_dirs, (str, os.PathLike)):
-        return str(run_dirs)
-    return str(run_dirs[0]) if len(run_dirs) == 1 else [str(r) for r in run_dirs]
+    names = [str(r) for r in _as_list(run_dirs)]
+    return names[0] if len(names) == 1 else names

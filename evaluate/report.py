@@ -85,10 +85,10 @@ def _fmt(v) -> str:
     return cell(v, ".4g", "n/a")
 
 
-def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root, run_dir) -> Path:
+def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root) -> Path:
     figures = [_overlays(out, rows, masks, root), _hemispheres(out, metrics), _histogram(out, rows)]
     ensemble = isinstance(metrics["run_dir"], list)
-    curves = None if ensemble else Path(run_dir) / "curves.png"  # an ensemble has no one training curve
+    curves = None if ensemble else Path(metrics["run_dir"]) / "curves.png"  # an ensemble has no one training curve
     if curves is not None and curves.is_file():
         shutil.copyfile(curves, out / "training_curves.png")
         figures.append("training_curves.png")

@@ -180,7 +180,7 @@ def evaluate_split(
     }
     atomic_write_text(out / "metrics.json", json.dumps(_clean(metrics), indent=1))
     write_csv(out / "subjects.csv", SUBJECT_COLUMNS, rows)
-    write_report(out, metrics, done, masks, root, metrics["run_dir"])
+    write_report(out, metrics, done, masks, root)
     return metrics
 
 
