@@ -157,6 +157,32 @@ def test_amp_runs_the_forward_in_bf16_on_the_cpu(shards, tmp_path):
     assert max(d.mean().item() for d in diffs) < 1e-3  # ... but it is the same training
 
 
+def test_batch_norm_trains_and_its_statistics_reach_the_dense_predictor(shards, tmp_path):
+    """--batch-norm: the running statistics learnt in training are saved, and the run's dense twin (the
+    statistics folded into the convolutions) gives the patch classifier's logits."""
+    from evaluate.predictors import load_run
+
+    fit(
+        _cfg(shards, tmp_path / "bn", steps_per_epoch=10),
+        ModelConfig(batch_norm=True),
+        progress=False,
+        log=lambda m: None,
+    )
+    ckpt = ckpt_io.load(tmp_path / "bn")
+    assert ckpt["model_config"]["batch_norm"] is True
+    var = [v for k, v in ckpt["model"].items() if k.endswith("running_var")]
+    assert len(var) == 5 and all((v - 1).abs().max() > 1e-3 for v in var)  # moved from the initial 1
+    pred = load_run(tmp_path / "bn")
+    assert pred.dense is not None
+    x = torch.randint(0, 256, (6, 2, 25, 25, 25), dtype=torch.uint8)
+    patch = pred.patch_logits(x.numpy())
+    vol = pred.model.prepare(x)  # a dense pass over one patch alone gives its centre voxel
+    with torch.no_grad():
+        dense = pred.dense(vol).float()
+    dense_logit = (dense[:, 1] - dense[:, 0]).flatten().numpy()
+    assert np.abs(dense_logit - patch).max() < 1e-3
+
+
 @pytest.mark.parametrize(
     "straight_kw, interrupted_kw",
     [

@@ -27,10 +27,14 @@ def fingerprint(batch: dict) -> torch.Tensor:
 
 
 def audit(raw, seen: list, world: int, out: Path | None) -> dict | None:
-    """Under DDP: are the parameters identical on every rank, and was the data disjoint?"""
+    """Under DDP: are the parameters identical on every rank, and was the data disjoint?
+
+    Parameters only: buffers such as batch norm's running statistics are each
+    rank's own (rank 0's are the ones saved).
+    """
     if world == 1:
         return None
-    params = torch.cat([p.detach().double().flatten().cpu() for p in raw.state_dict().values()])
+    params = torch.cat([p.detach().double().flatten().cpu() for p in raw.parameters()])
     checksum = torch.tensor(
         [params.sum().item(), (params * torch.arange(len(params), dtype=torch.float64)).sum().item()]
     )

@@ -120,6 +120,12 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 )
 @click.option("--widths", default=",".join(map(str, M.widths)), show_default=True, help="cnn3d: the 5 convolutions.")
 @click.option("--hidden", type=click.IntRange(min=1), default=M.hidden, show_default=True, help="cnn3d: fc1 width.")
+@click.option(
+    "--batch-norm/--no-batch-norm",
+    default=M.batch_norm,
+    show_default=True,
+    help="cnn3d: BatchNorm3d after each convolution (folded into it for whole-volume prediction).",
+)
 @click.option("--pretrained", default=M.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH.")
 @click.option("--finetune", type=click.Choice(["last", "all"]), default=M.finetune, show_default=True)
 @click.option("--timeout", type=FiniteFloat(min=0.1), default=T.timeout, show_default=True, help="Seconds a try.")

@@ -79,7 +79,8 @@ class ModelConfig:
 
     ``widths`` are the 5 convolutions' output channels, ``kernels`` their
     (cubic) kernel sizes; convolutions are valid (unpadded), max-pooling 2x2x2
-    after the first two. With P=25 and the default kernels the feature map
+    after the first two; ``batch_norm`` puts a BatchNorm3d between each
+    convolution and its ReLU. With P=25 and the default kernels the feature map
     ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
     """
 
@@ -89,6 +90,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (16, 32, 32, 64, 64)
     kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
     hidden: int = 128
+    batch_norm: bool = False  # cnn3d: BatchNorm3d after each convolution (folded into it for dense prediction)
     pretrained: str = "none"
     finetune: str = "last"
     norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})

@@ -25,7 +25,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class PatchCNN(nn.Module):
     """5 valid convolutions (max-pool after the first two), then 2 fully connected layers.
 
-    ReLU after the first 6 layers; the last layer gives logits (softmax in
+    With ``batch_norm`` each convolution is followed by a BatchNorm3d (in
+    evaluation it is a per-channel affine map, so the dense twin folds it
+    into the convolution). ReLU after the first 6 layers; the last layer gives logits (softmax in
     ``probabilities``). Input channels: 1 (``cnn3d``: cube A; ``concat``:
     the 2P x P x P stack) or 2 (``channels``: cubes A and B).
     """
@@ -36,16 +38,20 @@ class PatchCNN(nn.Module):
         in_ch = 2 if (cfg.name == "cnn3d-sym" and cfg.layout == "channels") else 1
         layers: list[nn.Module] = []
         for i, (width, k) in enumerate(zip(cfg.widths, cfg.kernels)):
-            layers += [nn.Conv3d(in_ch, width, k), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv3d(in_ch, width, k))
+            if cfg.batch_norm:
+                layers.append(nn.BatchNorm3d(width))
+            layers.append(nn.ReLU(inplace=True))
             if i < 2:
                 layers.append(nn.MaxPool3d(2))
             in_ch = width
         self.features = nn.Sequential(*layers)
         try:
-            with torch.no_grad():
-                out = self.features(torch.zeros((1,) + self.input_shape()))
+            with torch.no_grad():  # in evaluation mode: batch norm cannot train on one 1x1x1 sample
+                out = self.features.eval()(torch.zeros((1,) + self.input_shape()))
         except RuntimeError:
             out = None
+        self.features.train()
         if out is None or min(out.shape[2:]) < 1:
             raise ModelError(f"patch {cfg.patch} is too small for kernels {cfg.kernels} and two 2x poolings")
         self.feature_shape = tuple(out.shape[1:])
