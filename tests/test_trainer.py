@@ -70,6 +70,8 @@ def test_model_config_errors_and_offline_imagenet(monkeypatch):
         build_model(ModelConfig(name="cnn3d", layout="concat"))
     with pytest.raises(ModelError, match="too small"):
         build_model(ModelConfig(name="cnn3d", patch=9))
+    with pytest.raises(ModelError, match="batch-norm is for the 3D CNNs"):
+        build_model(ModelConfig(name="resnet2d", batch_norm=True))
     from torchvision.models import ResNet18_Weights
 
     def offline(self, *a, **k):

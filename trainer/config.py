@@ -106,6 +106,8 @@ class ModelConfig:
             raise ModelError("cnn3d needs exactly 5 widths and 5 kernel sizes")
         if self.finetune not in ("last", "all"):
             raise ModelError("--finetune is 'last' or 'all'")
+        if self.batch_norm and self.name == "resnet2d":
+            raise ModelError("--batch-norm is for the 3D CNNs (ResNet-18 has its own batch norm)")
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
