@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.special import logit
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from shards.views import dequantise
 from trainer import checkpoint as ckpt_io
@@ -46,8 +47,11 @@ class DenseCNN(nn.Module):
                 conv.weight.data.copy_(m.weight.data)
                 conv.bias.data.copy_(m.bias.data)
                 layers.append(conv)
-            elif isinstance(m, nn.BatchNorm3d):
-                _fold_batch_norm(layers[-1], m)
+            elif isinstance(m, nn.BatchNorm3d):  # evaluation-mode batch norm: a per-channel affine map
+                conv = layers[-1]
+                conv.weight, conv.bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, m.running_mean, m.running_var, m.eps, m.weight, m.bias
+                )
             elif isinstance(m, nn.MaxPool3d):
                 layers.append(nn.MaxPool3d(m.kernel_size, stride=1, dilation=dilation))
                 dilation *= m.stride if isinstance(m.stride, int) else m.stride[0]
@@ -72,18 +76,6 @@ class DenseCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@torch.no_grad()
-def _fold_batch_norm(conv: nn.Conv3d, bn: nn.BatchNorm3d) -> None:
-    """Fold an evaluation-mode BatchNorm3d into the convolution before it (in place).
-
-    ``bn(conv(x)) = g * (w * x + b - mean) / sqrt(var + eps) + beta``: a
-    per-output-channel scale of the weights and a new bias.
-    """
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1, 1))
-    conv.bias.copy_((conv.bias - bn.running_mean) * scale + bn.bias)
 
 
 class Predictor(Protocol):
