@@ -10,7 +10,7 @@ from conftest import build_quietly
 from shards.patches import extract_pairs
 from trainer import checkpoint as ckpt_io
 from trainer.augment import flip_pairs, jitter, learning_rate, step_generator
-from trainer.config import RECIPES, TrainConfig
+from trainer.config import RECIPES, TrainConfig, recipe_batch_norm
 from trainer.curves import read_rows
 from trainer.fit import TrainError, fit
 from trainer.models import ModelConfig
@@ -28,6 +28,8 @@ def test_a_recipe_gives_the_defaults_and_options_win():
         False,
     )
     assert set(RECIPES["paper"]) == set(RECIPES["modern"])
+    assert (recipe_batch_norm("modern", "cnn3d-sym"), recipe_batch_norm("modern", "cnn3d")) == (True, True)
+    assert (recipe_batch_norm("paper", "cnn3d-sym"), recipe_batch_norm("modern", "resnet2d")) == (False, False)
     with pytest.raises(ValueError, match="unknown recipe 'fast'"):
         TrainConfig(shards="s", out="o", recipe="fast").resolved()
 

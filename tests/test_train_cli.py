@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from atlas_shards.serve import free_port
 from conftest import heavy_modules_after_import, tiny_shards
+from trainer import checkpoint as ckpt_io
 from trainer.cli import main
 
 
@@ -42,12 +43,27 @@ def test_fit_then_refuse_to_overwrite_then_resume(train_shards, tmp_path):
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "trained 3 steps (world size 1)" in r.output and "last.pt" in r.output
+    assert ckpt_io.load(tmp_path / "run")["model_config"]["batch_norm"]  # the modern recipe's, none asked for
     r = runner.invoke(main, args)
     assert r.exit_code == 1 and "holds a run already" in r.output and "Traceback" not in r.output
     r = runner.invoke(
         main, args[:-6] + ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "8", "--workers", "0", "--resume"]
     )
     assert r.exit_code == 0 and "resuming" in r.output and "trained 6 steps" in r.output
+
+
+@pytest.mark.parametrize(
+    "extra, batch_norm",
+    [(["--recipe", "paper"], False), (["--no-batch-norm"], False), (["--recipe", "paper", "--batch-norm"], True)],
+)
+def test_the_recipe_decides_batch_norm_unless_asked(train_shards, tmp_path, extra, batch_norm):
+    out = tmp_path / "run"
+    args = ["fit", "--shards", str(train_shards), "--out", str(out), "--steps-per-epoch", "1", "--batch-size", "8"]
+    r = CliRunner().invoke(main, args + ["--workers", "0"] + extra)
+    assert r.exit_code == 0, r.output
+    saved = ckpt_io.load(out)
+    assert saved["model_config"]["batch_norm"] is batch_norm
+    assert any("running_mean" in k for k in saved["model"]) is batch_norm
 
 
 def test_rf_command(train_shards, tmp_path):

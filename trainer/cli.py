@@ -11,7 +11,17 @@ import click
 
 from shards.cli_errors import OneLineErrors, expected, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat, from_options
-from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
+from trainer.config import (
+    LAYOUTS,
+    MODELS,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    ModelConfig,
+    ModelError,
+    TrainConfig,
+    recipe_batch_norm,
+)
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -62,7 +72,8 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
     default=T.recipe,
     show_default=True,
     help="Defaults of the six options below. paper: Adam, lr 1e-5, constant, no augmentation; "
-    "modern: AdamW (weight decay 1e-4), lr 1e-3, 5% warm-up then cosine, flips and intensity jitter.",
+    "modern: AdamW (weight decay 1e-4), lr 1e-3, 5% warm-up then cosine, flips and intensity jitter; "
+    "and --batch-norm (modern: on, paper: off).",
 )
 @click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate [the recipe's].")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=None, help="[the recipe's]")
@@ -122,9 +133,9 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--hidden", type=click.IntRange(min=1), default=M.hidden, show_default=True, help="cnn3d: fc1 width.")
 @click.option(
     "--batch-norm/--no-batch-norm",
-    default=M.batch_norm,
-    show_default=True,
-    help="cnn3d: BatchNorm3d after each convolution (folded into it for whole-volume prediction).",
+    default=None,
+    help="cnn3d: BatchNorm3d after each convolution (folded into it for whole-volume prediction) "
+    "[the recipe's: modern on, paper off].",
 )
 @click.option("--pretrained", default=M.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH.")
 @click.option("--finetune", type=click.Choice(["last", "all"]), default=M.finetune, show_default=True)
@@ -138,6 +149,8 @@ def fit(resume: bool, **options) -> None:
     from trainer.fit import TrainError, fit as run_fit
 
     cfg = from_options(TrainConfig, options, class_weights=_pair(options["class_weights"]))
+    if options["batch_norm"] is None:
+        options["batch_norm"] = recipe_batch_norm(options["recipe"], options["name"])
     model_cfg = from_options(ModelConfig, options, widths=_ints(options["widths"]))
     run_dir = cfg.out
     try:

@@ -18,13 +18,26 @@ SCHEDULES = ("constant", "cosine")
 # command line wins over its recipe. ``paper``: the published method (Adam,
 # lr 1e-5, constant, no augmentation). ``modern``: AdamW, linear warm-up over
 # the first 5% of the run then cosine decay, axis flips of both cubes and
-# intensity jitter (``trainer/augment.py``); measured in BENCHMARKS.md.
+# intensity jitter (``trainer/augment.py``), and batch norm in the 3D CNNs (below); measured in BENCHMARKS.md.
 RECIPES = {
     "paper": {"optimizer": "adam", "lr": 1e-5, "schedule": "constant", "warmup": 0.0, "weight_decay": 0.0,
               "augment": False},
     "modern": {"optimizer": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup": 0.05, "weight_decay": 1e-4,
                "augment": True},
 }  # fmt: skip
+
+# What a recipe decides about the model: batch norm in the 3D CNNs. ``modern`` has it (measured over 3 seeds in
+# BENCHMARKS.md, "Batch norm"); ``paper`` does not. ``ModelConfig``'s own default stays off, so a checkpoint
+# from before the option keeps its meaning; ``atlas-train fit`` asks ``recipe_batch_norm`` when no
+# --batch-norm/--no-batch-norm is given.
+RECIPE_BATCH_NORM = {"paper": False, "modern": True}
+
+
+def recipe_batch_norm(recipe: str, model: str) -> bool:
+    """Whether ``recipe`` puts batch norm into ``model`` (never into ``resnet2d``: ResNet-18 has its own)."""
+    if recipe not in RECIPE_BATCH_NORM:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPE_BATCH_NORM)}")
+    return RECIPE_BATCH_NORM[recipe] and model != "resnet2d"
 
 
 class ModelError(ValueError):
