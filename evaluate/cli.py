@@ -35,6 +35,16 @@ MIN_PEAK = click.option(
 )
 
 
+def tta_flips(default: str | None, help: str):
+    return click.option("--tta-flips", default=default, metavar="AXES", show_default=default is not None, help=help)
+
+
+TTA_HELP = (
+    "Test-time flips: the mean logit over the input as it is and mirrored along these axes, every combination "
+    "(x: left-right, 2 predictions; xyz: 8). The rule is chosen with them too."
+)
+
+
 def prior_correction(default: bool, help: str):
     return click.option("--prior-correction/--no-prior-correction", default=default, show_default=True, help=help)
 
@@ -71,6 +81,7 @@ def main() -> None:
     help="Patch-by-patch models (rf, resnet2d) on the CPU: classify every Kth voxel per axis, fill the rest from "
     "it (K^3 times faster, coarser masks).",
 )
+@tta_flips("none", TTA_HELP)
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
 def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
@@ -144,13 +155,14 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
     help="A report of atlas-evaluate run (its directory or metrics.json): use its threshold and post-processing.",
 )
 @prior_correction(True, "As for run.")
+@tta_flips(None, "As for run [the --rule-from report's, else none].")
 @click.option(
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
 @click.option("--device", default="cpu", show_default=True)
 def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_peak, rule_from, **options) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
-    from evaluate.postprocess import PostProcessing, rule_of_report
+    from evaluate.postprocess import PostProcessing, flips_of_report, rule_of_report
     from evaluate.predictors import EvaluateError
     from evaluate.single import predict_file
 
@@ -158,7 +170,9 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
     if rule_from:
         with expected(ValueError):
             rule = rule_of_report(rule_from)
-        click.echo(f"rule from {rule_from}: {rule.describe()}")
+            if options["tta_flips"] is None:  # the rule was chosen on these flips' probabilities
+                options["tta_flips"] = flips_of_report(rule_from)
+        click.echo(f"rule from {rule_from}: {rule.describe()}, test-time flips {options['tta_flips']}")
     with expected(EvaluateError):
         r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
     click.echo(

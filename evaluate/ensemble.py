@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.predictors import EvaluateError, Predictor, load_run
+from evaluate.tta import FlipAveraged, parse_flips
 
 
 class Ensemble:
@@ -65,15 +66,18 @@ def _as_list(run_dirs) -> list[Path]:
     return [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
 
 
-def load_models(run_dirs, device: str = "cpu", dense: bool = True) -> Predictor:
-    """One run directory (or a list of one): that run; several: their ``Ensemble``."""
+def load_models(run_dirs, device: str = "cpu", dense: bool = True, tta_flips: str | None = None) -> Predictor:
+    """One run directory (or a list of one): that run; several: their ``Ensemble``; with ``tta_flips``
+    (``x``, ``xyz`` ...) the mean over those flips of the input (``evaluate.tta``)."""
+    axes = parse_flips(tta_flips)
     run_dirs = _as_list(run_dirs)
     if not run_dirs:
         raise EvaluateError("no run given")
     if len(set(r.resolve() for r in run_dirs)) < len(run_dirs):
         raise EvaluateError("a run is given twice: an ensemble's runs must differ")
     members = [load_run(r, device=device, dense=dense) for r in run_dirs]
-    return members[0] if len(members) == 1 else Ensemble(members)
+    pred = members[0] if len(members) == 1 else Ensemble(members)
+    return FlipAveraged(pred, axes) if axes else pred
 
 
 def run_dirs_label(run_dirs) -> str | list[str]:

@@ -77,12 +77,27 @@ def rule_of_report(report: str | os.PathLike) -> PostProcessing:
     Raises:
         ValueError: not such a report.
     """
+    path, metrics = _report(report)
+    try:
+        return PostProcessing.from_dict(metrics.get("postprocessing") or {"threshold": metrics["threshold"]})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run ({type(exc).__name__}: {exc})") from None
+
+
+def flips_of_report(report: str | os.PathLike) -> str:
+    """The test-time flips a report of ``atlas-evaluate run`` averaged over (``none`` before the option)."""
+    return str(_report(report)[1].get("tta_flips") or "none")
+
+
+def _report(report: str | os.PathLike) -> tuple[Path, dict]:
     path = Path(report)
     path = path / "metrics.json" if path.is_dir() else path
     try:
         metrics = json.loads(path.read_text())
-        return PostProcessing.from_dict(metrics.get("postprocessing") or {"threshold": metrics["threshold"]})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(metrics, dict):
+            raise TypeError(f"a JSON {type(metrics).__name__}, not an object")
+        return path, metrics
+    except (OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run ({type(exc).__name__}: {exc})") from None
 
 

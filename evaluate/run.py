@@ -14,6 +14,7 @@ from evaluate.metrics import case_metrics, summarise
 from evaluate.postprocess import PostProcessing, choose
 from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
+from evaluate.tta import flips_label
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_write_text, check_output_dir
 from shards.tables import write_csv
@@ -100,21 +101,25 @@ def evaluate_split(
     save_probabilities: bool = False,
     use_dense: bool = True,
     stride: int = 1,
+    tta_flips: str | None = None,
     progress: bool = True,
     log=print,
 ) -> dict:
     """Evaluate a trained run (or several: their ensemble) on every labelled scan of ``split``; returns
-    ``metrics.json``'s content."""
+    ``metrics.json``'s content. ``tta_flips`` (``x``, ``xyz`` ...): the mean logit over those flips of the
+    input, for the chosen rule as for the scores (``evaluate.tta``)."""
     from tqdm import tqdm
 
     from evaluate.report import write_report
 
     check_output_dir(out)
-    pred = load_models(run_dir, device=device)
+    pred = load_models(run_dir, device=device, tta_flips=tta_flips)
+    flips = flips_label(getattr(pred, "axes", ()))
     dense = use_dense and pred.dense is not None
     if stride > 1 and dense:
         raise EvaluateError(f"--stride is for models without a dense path; {pred.name} is predicted densely, exactly")
     inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
+    inference += f", mean over flips {flips}" if flips != "none" else ""
     try:
         root = zstore.open_store(store_path, "r")
     except zstore.StoreError as exc:
@@ -172,6 +177,7 @@ def evaluate_split(
         "prior_correction": bool(prior_correction and shift != 0.0),
         "prior_shift": shift if prior_correction else 0.0,
         "inference": inference,
+        "tta_flips": flips,
         "run_dir": run_dirs_label(run_dir),
         "store": str(store_path),
         "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],

@@ -42,8 +42,10 @@ def predict_file(
     device: str = "cpu",
     tile: int = 64,
     probabilities: str | os.PathLike | None = None,
+    tta_flips: str | None = None,
 ) -> dict:
-    """Preprocess exactly as at ingestion and training, predict, write the mask on the input's grid."""
+    """Preprocess exactly as at ingestion and training, predict (``tta_flips``: the mean over those flips of
+    the input), write the mask on the input's grid."""
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
@@ -64,7 +66,7 @@ def predict_file(
         scan = preprocess(t1, brain_mask=Path(brain_mask).resolve() if brain_mask else None, space=space)
     except ScanError as exc:
         raise EvaluateError(f"{t1}: {exc}") from None
-    pred = load_models(run_dir, device=device)
+    pred = load_models(run_dir, device=device, tta_flips=tta_flips)
     logits = lesion_logits(pred, scan.t1, scan.brain, float(scan.attrs["mirror_index"]), tile=tile)
     logits[scan.brain == 0] = -np.inf
     prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)

@@ -225,3 +225,33 @@ def tiny_shards(store, tmp_path_factory, name: str, **build):
     out = tmp_path_factory.mktemp(name) / "train"
     build_quietly(store, out, split="train", **build)
     return out
+
+
+def random_cnn_predictor(seed: int, background_rate: float = 0.01, norm: str = "histeq", layout: str = "channels"):
+    """An untrained cnn3d-sym as a ``TorchPredictor`` (with its dense twin for the channels layout)."""
+    import torch
+
+    from evaluate.predictors import DenseCNN, TorchPredictor
+    from trainer.models import ModelConfig, build_model
+
+    torch.manual_seed(seed)
+    model = build_model(ModelConfig(name="cnn3d-sym", layout=layout)).eval()
+    for p in model.parameters():  # livelier than the default init, so predictors differ visibly
+        p.data.mul_(3)
+    pre = {
+        "norm": {"method": norm, "offset": 0.0, "scale": 1 / 255},
+        "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": background_rate},
+    }
+    dense = DenseCNN(model).eval() if layout == "channels" else None
+    return TorchPredictor("cnn3d-sym", None, model.cfg.to_dict(), pre, model=model, dense=dense)
+
+
+def random_volume():
+    """``(t1, brain)``: noise in a 28x26x27 grid, the brain a box inside it."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    t1 = rng.normal(100, 25, (28, 26, 27)).astype(np.float32)
+    brain = np.zeros(t1.shape, np.uint8)
+    brain[2:26, 3:24, 1:25] = 1
+    return t1, brain

@@ -8,48 +8,26 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from scipy.special import expit
 
+from conftest import random_cnn_predictor, random_volume
 from evaluate.cli import main
 from evaluate.ensemble import Ensemble, load_models
-from evaluate.predictors import DenseCNN, EvaluateError, TorchPredictor
+from evaluate.predictors import EvaluateError
 from evaluate.run import evaluate_split, scan_logits
 from evaluate.volume import lesion_logits
 from atlas_shards import store as zstore
 from trainer import checkpoint as ckpt_io
-from trainer.models import ModelConfig, build_model
-
-
-def _member(seed: int, background_rate: float = 0.01, norm: str = "histeq", layout: str = "channels"):
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(name="cnn3d-sym", layout=layout)).eval()
-    for p in model.parameters():  # livelier than the default init, so members differ visibly
-        p.data.mul_(3)
-    pre = {
-        "norm": {"method": norm, "offset": 0.0, "scale": 1 / 255},
-        "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": background_rate},
-    }
-    dense = DenseCNN(model).eval() if layout == "channels" else None
-    return TorchPredictor("cnn3d-sym", None, model.cfg.to_dict(), pre, model=model, dense=dense)
-
-
-def _volume():
-    rng = np.random.default_rng(3)
-    t1 = rng.normal(100, 25, (28, 26, 27)).astype(np.float32)
-    brain = np.zeros(t1.shape, np.uint8)
-    brain[2:26, 3:24, 1:25] = 1
-    return t1, brain
 
 
 def test_the_ensemble_is_the_mean_logit_and_the_mean_shift():
-    a, b = _member(1, background_rate=0.01), _member(2, background_rate=0.002)
+    a, b = random_cnn_predictor(1, background_rate=0.01), random_cnn_predictor(2, background_rate=0.002)
     ens = Ensemble([a, b])
     assert ens.name == "cnn3d-sym x2" and ens.dense is not None
     assert ens.prior_shift() == pytest.approx((a.prior_shift() + b.prior_shift()) / 2)
     assert a.prior_shift() != pytest.approx(b.prior_shift())
-    t1, brain = _volume()
+    t1, brain = random_volume()
     inside = brain > 0
     la, lb, le = (lesion_logits(p, t1, brain, 13.5, tile=12)[inside] for p in (a, b, ens))
     assert np.abs(la - lb).max() > 1  # the members disagree, so a wrong mean would show
@@ -64,15 +42,15 @@ def test_the_ensemble_is_the_mean_logit_and_the_mean_shift():
 
 
 def test_an_ensemble_goes_patch_by_patch_unless_every_member_is_dense():
-    ens = Ensemble([_member(1), _member(2, layout="concat")])
+    ens = Ensemble([random_cnn_predictor(1), random_cnn_predictor(2, layout="concat")])
     assert ens.dense is None
 
 
 def test_members_must_read_the_same_input():
     with pytest.raises(EvaluateError, match="must read the same input"):
-        Ensemble([_member(1), _member(2, norm="zscore")])
+        Ensemble([random_cnn_predictor(1), random_cnn_predictor(2, norm="zscore")])
     with pytest.raises(EvaluateError, match="at least two"):
-        Ensemble([_member(1)])
+        Ensemble([random_cnn_predictor(1)])
 
 
 @pytest.fixture(scope="module")
