@@ -14,7 +14,7 @@ from evaluate.metrics import case_metrics, summarise
 from evaluate.postprocess import PostProcessing, choose
 from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
-from evaluate.tta import flips_label
+from evaluate.tta import flips_label, parse_flips
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_write_text, check_output_dir
 from shards.tables import write_csv
@@ -114,7 +114,7 @@ def evaluate_split(
 
     check_output_dir(out)
     pred = load_models(run_dir, device=device, tta_flips=tta_flips)
-    flips = flips_label(getattr(pred, "axes", ()))
+    flips = flips_label(parse_flips(tta_flips))
     dense = use_dense and pred.dense is not None
     if stride > 1 and dense:
         raise EvaluateError(f"--stride is for models without a dense path; {pred.name} is predicted densely, exactly")

@@ -12,6 +12,7 @@ from atlas_shards.scan import ScanError, preprocess
 from evaluate.postprocess import PostProcessing
 from evaluate.ensemble import load_models
 from evaluate.predictors import EvaluateError
+from evaluate.tta import parse_flips
 from evaluate.volume import lesion_logits, to_probability
 from shards import check_output_dir
 
@@ -46,6 +47,7 @@ def predict_file(
 ) -> dict:
     """Preprocess exactly as at ingestion and training, predict (``tta_flips``: the mean over those flips of
     the input), write the mask on the input's grid."""
+    parse_flips(tta_flips)  # a bad value refused before any work
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
