@@ -41,14 +41,14 @@ demo: $(STAMP)
 	@echo "== 5/7 un-upsampled validation stream (0.2% of brain voxels) =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/val --split val --natural 0.002 --shard-size-mb 64 --workers $(WORKERS)
 	$(VENV)/bin/atlas-shards inspect $(DEMO)/shards/train --verify
-	@echo "== 6/7 serve the shards over HTTP, train cnn3d-sym streaming from it (200 steps; lr 1e-4 so a short run visibly learns) =="
+	@echo "== 6/7 serve the shards over HTTP, train cnn3d-sym streaming from it (200 steps, the modern recipe: batch norm, lr 1e-3) =="
 	rm -rf $(DEMO)/runs/cnn3d-sym $(DEMO)/server-url
 	$(VENV)/bin/atlas-shards serve $(DEMO)/shards --port 0 --ready-file $(DEMO)/server-url & server=$$!; \
 	trap 'kill $$server 2>/dev/null' EXIT; \
 	for i in $$(seq 100); do [ -s $(DEMO)/server-url ] && break; sleep 0.2; done; \
 	url=$$(cat $(DEMO)/server-url); echo "training from $$url/train/"; \
 	$(VENV)/bin/atlas-train fit --shards $$url/train/ --val-shards $$url/val/ --out $(DEMO)/runs/cnn3d-sym \
-		--model cnn3d-sym --steps-per-epoch 200 --batch-size 64 --lr 1e-4 --val-batches 40 --workers 1
+		--model cnn3d-sym --steps-per-epoch 200 --batch-size 64 --val-batches 40 --workers 1
 	@echo "== 7/7 evaluate it on the whole validation volumes (dense inference, ATLAS challenge metrics) =="
 	$(VENV)/bin/atlas-evaluate run --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr --split val --out $(DEMO)/reports/cnn3d-sym
 	$(VENV)/bin/atlas-evaluate compare $(DEMO)/reports/cnn3d-sym --out $(DEMO)/reports/ladder.md
