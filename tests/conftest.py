@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 
 import pytest
 
 from atlas_shards.ingest import ingest
 from atlas_shards.synth import TRUTH_FILE, synthesize_release
+
+# torch.compile's kernel cache does not tell kernels built with the dispatch capped (make test-isa) from the
+# others, and one built under the cap crashed a run without it: a cache for each setting.
+_DISPATCH = "-".join(os.environ.get(k, "native") for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-{_DISPATCH}"))
 
 
 def _ingested(tmp_path_factory, layout: str, subjects: int, workers: int = 2, **defects):

@@ -189,7 +189,7 @@ def test_verify_catches_a_damaged_shard(built, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["pairs", "blocks"])
 def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt):
-    """Real SIGKILLs of the build process; no final-named shard is ever partial."""
+    """Real SIGKILLs of the build process: no final-named shard is ever partial, and no worker outlives it."""
     import os
     import signal
     import subprocess
@@ -197,6 +197,7 @@ def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt)
     import time
 
     from conftest import write_tiny_store
+    from no_leftovers import alive, descendants
     from shards.tario import sha256_file
 
     store = write_tiny_store(tmp_path / "store.zarr", n_scans=8, shape=(61, 56, 48))
@@ -218,8 +219,14 @@ def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt)
         while progress(out) < kill_at and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.002)
+        children = descendants(proc.pid)  # the pool's 2 workers and the resource tracker they share
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        assert len(children) >= 2, children
+        deadline = time.monotonic() + 5  # the workers exit when their pipe from the build closes
+        while any(map(alive, children)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(alive, children)), [c for c in children if alive(c)]
 
     reference = tmp_path / "reference"
     run(reference)
@@ -228,8 +235,7 @@ def test_kill_9_through_the_build_then_rerun_gives_the_same_bytes(tmp_path, fmt)
     events = len(ref["scans"]) + len(ref["shards"])  # 6 spills then 7 shards
     for trial, kill_at in enumerate([1, len(ref["scans"]), events - 4]):  # mid-spill, between phases, mid-shards
         out = tmp_path / f"killed{trial}"
-        run(out, kill_at=kill_at)
-        time.sleep(0.5)  # let orphaned pool workers notice and exit
+        run(out, kill_at=kill_at)  # ... and every process it started is gone
         assert not (out / "manifest.json").exists()  # the kill did interrupt the build
 
         for tar in out.glob("*.tar"):  # whatever landed under a final name is whole

@@ -21,6 +21,7 @@ from atlas_shards import store as zstore
 from trainer import checkpoint as ckpt_io
 
 
+@pytest.mark.floats
 def test_the_ensemble_is_the_mean_logit_and_the_mean_shift():
     a, b = random_cnn_predictor(1, background_rate=0.01), random_cnn_predictor(2, background_rate=0.002)
     ens = Ensemble([a, b])
@@ -66,6 +67,7 @@ def two_runs(trained, tmp_path_factory):
     return store, run_a, run_b
 
 
+@pytest.mark.floats
 def test_run_scores_the_ensemble_and_says_so(two_runs, tmp_path):
     store, run_a, run_b = two_runs
     metrics = evaluate_split(

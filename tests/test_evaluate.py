@@ -88,6 +88,7 @@ def _predictor(name: str, seed: int, batch_norm: bool = False) -> Predictor:
     return TorchPredictor(name, None, model.cfg.to_dict(), pre, model=model, dense=DenseCNN(model).eval())
 
 
+@pytest.mark.floats
 @pytest.mark.parametrize(
     "name, mirror, batch_norm",
     [("cnn3d", 14.5, False), ("cnn3d-sym", 14.5, False), ("cnn3d-sym", 11.0, False), ("cnn3d-sym", 14.5, True)],

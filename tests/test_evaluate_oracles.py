@@ -87,6 +87,7 @@ def test_auto_threshold_is_chosen_on_validation_scans_only(trained, tmp_path, mo
     assert on_val["threshold"] == 0.05 and on_val["mean_dice"] == 1.0
 
 
+@pytest.mark.floats
 def test_patch_by_patch_run_equals_the_dense_run(trained, tmp_path):
     store, run_dir = trained
     kw = dict(prior_correction=False, save_probabilities=True, **QUIET)

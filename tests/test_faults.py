@@ -91,6 +91,7 @@ def test_shard_server_gone_mid_epoch_leaves_a_checkpoint_and_one_line(shard_dir,
     assert_stopped_unreachable(proc, out, 5000)
 
 
+@pytest.mark.floats
 @pytest.mark.slow
 def test_kill_9_training_then_resume(shard_dir, tmp_path):
     """With a DataLoader worker: killed, resumed, and the same weights as a run that was never interrupted."""

@@ -69,6 +69,7 @@ def test_flipping_both_cubes_is_the_pair_of_the_flipped_head():
     assert not torch.equal(out, flip_pairs(x, step_generator(0, 0, 8)))
 
 
+@pytest.mark.floats
 def test_jitter_moves_both_cubes_of_a_sample_alike():
     x = torch.rand(64, 2, 5, 5, 5)
     y = jitter(x, step_generator(1, 0, 0))

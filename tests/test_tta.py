@@ -18,6 +18,8 @@ from evaluate.run import evaluate_split
 from evaluate.tta import FlipAveraged, parse_flips
 from evaluate.volume import lesion_logits
 
+pytestmark = pytest.mark.floats  # every test here compares logits computed two ways
+
 
 def test_dense_flips_equal_each_pair_flipped():
     """Flipping the padded tile flips both cubes of every pair in it: the dense path equals the pair path."""

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
 LAYOUTS = ("channels", "concat")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: Nesterov momentum 0.99, nnU-Net's (trainer/fit.py, make_optimizer)
 SCHEDULES = ("constant", "cosine")
 
 # A recipe is the defaults of the optimisation settings; an option given on the
