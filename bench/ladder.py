@@ -40,9 +40,13 @@ import time
 from pathlib import Path
 
 from shards.tables import read_rows
+from trainer.registry import ENTRIES, model_entry
 
 BIN = Path(sys.executable).parent
-PAPER_ORDER = ("rf", "resnet2d", "cnn3d", "cnn3d-sym")
+PAPER_ORDER = tuple(e.name for e in ENTRIES if e.paper_dice is not None)  # the registry's order: the paper's
+# What this ladder adds to a model's training command: no ImageNet weights offline, so ResNet-18 trains every layer
+# from scratch.
+OFFLINE_OPTIONS = {"resnet2d": ["--finetune", "all"]}
 
 
 def sh(*cmd, log: Path) -> None:
@@ -60,18 +64,8 @@ def sh(*cmd, log: Path) -> None:
 def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
     release, store, shards = out / "release", out / "store.zarr", out / "shards"
     if not (store / "zarr.json").exists() or not (store / "ingest-report.csv").exists():
-        sh(
-            BIN / "atlas-shards",
-            "synth",
-            release,
-            "--subjects",
-            args.subjects,
-            "--seed",
-            args.seed,
-            "--workers",
-            2,
-            log=log,
-        )
+        seeded = ["--subjects", args.subjects, "--seed", args.seed, "--workers", 2]
+        sh(BIN / "atlas-shards", "synth", release, *seeded, log=log)
         sh(BIN / "atlas-shards", "ingest", release, store, "--split", args.split, "--workers", 2, log=log)
     cap, per = args.max_lesion_samples, args.component_samples
     train = shards / (f"train-comp{per}" if per else f"train-cap{cap}" if cap else "train")
@@ -79,19 +73,8 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
         more = ["--component-samples", per] if per else ["--max-lesion-samples", cap] if cap else []
         sh(BIN / "atlas-shards", "build", store, train, "--split", "train", "--workers", 2, *more, log=log)
     if not (shards / "val" / "manifest.json").exists():
-        sh(
-            BIN / "atlas-shards",
-            "build",
-            store,
-            shards / "val",
-            "--split",
-            "val",
-            "--natural",
-            0.002,
-            "--workers",
-            2,
-            log=log,
-        )
+        natural = ["--split", "val", "--natural", 0.002, "--workers", 2]
+        sh(BIN / "atlas-shards", "build", store, shards / "val", *natural, log=log)
     return store, train, shards / "val"
 
 
@@ -100,26 +83,15 @@ def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, lo
     name, _, recipe = entry.partition("@")
     run = runs / (entry.replace("@", "-") + (f"-seed{args.train_seed}" if args.train_seed else ""))
     t0 = time.perf_counter()
-    if name == "rf":
-        if not (run / "forest.npz").exists():
-            sh(
-                BIN / "atlas-train",
-                "rf",
-                "--shards",
-                train_shards,
-                "--out",
-                run,
-                "--max-samples",
-                args.rf_samples,
-                log=log,
-            )
+    if model_entry(name).command == "rf":
+        if not (run / "config.json").exists():
+            samples = ["--max-samples", args.rf_samples]
+            sh(BIN / "atlas-train", "rf", "--shards", train_shards, "--out", run, *samples, log=log)
         return run, time.perf_counter() - t0
     cmd = [BIN / "atlas-train", "fit", "--shards", train_shards, "--val-shards", val_shards, "--out", run]
     cmd += ["--model", name, "--time-budget", args.budget, "--budget-clock", "cpu", "--workers", 0]
     cmd += ["--batch-size", args.batch_size, "--val-batches", 20, "--seed", args.train_seed, "--resume"]
-    cmd += ["--recipe", recipe] if recipe else []
-    if name == "resnet2d":
-        cmd += ["--finetune", "all"]  # no ImageNet weights offline: trained from scratch, every layer
+    cmd += (["--recipe", recipe] if recipe else []) + OFFLINE_OPTIONS.get(name, [])
     sh(*cmd, log=log)
     return run, time.perf_counter() - t0
 
@@ -162,7 +134,7 @@ def main() -> None:
     for entry in args.models.split(","):
         run, seconds = train(entry, train_shards, val_shards, out / "runs", args, log)
         name = entry.partition("@")[0]
-        stride = args.stride if name in ("rf", "resnet2d") else 1
+        stride = 1 if model_entry(name).dense else args.stride  # the patch-by-patch models
         metrics = evaluate(run, store, "val", out / "reports" / f"{run.name}-val", "0.5", stride, log)
         config = json.loads((run / "config.json").read_text())
         rows = read_rows(run / "metrics.csv")
@@ -180,7 +152,9 @@ def main() -> None:
             }
         )
     best = max(
-        (r for r in results if r["entry"].startswith("cnn3d")), key=lambda r: r["val"]["mean_dice"], default=None
+        (r for r in results if model_entry(r["entry"].partition("@")[0]).dense),
+        key=lambda r: r["val"]["mean_dice"],
+        default=None,
     )
     if best is not None:
         name = Path(best["run"]).name

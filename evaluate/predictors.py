@@ -10,6 +10,7 @@ classifier's output for the patch centred there (Giusti et al. 2013).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.forest import FOREST, ForestModel
 from trainer.devices import resolve_device
 from trainer.models import ModelConfig, PatchCNN, build_model
+from trainer.registry import ModelError, model_entry
 
 
 class EvaluateError(Exception):
@@ -187,19 +189,35 @@ class ForestPredictor(_Run):
         raise EvaluateError("the random forest has no dense path; it is evaluated patch by patch")
 
 
+def run_model_name(run_dir: Path) -> str | None:
+    """The registered model a run directory holds, as its ``config.json`` names it (``fit`` and ``rf`` write one);
+    None without one, or for a checkpoint file (a snapshot): the checkpoint then says."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:
+        raise EvaluateError(f"{run_dir / 'config.json'}: unreadable ({exc})") from None
+    name = config.get("model", {}).get("name") if isinstance(config, dict) else None
+    if not isinstance(name, str):
+        raise EvaluateError(f"{run_dir / 'config.json'}: no model name (model.name)")
+    return name
+
+
 def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> TorchPredictor | ForestPredictor:
-    """Load a training run directory (``last.pt``, or ``forest.npz`` for the forest)."""
+    """Load a training run directory: its model's entry in ``trainer/registry.py`` says which trainer wrote it."""
     run_dir = Path(run_dir)
     try:
         device = resolve_device(device)
-    except ValueError as exc:
-        raise EvaluateError(str(exc)) from None
-    if (run_dir / FOREST).is_file():
-        forest = ForestModel.load(run_dir)
-        pre = forest.config.get("preprocessing")
-        if pre is None:
-            raise EvaluateError(f"{run_dir}: forest trained without a shard manifest: its preprocessing is unknown")
-        return ForestPredictor("rf", run_dir, forest.config["model"], pre, forest=forest)
+        name = run_model_name(run_dir)
+        command = "fit" if name is None else model_entry(name).command
+    except ValueError as exc:  # ModelError is one
+        raise EvaluateError(f"{run_dir}: {exc}" if isinstance(exc, ModelError) else str(exc)) from None
+    return LOADERS[command](run_dir, device, dense)
+
+
+def _load_network(run_dir: Path, device: torch.device, dense: bool) -> TorchPredictor:
+    """A run of ``atlas-train fit`` (``last.pt``), with its dense twin when the model has one."""
     try:
         ckpt = ckpt_io.load(run_dir)
     except ckpt_io.CheckpointError as exc:
@@ -210,6 +228,20 @@ def load_run(run_dir: str | Path, device: str = "cpu", dense: bool = True) -> To
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
     pred = TorchPredictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=device)
-    if dense and isinstance(model, PatchCNN) and cfg.layout == "channels":
+    if dense and model_entry(cfg.name).dense and cfg.layout == "channels":
         pred.dense = DenseCNN(model).eval().to(device)
     return pred
+
+
+def _load_forest(run_dir: Path, device: torch.device, dense: bool) -> ForestPredictor:
+    """A run of ``atlas-train rf`` (``forest.npz``): patch by patch, on the CPU."""
+    if not (run_dir / FOREST).is_file():
+        raise EvaluateError(f"{run_dir}: its config.json names a forest, but there is no {FOREST}")
+    forest = ForestModel.load(run_dir)
+    pre = forest.config.get("preprocessing")
+    if pre is None:
+        raise EvaluateError(f"{run_dir}: forest trained without a shard manifest: its preprocessing is unknown")
+    return ForestPredictor(forest.config["model"]["name"], run_dir, forest.config["model"], pre, forest=forest)
+
+
+LOADERS = {"fit": _load_network, "rf": _load_forest}  # by the trainer command of the run's registry entry

@@ -118,7 +118,7 @@ def test_a_non_finite_loss_stops_training_with_the_last_finite_weights(tiny_stor
         checkpoint_every=1,
     )
     with pytest.raises(TrainError, match=r"step \d+: the loss is not finite") as info:
-        fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
+        fit(cfg, ModelConfig(batch_norm=False), progress=False, log=lambda m: None)  # batch norm would tame lr 1e12
     ckpt = ckpt_io.load(tmp_path / "run")
     assert f"(step {ckpt['step']})" in str(info.value)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -117,6 +117,7 @@ def test_short_run_lowers_the_loss_and_writes_the_run(shards, tmp_path):
     assert all(r["val_dice"] != "" for r in rows if int(r["step"]) % 10 == 0)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model"]["name"] == "cnn3d-sym" and config["preprocessing"]["norm"]["method"] == "histeq"
+    assert config["model"]["batch_norm"] is False  # the paper recipe's, applied by fit() as by the CLI
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     ckpt = ckpt_io.load(tmp_path / "run")
     assert ckpt["step"] == 80 and ckpt["model_config"]["norm"] == config["preprocessing"]["norm"]
@@ -245,6 +246,7 @@ def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch
     monkeypatch.setattr(fit_mod, "_log_row", real)
     resumed = fit(cfg, ModelConfig(), resume=True, progress=False, log=lambda m: None)
     assert resumed["steps"] == straight["steps"] == 24
+    assert ckpt_io.load(tmp_path / "a")["model_config"]["batch_norm"] is True  # the modern recipe's, from fit()
     a, b = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # same data order, same RNG: the same weights
     steps = [int(r["step"]) for r in read_rows(tmp_path / "b" / "metrics.csv")]

@@ -20,7 +20,6 @@ from trainer.config import (
     ModelConfig,
     ModelError,
     TrainConfig,
-    recipe_batch_norm,
 )
 
 
@@ -149,8 +148,6 @@ def fit(resume: bool, **options) -> None:
     from trainer.fit import TrainError, fit as run_fit
 
     cfg = from_options(TrainConfig, options, class_weights=_pair(options["class_weights"]))
-    if options["batch_norm"] is None:
-        options["batch_norm"] = recipe_batch_norm(options["recipe"], options["name"])
     model_cfg = from_options(ModelConfig, options, widths=_ints(options["widths"]))
     run_dir = cfg.out
     try:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-MODELS = ("cnn3d", "cnn3d-sym", "resnet2d")
+from trainer.registry import FIT_MODELS, ModelError, model_entry
+
+MODELS = FIT_MODELS  # what atlas-train fit trains (trainer/registry.py)
 LAYOUTS = ("channels", "concat")
 OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: Nesterov momentum 0.99, nnU-Net's (trainer/fit.py, make_optimizer)
 SCHEDULES = ("constant", "cosine")
@@ -27,21 +29,16 @@ RECIPES = {
 }  # fmt: skip
 
 # What a recipe decides about the model: batch norm in the 3D CNNs. ``modern`` has it (measured over 3 seeds in
-# BENCHMARKS.md, "Batch norm"); ``paper`` does not. ``ModelConfig``'s own default stays off, so a checkpoint
-# from before the option keeps its meaning; ``atlas-train fit`` asks ``recipe_batch_norm`` when no
-# --batch-norm/--no-batch-norm is given.
+# BENCHMARKS.md, "Batch norm"); ``paper`` does not. ``fit`` applies it where ``ModelConfig.batch_norm`` is None
+# (``ModelConfig.for_recipe``), as ``TrainConfig.resolved`` applies the recipe's other settings.
 RECIPE_BATCH_NORM = {"paper": False, "modern": True}
 
 
 def recipe_batch_norm(recipe: str, model: str) -> bool:
-    """Whether ``recipe`` puts batch norm into ``model`` (never into ``resnet2d``: ResNet-18 has its own)."""
+    """Whether ``recipe`` puts batch norm into ``model`` (only into models that take it: not ResNet-18)."""
     if recipe not in RECIPE_BATCH_NORM:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPE_BATCH_NORM)}")
-    return RECIPE_BATCH_NORM[recipe] and model != "resnet2d"
-
-
-class ModelError(ValueError):
-    """A model cannot be built as asked (bad config, weights not available)."""
+    return RECIPE_BATCH_NORM[recipe] and model_entry(model).batch_norm
 
 
 @dataclass
@@ -90,11 +87,13 @@ class TrainConfig:
 class ModelConfig:
     """Model hyper-parameters plus the preprocessing they were trained with.
 
-    ``widths`` are the 5 convolutions' output channels, ``kernels`` their
-    (cubic) kernel sizes; convolutions are valid (unpadded), max-pooling 2x2x2
-    after the first two; ``batch_norm`` puts a BatchNorm3d between each
-    convolution and its ReLU. With P=25 and the default kernels the feature map
-    ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
+    ``name`` is a model of ``trainer/registry.py``. ``widths`` are the 5
+    convolutions' output channels, ``kernels`` their (cubic) kernel sizes;
+    convolutions are valid (unpadded), max-pooling 2x2x2 after the first two;
+    ``batch_norm`` puts a BatchNorm3d between each convolution and its ReLU
+    (None: the recipe's, resolved by ``for_recipe`` when ``fit`` starts; a
+    model built without a recipe has none). With P=25 and the default kernels
+    the feature map ends at 1x1x1: 25 -4-> 22 -pool-> 11 -4-> 8 -pool-> 4 -2-> 3 -2-> 2 -2-> 1.
     """
 
     name: str = "cnn3d-sym"
@@ -103,28 +102,38 @@ class ModelConfig:
     widths: tuple[int, ...] = (16, 32, 32, 64, 64)
     kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
     hidden: int = 128
-    batch_norm: bool = False  # cnn3d: BatchNorm3d after each convolution (folded into it for dense prediction)
+    batch_norm: bool | None = None  # BatchNorm3d after each convolution (folded into it for dense prediction)
     pretrained: str = "none"
     finetune: str = "last"
     norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})
 
     def check(self) -> None:
-        if self.name not in MODELS:
-            raise ModelError(f"unknown model {self.name!r}; choose from {', '.join(MODELS)}")
+        entry = model_entry(self.name)
+        if entry.command != "fit":
+            raise ModelError(f"{self.name} is trained with atlas-train {entry.command}; fit trains {', '.join(MODELS)}")
         if self.layout not in LAYOUTS:
             raise ModelError(f"unknown layout {self.layout!r}; choose from {', '.join(LAYOUTS)}")
-        if self.layout == "concat" and self.name != "cnn3d-sym":
-            raise ModelError("the concat layout is for cnn3d-sym only")
+        if self.layout not in entry.layouts:
+            takes = ", ".join(e for e in MODELS if self.layout in model_entry(e).layouts)
+            raise ModelError(f"the {self.layout} layout is for {takes} only")
         if len(self.widths) != 5 or len(self.kernels) != 5:
             raise ModelError("cnn3d needs exactly 5 widths and 5 kernel sizes")
         if self.finetune not in ("last", "all"):
             raise ModelError("--finetune is 'last' or 'all'")
-        if self.batch_norm and self.name == "resnet2d":
-            raise ModelError("--batch-norm is for the 3D CNNs (ResNet-18 has its own batch norm)")
+        if self.batch_norm and not entry.batch_norm:
+            takes = ", ".join(e for e in MODELS if model_entry(e).batch_norm)
+            raise ModelError(f"--batch-norm is for the 3D CNNs ({takes}); {self.name} takes none")
+
+    def for_recipe(self, recipe: str) -> ModelConfig:
+        """This config with batch norm as ``recipe`` decides, where it was not given."""
+        if self.batch_norm is not None:
+            return self
+        return replace(self, batch_norm=recipe_batch_norm(recipe, self.name))
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
         data = dict(data)
+        data.setdefault("batch_norm", False)  # a checkpoint from before the option: trained without
         for key in ("widths", "kernels"):
             if key in data:
                 data[key] = tuple(data[key])

@@ -46,6 +46,7 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     try:
         chosen = resolve_device(cfg.device)  # before any work: a GPU that is not there is a one-line error
         cfg = cfg.resolved()  # the recipe's settings, where none was given
+        model_cfg = model_cfg.for_recipe(cfg.recipe)  # and its batch norm
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     _check_recipe(cfg)

@@ -16,6 +16,7 @@ from torch import nn
 
 from shards.views import axial_slice, concat_pair, dequantise, single_cube
 from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError
+from trainer.registry import model_entry
 
 __all__ = ["LAYOUTS", "MODELS", "ModelConfig", "ModelError", "build_model", "memory_format"]
 
@@ -35,7 +36,8 @@ class PatchCNN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        in_ch = 2 if (cfg.name == "cnn3d-sym" and cfg.layout == "channels") else 1
+        self.view = model_entry(cfg.name).view  # "cube" (cube A) or "pair" (both cubes)
+        in_ch = 2 if (self.view == "pair" and cfg.layout == "channels") else 1
         layers: list[nn.Module] = []
         for i, (width, k) in enumerate(zip(cfg.widths, cfg.kernels)):
             layers.append(nn.Conv3d(in_ch, width, k))
@@ -60,7 +62,7 @@ class PatchCNN(nn.Module):
 
     def input_shape(self) -> tuple[int, ...]:
         p = self.cfg.patch
-        if self.cfg.name == "cnn3d":
+        if self.view == "cube":
             return (1, p, p, p)
         return (2, p, p, p) if self.cfg.layout == "channels" else (1, 2 * p, p, p)
 
@@ -70,12 +72,12 @@ class PatchCNN(nn.Module):
         ``cnn3d`` the cube around the voxel only, ``cnn3d-sym`` both cubes;
         for patches (training, patch by patch) and padded tiles (dense) alike.
         """
-        return single_cube(x) if self.cfg.name == "cnn3d" else x
+        return single_cube(x) if self.view == "cube" else x
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 2, P, P, P) uint8`` -> this model's float input."""
         x = self.channels(dequantise(x, self.cfg.norm))
-        return x if self.cfg.name == "cnn3d" or self.cfg.layout == "channels" else concat_pair(x)
+        return x if self.view == "cube" or self.cfg.layout == "channels" else concat_pair(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x).flatten(1)
@@ -140,8 +142,9 @@ def memory_format(model: nn.Module, channels_last: bool) -> torch.memory_format:
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    """The network ``cfg`` names, by its registry entry's builder (``PatchCNN`` or ``SliceResNet`` here)."""
     cfg.check()
-    return SliceResNet(cfg) if cfg.name == "resnet2d" else PatchCNN(cfg)
+    return model_entry(cfg.name).build(cfg)
 
 
 def probabilities(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
