@@ -118,9 +118,6 @@ def eda(store, out_dir) -> None:
     click.echo(f"  {out_dir}/eda.json")
 
 
-B = BuildConfig  # every default below is the dataclass's own
-
-
 def _count(flag: str, metavar: str, default: int | None, help: str):
     """A positive count option (no default: off)."""
     return click.option(
@@ -132,24 +129,29 @@ def _count(flag: str, metavar: str, default: int | None, help: str):
 @click.argument("store", type=click.Path())
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--split", type=click.Choice(SPLITS), required=True)
-@click.option("--patch", type=int, default=B.patch, show_default=True, help="Cube edge in voxels (odd).")
+@click.option("--patch", type=int, default=BuildConfig.patch, show_default=True, help="Cube edge in voxels (odd).")
 @click.option(
     "--format",
     type=click.Choice(FORMATS),
-    default=B.format,
+    default=BuildConfig.format,
     show_default=True,
     help="blocks: one record a block of the grid with its samples (~20x fewer bytes); "
     "pairs: records of ready-cut pairs. The same samples either way.",
 )
-@click.option("--block", type=click.IntRange(min=1), default=B.block, show_default=True, help="Block edge (voxels).")
+@click.option(
+    "--block", type=click.IntRange(min=1), default=BuildConfig.block, show_default=True, help="Block edge (voxels)."
+)
 @click.option(
     "--target-lesion-fraction",
     type=FiniteFloat(0, 1, min_open=True, max_open=True),
     default=None,
-    help=f"Lesion share of the samples; the background rate is derived from it.  [default: {B.target_lesion_fraction}]",
+    help="Lesion share of the samples; the background rate is derived from it.  "
+    f"[default: {BuildConfig.target_lesion_fraction}]",
 )
 @click.option("--background-rate", type=RATE, default=None, help="Explicit background sampling rate (paper: 0.01).")
-@click.option("--lesion-rate", type=RATE, default=B.lesion_rate, show_default=True, help="Share of lesion voxels.")
+@click.option(
+    "--lesion-rate", type=RATE, default=BuildConfig.lesion_rate, show_default=True, help="Share of lesion voxels."
+)
 @_count(
     "--max-lesion-samples",
     "N",
@@ -168,7 +170,7 @@ def _count(flag: str, metavar: str, default: int | None, help: str):
 @_count(
     "--max-repeat",
     "R",
-    B.max_repeat,
+    BuildConfig.max_repeat,
     "With --component-samples: a component smaller than K gives at most R draws of each voxel "
     "(a few-voxel speck of a tracing is not repeated K times).",
 )
@@ -191,16 +193,18 @@ def _count(flag: str, metavar: str, default: int | None, help: str):
 @click.option(
     "--hard-share",
     type=RATE,
-    default=B.hard_share,
+    default=BuildConfig.hard_share,
     show_default=True,
     help="Share of the background draws that follows the maps (the rest stays uniform).",
 )
-@click.option("--norm", type=click.Choice(METHODS), default=B.norm, show_default=True)
-@click.option("--samples-per-record", type=click.IntRange(min=1), default=B.samples_per_record, show_default=True)
-@click.option("--shard-size-mb", type=POSITIVE, default=B.shard_size_mb, show_default=True)
+@click.option("--norm", type=click.Choice(METHODS), default=BuildConfig.norm, show_default=True)
+@click.option(
+    "--samples-per-record", type=click.IntRange(min=1), default=BuildConfig.samples_per_record, show_default=True
+)
+@click.option("--shard-size-mb", type=POSITIVE, default=BuildConfig.shard_size_mb, show_default=True)
 @click.option("--num-shards", type=click.IntRange(min=1), default=None, help="Exact count (overrides --shard-size-mb).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--seed", type=SEED, default=B.seed, show_default=True)
+@click.option("--seed", type=SEED, default=BuildConfig.seed, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
 def build(store, out_dir, workers, dry_run, **options) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
@@ -217,7 +221,7 @@ def build(store, out_dir, workers, dry_run, **options) -> None:
     elif background is not None:
         options.update(target_lesion_fraction=None)
     else:
-        options.update(target_lesion_fraction=fraction or B.target_lesion_fraction)
+        options.update(target_lesion_fraction=fraction or BuildConfig.target_lesion_fraction)
     config = from_options(BuildConfig, options)
     with expected(BuildError, ManifestError):
         result = run_build(store, out_dir, config, workers=workers, dry_run=dry_run, log=click.echo)

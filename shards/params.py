@@ -46,7 +46,17 @@ class Location(click.ParamType):
 LOCATION = Location()
 
 
-def from_options(cls, options: dict, **given):
-    """A settings dataclass from command-line options of the same names (``given`` wins)."""
+def from_options(cls, options: dict, *, others: tuple = (), **given):
+    """A settings dataclass from command-line options of the same names (``given`` wins).
+
+    Every option must land in a setting: a field of ``cls`` or of ``others``
+    (the command's other settings classes, built from the same options). One
+    that matches none would be dropped silently, so it is refused by name.
+    """
     names = {f.name for f in fields(cls)}
+    stray = sorted(set(options) - names.union(*({f.name for f in fields(o)} for o in others)))
+    if stray:
+        raise TypeError(
+            f"option(s) {', '.join(stray)} match no field of {', '.join(c.__name__ for c in (cls, *others))}"
+        )
     return cls(**{k: v for k, v in options.items() if k in names and k not in given}, **given)

@@ -152,3 +152,39 @@ def test_build_and_inspect_errors(tiny_store, tmp_path, args, message):
     assert r.exit_code != 0 and message in r.output, r.output
     assert len([line for line in r.output.splitlines() if line.startswith("Error:")]) == 1
     assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+
+
+def test_every_option_of_every_command_lands_in_a_setting():
+    """A command that passes its options on (``**options``): each one is a field of the settings it builds
+    (``from_options``, which refuses any other, naming it) or a parameter of the function it calls, or one the
+    command takes by name. Commands without ``**options`` take every option by name (click fails otherwise)."""
+    import inspect
+    from dataclasses import fields
+
+    from atlas_shards.plan import BuildConfig
+    from atlas_shards.synth import synthesize_release
+    from evaluate.cli import main as evaluate_main
+    from evaluate.run import evaluate_split
+    from evaluate.single import predict_file
+    from shards.params import from_options
+    from trainer.cli import main as train_main
+    from trainer.config import ModelConfig, TrainConfig
+
+    settings = {"build": (BuildConfig,), "fit": (TrainConfig, ModelConfig)}
+    functions = {"synth": synthesize_release, "run": evaluate_split, "predict": predict_file}
+    checked = []
+    for group in (main, train_main, evaluate_main):
+        for name, command in group.commands.items():
+            signature = inspect.signature(command.callback).parameters
+            if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values()):
+                continue
+            if name in settings:
+                names = set().union(*({f.name for f in fields(c)} for c in settings[name]))
+            else:
+                names = set(inspect.signature(functions[name]).parameters)
+            for param in command.params:
+                assert param.name in signature or param.name in names, (name, param.name)
+            checked.append(name)
+    assert sorted(checked) == ["build", "fit", "predict", "run", "synth"]
+    with pytest.raises(TypeError, match=r"option\(s\) batchsize match no field of TrainConfig, ModelConfig"):
+        from_options(TrainConfig, {"shards": "s", "out": "o", "batchsize": 8}, others=(ModelConfig,))

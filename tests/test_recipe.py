@@ -9,7 +9,8 @@ import torch
 from conftest import build_quietly
 from shards.patches import extract_pairs
 from trainer import checkpoint as ckpt_io
-from trainer.augment import flip_pairs, jitter, learning_rate, step_generator
+from trainer.augment import flip_pairs, jitter, step_generator
+from trainer.optim import learning_rate
 from trainer.config import RECIPES, TrainConfig, recipe_batch_norm
 from trainer.curves import read_rows
 from trainer.fit import TrainError, fit

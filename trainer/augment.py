@@ -1,4 +1,4 @@
-"""On-the-fly augmentation and the learning-rate schedule of the ``modern`` recipe.
+"""On-the-fly augmentation of the ``modern`` recipe (its learning-rate schedule: ``trainer/optim.py``).
 
 Augmentations keep the pair's meaning. Cube B is stored flipped left-right
 so that it is aligned with cube A (``shards.patches``): flipping both cubes
@@ -11,8 +11,6 @@ run augments exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -40,19 +38,3 @@ def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     scale = 1 + CONTRAST * (2 * torch.rand(shape, generator=gen) - 1)
     shift = BRIGHTNESS * (2 * torch.rand(shape, generator=gen) - 1)
     return x * scale.to(x.device, x.dtype) + shift.to(x.device, x.dtype)
-
-
-def learning_rate(peak: float, schedule: str, warmup: float, progress: float) -> float:
-    """The learning rate at ``progress`` (0 at the start, 1 at the end of the run).
-
-    ``constant``: ``peak`` throughout. ``cosine``: linear warm-up from
-    ``peak / 100`` to ``peak`` over the first ``warmup`` of the run, then
-    cosine decay to ``peak / 100``.
-    """
-    if schedule == "constant":
-        return peak
-    floor, progress = peak / 100, min(max(progress, 0.0), 1.0)
-    if progress < warmup:
-        return floor + (peak - floor) * progress / warmup
-    rest = (progress - warmup) / max(1 - warmup, 1e-12)
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * rest))

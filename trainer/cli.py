@@ -11,16 +11,7 @@ import click
 
 from shards.cli_errors import OneLineErrors, expected, one_line
 from shards.params import POSITIVE, SEED, FiniteFloat, from_options
-from trainer.config import (
-    LAYOUTS,
-    MODELS,
-    OPTIMIZERS,
-    RECIPES,
-    SCHEDULES,
-    ModelConfig,
-    ModelError,
-    TrainConfig,
-)
+from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -47,28 +38,25 @@ def main() -> None:
     """Train the paper's models on streamed patch-pair shards."""
 
 
-T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
-
-
 @main.command()
 @click.option("--shards", required=True, help="Training shards: directory, manifest, URL or brace pattern.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--model", "name", type=click.Choice(MODELS), default=M.name, show_default=True)
+@click.option("--model", "name", type=click.Choice(MODELS), default=ModelConfig.name, show_default=True)
 @click.option(
     "--layout",
     type=click.Choice(LAYOUTS),
-    default=M.layout,
+    default=ModelConfig.layout,
     show_default=True,
     help="cnn3d-sym input: 2 channels (dense-convertible) or the paper's 50x25x25 stack.",
 )
 @click.option("--val-shards", default=None, help="An un-upsampled stream (build --natural) for the curves.")
-@click.option("--epochs", type=click.IntRange(min=1), default=T.epochs, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=T.batch_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
 @click.option(
     "--recipe",
     type=click.Choice(list(RECIPES)),
-    default=T.recipe,
+    default=TrainConfig.recipe,
     show_default=True,
     help="Defaults of the six options below. paper: Adam, lr 1e-5, constant, no augmentation; "
     "modern: AdamW (weight decay 1e-4), lr 1e-3, 5% warm-up then cosine, flips and intensity jitter; "
@@ -90,19 +78,19 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option(
     "--budget-clock",
     type=click.Choice(["wall", "cpu"]),
-    default=T.budget_clock,
+    default=TrainConfig.budget_clock,
     show_default=True,
     help="What --time-budget counts: elapsed time, or this process's CPU time (all threads; with --workers 0, "
     "the data loading too): CPU-minutes that other work on the machine does not eat into.",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=T.workers, show_default=True, help="Per rank.")
-@click.option("--seed", type=SEED, default=T.seed, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=TrainConfig.workers, show_default=True, help="Per rank.")
+@click.option("--seed", type=SEED, default=TrainConfig.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt at its step.")
-@click.option("--device", default=T.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--amp", is_flag=True, help="bf16 autocast of the forward pass (a GPU, or a CPU with bf16 instructions).")
 @click.option(
     "--channels-last/--no-channels-last",
-    default=T.channels_last,
+    default=TrainConfig.channels_last,
     show_default=True,
     help="3D CNNs: channels-last memory layout (the same model; more steps a CPU-second, see BENCHMARKS.md).",
 )
@@ -120,26 +108,36 @@ T, M = TrainConfig, ModelConfig  # every default below is the dataclasses' own
 @click.option("--class-weights", default=None, metavar="W0,W1", help="Cross-entropy class weights.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
-@click.option("--log-every", type=click.IntRange(min=1), default=T.log_every, show_default=True)
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=T.checkpoint_every, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=TrainConfig.log_every, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=TrainConfig.checkpoint_every, show_default=True)
 @click.option(
     "--snapshot-every",
     type=click.IntRange(min=1),
     default=None,
     help="Also keep OUT/snapshots/step-N.pt every N steps (atlas-evaluate curve scores them on whole volumes).",
 )
-@click.option("--widths", default=",".join(map(str, M.widths)), show_default=True, help="cnn3d: the 5 convolutions.")
-@click.option("--hidden", type=click.IntRange(min=1), default=M.hidden, show_default=True, help="cnn3d: fc1 width.")
+@click.option(
+    "--widths", default=",".join(map(str, ModelConfig.widths)), show_default=True, help="cnn3d: the 5 convolutions."
+)
+@click.option(
+    "--hidden", type=click.IntRange(min=1), default=ModelConfig.hidden, show_default=True, help="cnn3d: fc1 width."
+)
 @click.option(
     "--batch-norm/--no-batch-norm",
     default=None,
     help="cnn3d: BatchNorm3d after each convolution (folded into it for whole-volume prediction) "
     "[the recipe's: modern on, paper off].",
 )
-@click.option("--pretrained", default=M.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH.")
-@click.option("--finetune", type=click.Choice(["last", "all"]), default=M.finetune, show_default=True)
-@click.option("--timeout", type=FiniteFloat(min=0.1), default=T.timeout, show_default=True, help="Seconds a try.")
-@click.option("--retries", type=click.IntRange(min=1), default=T.retries, show_default=True, help="Tries a shard.")
+@click.option(
+    "--pretrained", default=ModelConfig.pretrained, show_default=True, help="resnet2d: imagenet, none or a PATH."
+)
+@click.option("--finetune", type=click.Choice(["last", "all"]), default=ModelConfig.finetune, show_default=True)
+@click.option(
+    "--timeout", type=FiniteFloat(min=0.1), default=TrainConfig.timeout, show_default=True, help="Seconds a try."
+)
+@click.option(
+    "--retries", type=click.IntRange(min=1), default=TrainConfig.retries, show_default=True, help="Tries a shard."
+)
 def fit(resume: bool, **options) -> None:
     """Train a model on streamed shards (one process, or DDP under torchrun)."""
     from shards.manifest import ManifestError
@@ -147,8 +145,8 @@ def fit(resume: bool, **options) -> None:
     from trainer.checkpoint import CheckpointError
     from trainer.fit import TrainError, fit as run_fit
 
-    cfg = from_options(TrainConfig, options, class_weights=_pair(options["class_weights"]))
-    model_cfg = from_options(ModelConfig, options, widths=_ints(options["widths"]))
+    cfg = from_options(TrainConfig, options, others=(ModelConfig,), class_weights=_pair(options["class_weights"]))
+    model_cfg = from_options(ModelConfig, options, others=(TrainConfig,), widths=_ints(options["widths"]))
     run_dir = cfg.out
     try:
         summary = run_fit(cfg, model_cfg, resume=resume, log=click.echo)

@@ -13,7 +13,7 @@ from trainer.registry import FIT_MODELS, ModelError, model_entry
 
 MODELS = FIT_MODELS  # what atlas-train fit trains (trainer/registry.py)
 LAYOUTS = ("channels", "concat")
-OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: Nesterov momentum 0.99, nnU-Net's (trainer/fit.py, make_optimizer)
+OPTIMIZERS = ("adam", "adamw", "sgd")  # sgd: Nesterov momentum 0.99, nnU-Net's (trainer/optim.py)
 SCHEDULES = ("constant", "cosine")
 
 # A recipe is the defaults of the optimisation settings; an option given on the

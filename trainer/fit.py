@@ -1,17 +1,19 @@
 """``atlas-train fit``: the training loop, one process or DDP under torchrun.
 
-Read it top to bottom: set up (DDP if torchrun started us), open the shard
-streams, build or resume the model, then the loop: step, log, validate,
-checkpoint. Rank 0 logs and checkpoints; every rank runs the same number of
-steps because ``ShardStream`` gives each the same number of batches.
+Read it top to bottom: ``fit`` sets up (DDP if torchrun started us), and
+``_train`` is the run in a few lines: open the shard streams
+(``_open_streams``), build or resume the model (``_start``), the loop
+(``_loop``: a step, ``_step``; then log, validate, checkpoint,
+``_after_step``), save. ``Run`` holds what a run fixes at its start, ``State``
+what changes from step to step. Rank 0 logs and checkpoints; every rank runs
+the same number of steps because ``ShardStream`` gives each the same number of
+batches.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -32,9 +34,12 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.curves import plot, read_rows, write_rows
 from trainer.devices import resolve_device
-from trainer.augment import flip_pairs, jitter, learning_rate, step_generator
+from trainer.augment import flip_pairs, jitter, step_generator
+from trainer.clock import Clock
 from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
+from trainer.distributed import Ranks, finite_everywhere, setup_distributed
 from trainer.models import build_model, memory_format
+from trainer.optim import learning_rate, make_optimizer
 
 
 class TrainError(Exception):
@@ -77,94 +82,6 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise TrainError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
 
 
-def make_optimizer(name: str, params: list, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adam``, ``adamw``, or ``sgd``: SGD with Nesterov momentum 0.99, as nnU-Net trains. SGD's step is
-    proportional to the gradient, where Adam's is about ``lr`` whatever the gradient's size."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process among the others: its rank, the world size, its device."""
-
-    rank: int
-    world: int
-    device: torch.device
-    ddp: bool
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(chosen: torch.device) -> Ranks:
-    """DDP when torchrun started us (``RANK``, ``WORLD_SIZE`` > 1): the process group, a device per local rank."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Ranks(0, 1, chosen, ddp=False)
-    cuda = chosen.type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return Ranks(dist.get_rank(), dist.get_world_size(), device, ddp=True)
-
-
-class Clock:
-    """Training time against ``--time-budget`` (minutes), across resumes; validation paused out.
-
-    ``wall``: elapsed time. ``cpu``: this process's CPU time over all its
-    threads (``--workers 0`` puts the data loading in it too): a budget that
-    other work on the machine does not eat into, for comparing models.
-
-    With a budget the schedule's progress is the larger of the step share and
-    the time share, so a run cut by its budget still ends its schedule. Every
-    rank must stop at the same step (DDP): under torchrun the ranks agree on
-    the largest clock (all-reduce max).
-    """
-
-    def __init__(self, budget_minutes: float | None, device: torch.device, kind: str = "wall"):
-        self.budget = None if budget_minutes is None else 60 * budget_minutes
-        self.device = device
-        self.read = time.process_time if kind == "cpu" else time.perf_counter  # cpu: this process, all threads
-        self.before = 0.0  # seconds trained before a resume
-        self.restart()
-        self.now = 0.0  # the shared clock at the last tick
-
-    def seconds(self) -> float:
-        return self.before + self.read() - self.start - self.paused_for
-
-    def restart(self) -> None:
-        self.start, self.paused_for = self.read(), 0.0
-
-    def tick(self) -> None:
-        """Read the clock, once a step (all ranks: the largest)."""
-        if self.budget is None:
-            return
-        mine = torch.tensor([self.seconds()], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
-        self.now = float(mine.item())
-
-    def spent(self) -> bool:
-        return self.budget is not None and self.now >= self.budget
-
-    def progress(self, step: int, total_steps: int) -> float:
-        share = step / max(total_steps, 1)
-        return share if self.budget is None else max(share, self.now / self.budget)
-
-    @contextlib.contextmanager
-    def paused(self):
-        t0 = self.read()
-        try:
-            yield
-        finally:
-            self.paused_for += self.read() - t0
-
-
 @dataclass
 class Window:
     """What this rank adds up between two rows of ``metrics.csv``."""
@@ -174,6 +91,12 @@ class Window:
     wait: float = 0.0  # seconds waiting for data
     skipped: int = 0  # damaged records the reader skipped
     start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, samples: int, waited: float, skipped: int) -> None:
+        self.loss += loss * samples
+        self.samples += samples
+        self.wait += waited
+        self.skipped += skipped
 
 
 def _sigterm_interrupts():
@@ -189,22 +112,51 @@ def _sigterm_interrupts():
 
 
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks, progress: bool, log) -> dict:
-    from tqdm import tqdm
-
-    world, device, master, out = ranks.world, ranks.device, ranks.master, Path(cfg.out)
+    """Set up, resume, loop, save: the run top to bottom."""
+    out = Path(cfg.out)
     ckpt = _resume_point(out, resume, model_cfg.name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    data = _open_streams(cfg, ranks.world)
+    if ckpt is not None:
+        _check_resumable(ckpt, model_cfg, data.manifest, out, cfg.shards)
+    model_cfg = replace(model_cfg, patch=data.patch, norm=data.manifest["norm"])  # the caller's stays
+    run = Run(cfg, model_cfg, ranks, out, data)
+    state = _start(run, ckpt)
+    if ckpt is not None:
+        if state.step >= data.total_steps or state.clock.spent():  # a finished run asked to resume: nothing to do
+            log(f"{out}: already finished ({state.step} of {data.total_steps} steps); nothing to do")
+            return _summary(out, state.step, state.rows, ranks.world, None)
+        log(f"resuming {out} at step {state.step}")
+    if ranks.master:
+        _write_config(run)
+    seen = _loop(run, state, progress, log)
+    _save(run, state)
+    rank_audit = audit.audit(state.raw, seen, ranks.world, out if ranks.master else None)
+    if ranks.master:
+        plot(state.rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
+    return _summary(out, state.step, state.rows, ranks.world, rank_audit)
 
-    # -- data: every rank gets exactly steps_per_epoch full batches per epoch --
-    stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries}
+
+@dataclass
+class Streams:
+    """The shard streams of a run: every rank gets exactly ``steps_per_epoch`` full batches an epoch."""
+
+    train: ShardStream
+    val: ShardStream | None
+    manifest: dict  # the training shards'
+    steps_per_epoch: int
+    total_steps: int
+    eval_every: int
+
+    @property
+    def patch(self) -> int:
+        return int(self.manifest["config"]["patch"])
+
+
+def _open_streams(cfg: TrainConfig, world: int) -> Streams:
+    stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries, "seed": cfg.seed, "batch_size": cfg.batch_size}
     train = ShardStream(  # the source resolved once; its length set below, from the manifest
-        cfg.shards,
-        batch_size=cfg.batch_size,
-        shuffle=cfg.shuffle,
-        seed=cfg.seed,
-        batches_per_epoch=1,
-        device_cut=cfg.cut_on_device,
-        **stream_kw,
+        cfg.shards, shuffle=cfg.shuffle, batches_per_epoch=1, device_cut=cfg.cut_on_device, **stream_kw
     )
     manifest = train.manifest
     if manifest is None or train.total_samples is None:
@@ -215,189 +167,215 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     train.batches_per_epoch = steps_per_epoch
     val = None
     if cfg.val_shards:
-        val = ShardStream(
-            cfg.val_shards,
-            batch_size=cfg.batch_size,
-            shuffle=0,
-            seed=cfg.seed,
-            batches_per_epoch=cfg.val_batches,
-            **stream_kw,
-        )
+        val = ShardStream(cfg.val_shards, shuffle=0, batches_per_epoch=cfg.val_batches, **stream_kw)
         if val.manifest is not None:
-            check_compatible(
-                manifest, f"training shards {cfg.shards}", val.manifest, f"validation shards {cfg.val_shards}"
-            )
-    if ckpt is not None:
-        check_compatible(ckpt["preprocessing"], f"checkpoint {out / ckpt_io.LAST}", manifest, f"shards {cfg.shards}")
-        saved = ModelConfig.from_dict(ckpt["model_config"]).to_dict()
-        asked = {**model_cfg.to_dict(), "patch": saved["patch"], "norm": saved["norm"]}
-        changed = [k for k in saved if saved[k] != asked.get(k)]
-        if changed:
-            raise TrainError(
-                f"{out / ckpt_io.LAST}: trained with "
-                + ", ".join(f"{k} {saved[k]}" for k in changed)
-                + "; this command asks for "
-                + ", ".join(f"{k} {asked.get(k)}" for k in changed)
-            )
+            train_name, val_name = f"training shards {cfg.shards}", f"validation shards {cfg.val_shards}"
+            check_compatible(manifest, train_name, val.manifest, val_name)
     total_steps = cfg.epochs * steps_per_epoch
-    eval_every = cfg.eval_every or max(1, total_steps // 10)
+    return Streams(train, val, manifest, steps_per_epoch, total_steps, cfg.eval_every or max(1, total_steps // 10))
 
-    # -- model, optimiser, resume --
-    model_cfg = replace(model_cfg, patch=manifest["config"]["patch"], norm=manifest["norm"])  # the caller's stays
-    model = build_model(model_cfg).to(device)
-    layout = memory_format(model, cfg.channels_last)
-    model = model.to(memory_format=layout)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(cfg.optimizer, trainable, cfg.lr, cfg.weight_decay)
-    step, rows, clock = 0, [], Clock(cfg.time_budget, device, cfg.budget_clock)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = int(ckpt["step"])
-        clock.before = float(ckpt.get("trained_seconds", 0.0))
-        clock.tick()
-        ckpt_io.set_rng_state(ckpt["rng"])
-        rows = [r for r in read_rows(out / "metrics.csv") if int(r["step"]) <= step]
-        if step >= total_steps or clock.spent():  # a finished run asked to resume (a service re-run): nothing to do
-            log(f"{out}: already finished ({step} of {total_steps} steps); nothing to do")
-            return _summary(out, step, rows, world, None)
-        log(f"resuming {out} at step {step}")
-    raw = model
-    if ranks.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+
+def _check_resumable(ckpt: dict, model_cfg: ModelConfig, manifest: dict, out: Path, shards: str) -> None:
+    """The checkpoint was trained on shards like these, with the model this command asks for."""
+    check_compatible(ckpt["preprocessing"], f"checkpoint {out / ckpt_io.LAST}", manifest, f"shards {shards}")
+    saved = ModelConfig.from_dict(ckpt["model_config"]).to_dict()
+    asked = {**model_cfg.to_dict(), "patch": saved["patch"], "norm": saved["norm"]}
+    changed = [k for k in saved if saved[k] != asked.get(k)]
+    if changed:
+        raise TrainError(
+            f"{out / ckpt_io.LAST}: trained with "
+            + ", ".join(f"{k} {saved[k]}" for k in changed)
+            + "; this command asks for "
+            + ", ".join(f"{k} {asked.get(k)}" for k in changed)
         )
-    if cfg.compile:  # the training forward only; checkpoints and validation use the plain module (raw)
-        model = torch.compile(model)
+
+
+@dataclass
+class Run:
+    """What a run fixes at its start: its settings, this process among the ranks, its directory, its data."""
+
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    ranks: Ranks
+    out: Path
+    data: Streams
+
+    @property
+    def preprocessing(self) -> dict:
+        """What the checkpoint carries to evaluation, so that it cannot drift."""
+        manifest = self.data.manifest
+        build, rates = manifest["config"], sampling_rates(manifest)
+        return {"norm": manifest["norm"], "build": build, "sampling": rates, "shards": self.cfg.shards}
+
+
+@dataclass
+class State:
+    """What changes from step to step: the model (``raw``: the plain module, which checkpoints and validation
+    use; ``model``: what trains, wrapped for DDP and compiled when asked), the optimiser, the step, the rows."""
+
+    raw: torch.nn.Module
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    layout: torch.memory_format
+    clock: Clock
+    weight: torch.Tensor | None
+    step: int = 0
+    rows: list = field(default_factory=list)
+    lr: float = 0.0
+
+
+def _start(run: Run, ckpt: dict | None) -> State:
+    """The model and optimiser, from the checkpoint when resuming."""
+    cfg, device = run.cfg, run.ranks.device
+    raw = build_model(run.model_cfg).to(device)
+    layout = memory_format(raw, cfg.channels_last)
+    raw = raw.to(memory_format=layout)
+    opt = make_optimizer(cfg.optimizer, [p for p in raw.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
     weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
-    preprocessing = {
-        "norm": manifest["norm"],
-        "build": manifest["config"],
-        "sampling": sampling_rates(manifest),
-        "shards": cfg.shards,
+    state = State(raw, raw, opt, layout, Clock(cfg.time_budget, device, cfg.budget_clock), weight)
+    if ckpt is not None:
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        state.step = int(ckpt["step"])
+        state.clock.before = float(ckpt.get("trained_seconds", 0.0))
+        state.clock.tick()
+        ckpt_io.set_rng_state(ckpt["rng"])
+        state.rows = [r for r in read_rows(run.out / "metrics.csv") if int(r["step"]) <= state.step]
+    if run.ranks.ddp:
+        device_ids = [device.index] if device.type == "cuda" else None
+        state.model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
+    if cfg.compile:  # the training forward only; checkpoints and validation use the plain module (raw)
+        state.model = torch.compile(state.model)
+    return state
+
+
+def _write_config(run: Run) -> None:
+    config = {
+        "train": asdict(run.cfg),
+        "model": run.model_cfg.to_dict(),
+        "preprocessing": run.preprocessing,
+        "world_size": run.ranks.world,
+        "steps_per_epoch": run.data.steps_per_epoch,
+        "total_steps": run.data.total_steps,
     }
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            out / "config.json",
-            json.dumps(
-                {
-                    "train": asdict(cfg),
-                    "model": model_cfg.to_dict(),
-                    "preprocessing": preprocessing,
-                    "world_size": world,
-                    "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps,
-                },
-                indent=1,
-                default=list,
-            ),
-        )
+    run.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.out / "config.json", json.dumps(config, indent=1, default=list))
 
-    def save_checkpoint(path: Path = out / ckpt_io.LAST) -> None:
-        if master:
-            ckpt_io.save(
-                path,
-                {
-                    "model": raw.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    "trained_seconds": clock.seconds(),
-                    "rng": ckpt_io.rng_state(),
-                    "model_config": model_cfg.to_dict(),
-                    "preprocessing": preprocessing,
-                    "train_config": json.loads(json.dumps(asdict(cfg), default=list)),
-                },
-            )
 
-    loader = _loader(train, cfg.workers, device)
-    to_device = DeviceCutter(device, manifest["config"]["patch"])  # moves x, or cuts blocks on the device
-    seen = []  # sample fingerprints, for the rank audit
-    window = Window()
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not progress)
-    clock.restart()  # the budget counts training, not the set-up
+def _save(run: Run, state: State, path: Path | None = None) -> None:
+    """Rank 0 writes the checkpoint (``last.pt``, or a snapshot's ``path``)."""
+    if not run.ranks.master:
+        return
+    content = {
+        "model": state.raw.state_dict(),
+        "optimizer": state.opt.state_dict(),
+        "step": state.step,
+        "epoch": state.step // run.data.steps_per_epoch,
+        "trained_seconds": state.clock.seconds(),
+        "rng": ckpt_io.rng_state(),
+        "model_config": run.model_cfg.to_dict(),
+        "preprocessing": run.preprocessing,
+        "train_config": json.loads(json.dumps(asdict(run.cfg), default=list)),
+    }
+    ckpt_io.save(path or run.out / ckpt_io.LAST, content)
+
+
+def _loop(run: Run, state: State, progress: bool, log) -> list:
+    """Train to the end of the last epoch or of the time budget; returns the sample fingerprints kept for the
+    DDP audit. A Ctrl-C, SIGTERM or unreachable shards save a checkpoint first."""
+    from tqdm import tqdm
+
+    cfg, data, device = run.cfg, run.data, run.ranks.device
+    loader = _loader(data.train, cfg.workers, device)
+    to_device = DeviceCutter(device, data.patch)  # moves x, or cuts blocks on the device
+    seen, window = [], Window()  # sample fingerprints, for the rank audit; this rank's sums since the last row
+    bar = tqdm(total=data.total_steps, initial=state.step, desc="train", unit="step", disable=not progress)
+    state.clock.restart()  # the budget counts training, not the set-up
     try:
-        for epoch in range(step // steps_per_epoch, cfg.epochs):
-            train.set_epoch(epoch)
+        for epoch in range(state.step // data.steps_per_epoch, cfg.epochs):
+            data.train.set_epoch(epoch)
             batches = iter(loader)
-            done_in_epoch = step - epoch * steps_per_epoch  # batches a resumed run already trained on
-            for i in range(steps_per_epoch):
+            done_in_epoch = state.step - epoch * data.steps_per_epoch  # batches a resumed run already trained on
+            for i in range(data.steps_per_epoch):
                 t0 = time.perf_counter()
                 batch = next(batches)
                 waited = time.perf_counter() - t0
                 if i < done_in_epoch:
                     to_device.load(batch)  # a device pool must still see the blocks these batches brought
                     continue
-                model.train()
-                lr = learning_rate(cfg.lr, cfg.schedule, cfg.warmup, clock.progress(step, total_steps))
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x, y = to_device(batch), batch["y"].to(device, non_blocking=True)
-                gen = step_generator(cfg.seed, ranks.rank, step) if cfg.augment else None
-                x = flip_pairs(x, gen) if cfg.augment else x
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-                    inputs = raw.prepare(x).contiguous(memory_format=layout)
-                    logits = model(jitter(inputs, gen) if cfg.augment else inputs)
-                loss = F.cross_entropy(logits.float(), y, weight=weight)
-                if not _finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
-                    save_checkpoint()
-                    raise TrainError(
-                        f"step {step + 1}: the loss is not finite ({loss.item()}); stopped with the last "
-                        f"finite weights in {out / ckpt_io.LAST} (step {step}); try a lower --lr"
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                clock.tick()
-                if world > 1 and len(seen) < audit.KEEP:
+                loss = _step(run, state, to_device(batch), batch["y"].to(device, non_blocking=True))
+                if run.ranks.world > 1 and len(seen) < audit.KEEP:
                     seen.append(audit.fingerprint(batch))
-                window.loss += loss.item() * len(y)
-                window.samples += len(y)
-                window.wait += waited
-                window.skipped += int(batch["skipped"])
-                last = step == total_steps or clock.spent()
-                if step % cfg.log_every == 0 or step % eval_every == 0 or last:
-                    row, window = (
-                        {**_log_row(window, step, epoch, world, device), "lr": lr, "trained_s": clock.seconds()},
-                        Window(),
-                    )
-                    if val is not None and (step % eval_every == 0 or last):
-                        with clock.paused():  # validation time is neither throughput nor budget
-                            row.update(_validate(model, raw, val, device, cfg.workers, weight))
-                        window = Window()
-                    bar.set_postfix(
-                        loss=f"{row['loss']:.4f}",
-                        sps=f"{row['samples_per_s']:.0f}",
-                        wait=f"{100 * row['data_wait']:.1f}%",
-                    )
-                    if master:
-                        rows.append(row)
-                        write_rows(out / "metrics.csv", rows)
-                if step % cfg.checkpoint_every == 0:
-                    save_checkpoint()
-                if cfg.snapshot_every and step % cfg.snapshot_every == 0 and master:
-                    (out / ckpt_io.SNAPSHOTS).mkdir(exist_ok=True)
-                    save_checkpoint(out / ckpt_io.SNAPSHOTS / ckpt_io.snapshot_name(step))
+                window.add(loss, len(batch["y"]), waited, int(batch["skipped"]))
+                window = _after_step(run, state, window, epoch, bar)
                 bar.update()
-                if clock.spent():
+                if state.clock.spent():
                     break
-            if clock.spent():
-                log(f"time budget of {cfg.time_budget} minutes spent at step {step} of {total_steps}")
+            if state.clock.spent():
+                log(f"time budget of {cfg.time_budget} minutes spent at step {state.step} of {data.total_steps}")
                 break
     except (KeyboardInterrupt, ShardSourceError) as exc:
-        save_checkpoint()
+        _save(run, state)
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "shards unreachable"
-        log(f"\n{why} at step {step}: checkpoint {out / ckpt_io.LAST}; continue with --resume")
+        log(f"\n{why} at step {state.step}: checkpoint {run.out / ckpt_io.LAST}; continue with --resume")
         raise
     finally:
         bar.close()
-    save_checkpoint()
-    rank_audit = audit.audit(raw, seen, world, out if master else None)
-    if master:
-        plot(rows, out / "curves.png", title=f"{model_cfg.name} ({model_cfg.layout})")
-    return _summary(out, step, rows, world, rank_audit)
+    return seen
+
+
+def _step(run: Run, state: State, x: torch.Tensor, y: torch.Tensor) -> float:
+    """One optimisation step on the batch ``x (B, 2, P, P, P) uint8``, ``y (B,)``; returns its mean loss."""
+    cfg, world = run.cfg, run.ranks.world
+    state.model.train()
+    state.lr = learning_rate(cfg.lr, cfg.schedule, cfg.warmup, state.clock.progress(state.step, run.data.total_steps))
+    for group in state.opt.param_groups:
+        group["lr"] = state.lr
+    gen = step_generator(cfg.seed, run.ranks.rank, state.step) if cfg.augment else None
+    x = flip_pairs(x, gen) if cfg.augment else x
+    with torch.autocast(run.ranks.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        inputs = state.raw.prepare(x).contiguous(memory_format=state.layout)
+        logits = state.model(jitter(inputs, gen) if cfg.augment else inputs)
+    loss = F.cross_entropy(logits.float(), y, weight=state.weight)
+    if not finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
+        _save(run, state)
+        raise TrainError(
+            f"step {state.step + 1}: the loss is not finite ({loss.item()}); stopped with the last "
+            f"finite weights in {run.out / ckpt_io.LAST} (step {state.step}); try a lower --lr"
+        )
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    state.opt.step()
+    state.step += 1
+    state.clock.tick()
+    return loss.item()
+
+
+def _after_step(run: Run, state: State, window: Window, epoch: int, bar) -> Window:
+    """Log a metrics row (with validation), checkpoint, keep a snapshot, as the step asks; the window to go on
+    adding to (a new one after a row)."""
+    cfg, data, step, out = run.cfg, run.data, state.step, run.out
+    last = step == data.total_steps or state.clock.spent()
+    if step % cfg.log_every == 0 or step % data.eval_every == 0 or last:
+        row = {**_log_row(window, step, epoch, run.ranks.world, run.ranks.device), "lr": state.lr}
+        row["trained_s"] = state.clock.seconds()
+        window = Window()
+        if data.val is not None and (step % data.eval_every == 0 or last):
+            with state.clock.paused():  # validation time is neither throughput nor budget
+                row.update(_validate(state.model, state.raw, data.val, run.ranks.device, cfg.workers, state.weight))
+            window = Window()
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}", wait=f"{100 * row['data_wait']:.1f}%"
+        )
+        if run.ranks.master:
+            state.rows.append(row)
+            write_rows(out / "metrics.csv", state.rows)
+    if step % cfg.checkpoint_every == 0:
+        _save(run, state)
+    if cfg.snapshot_every and step % cfg.snapshot_every == 0 and run.ranks.master:
+        (out / ckpt_io.SNAPSHOTS).mkdir(exist_ok=True)
+        _save(run, state, out / ckpt_io.SNAPSHOTS / ckpt_io.snapshot_name(step))
+    return window
 
 
 def _summary(out: Path, step: int, rows: list[dict], world: int, rank_audit: dict | None) -> dict:
@@ -424,14 +402,6 @@ def _loader(stream: ShardStream, workers: int, device: torch.device) -> torch.ut
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda", multiprocessing_context=context
     )
-
-
-def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
-    """Is the loss finite on every rank? (All ranks must stop together, or DDP would hang.)"""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if world > 1:
-        dist.all_reduce(bad)
-    return bad.item() == 0
 
 
 def _resume_point(out: Path, resume: bool, model_name: str) -> dict | None:
