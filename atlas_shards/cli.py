@@ -231,20 +231,15 @@ def build(store, out_dir, workers, dry_run, **options) -> None:
 
 @main.command()
 @click.argument("out_dir", type=LOCATION)
-@click.option("--verify", is_flag=True, help="Re-read every shard: sizes, sha256, record/sample/lesion counts.")
-def inspect(out_dir, verify) -> None:
-    """Print the manifest of a shard directory (and check it with --verify)."""
-    from shards.manifest import ManifestError, read_manifest, summarise, verify as run_verify
+@click.option("--verify", "then_verify", is_flag=True, help="Then check it: the same as atlas-shards verify OUT_DIR.")
+def inspect(out_dir, then_verify) -> None:
+    """Print the manifest of a shard directory: what it holds. (Checking it is ``verify``.)"""
+    from shards.manifest import ManifestError, read_manifest, summarise
 
     with expected(ManifestError):
         click.echo(summarise(read_manifest(out_dir), out_dir))
-        if verify:
-            problems = run_verify(out_dir)
-            for problem in problems:
-                click.echo(f"  PROBLEM {problem}")
-            if problems:
-                raise click.ClickException(f"{out_dir}: {len(problems)} problem(s) found")
-            click.echo("verify: every shard matches the manifest (size, sha256, records, samples, lesion samples)")
+    if then_verify:
+        _verify(out_dir)
 
 
 @main.command()
@@ -254,6 +249,11 @@ def verify(path) -> None:
 
     Exit status 1 when anything is damaged; each damaged scan or shard is named with its reason.
     """
+    _verify(path)
+
+
+def _verify(path: str) -> None:
+    """``verify``: a store or a shard directory (one with a manifest), each problem named; exit status 1 if any."""
     from atlas_shards.store import StoreError, verify_store
     from shards import remote
     from shards.manifest import ManifestError, verify as verify_shards
@@ -264,7 +264,10 @@ def verify(path) -> None:
             problems = verify_shards(path)
             for problem in problems:
                 click.echo(f"  PROBLEM {problem}")
-            kind, checked = "shard directory", "every shard matches the manifest"
+            kind, checked = (
+                "shard directory",
+                ("every shard matches the manifest (size, sha256, records, samples, lesion samples)"),
+            )
         else:
             results = verify_store(path)
             for scan_id, status in results:

@@ -88,7 +88,7 @@ def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
     from evaluate.postprocess import PostProcessing
     from evaluate.predictors import EvaluateError
-    from evaluate.run import evaluate_split
+    from evaluate.split import evaluate_split
 
     if options["threshold"] != "auto":
         try:
@@ -164,7 +164,7 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
     from evaluate.postprocess import PostProcessing, flips_of_report, rule_of_report
     from evaluate.predictors import EvaluateError
-    from evaluate.single import predict_file
+    from evaluate.predict import predict_file
 
     rule = PostProcessing(threshold, min_component, fill_holes, min_peak)
     if rule_from:
@@ -191,7 +191,7 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 def curve(run_dir, store, out_dir, scans, threshold) -> None:
     """Whole-volume validation Dice of every snapshot of a run (fit --snapshot-every), step by step."""
-    from evaluate.curve import CURVE, volume_curve
+    from evaluate.snapshots import CURVE, volume_curve
     from evaluate.postprocess import PostProcessing
     from evaluate.predictors import EvaluateError
 

@@ -2,7 +2,7 @@
 
 The training curve (``trainer.fit``'s validation), the forest's validation
 (``trainer.forest``), stream scores (``evaluate.stream``), whole-volume
-metrics and the threshold choice (``evaluate.metrics``, ``evaluate.run``)
+metrics and the threshold choice (``evaluate.metrics``, ``evaluate.split``)
 all count and score here, so the README's promise that a stream's score
 equals the training curve's rests on one formula:
 

@@ -164,8 +164,8 @@ def test_every_option_of_every_command_lands_in_a_setting():
     from atlas_shards.plan import BuildConfig
     from atlas_shards.synth import synthesize_release
     from evaluate.cli import main as evaluate_main
-    from evaluate.run import evaluate_split
-    from evaluate.single import predict_file
+    from evaluate.split import evaluate_split
+    from evaluate.predict import predict_file
     from shards.params import from_options
     from trainer.cli import main as train_main
     from trainer.config import ModelConfig, TrainConfig

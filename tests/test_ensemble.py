@@ -15,7 +15,7 @@ from conftest import random_cnn_predictor, random_volume
 from evaluate.cli import main
 from evaluate.ensemble import Ensemble, load_models
 from evaluate.predictors import EvaluateError
-from evaluate.run import evaluate_split, scan_logits
+from evaluate.split import evaluate_split, scan_logits
 from evaluate.volume import lesion_logits
 from atlas_shards import store as zstore
 from trainer import checkpoint as ckpt_io
@@ -104,7 +104,7 @@ def test_cli_takes_several_models_and_refuses_one_given_twice(two_runs, tmp_path
 
 def test_predict_with_an_ensemble(native, two_runs, tmp_path, monkeypatch):
     """predict hands both runs to the volume predictor as one ensemble (its arithmetic is tested above)."""
-    import evaluate.single as single
+    import evaluate.predict as predict_mod
 
     release, truth, _, _ = native
     _, run_a, run_b = two_runs
@@ -115,7 +115,7 @@ def test_predict_with_an_ensemble(native, two_runs, tmp_path, monkeypatch):
         seen["pred"] = pred
         return np.where(brain > 0, 30.0, -np.inf).astype(np.float32)  # lesion everywhere in the brain
 
-    monkeypatch.setattr(single, "lesion_logits", fake)
+    monkeypatch.setattr(predict_mod, "lesion_logits", fake)
     args = ["predict", "--model", str(run_a), "--model", str(run_b), str(release / scan["t1"])]
     r = CliRunner().invoke(main, args + [str(tmp_path / "mask.nii.gz")])
     assert r.exit_code == 0, r.output

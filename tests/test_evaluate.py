@@ -16,7 +16,7 @@ from conftest import build_quietly
 from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
 from shards.scores import dice
 from evaluate.predictors import DenseCNN, Predictor, TorchPredictor, load_run
-from evaluate.run import evaluate_split
+from evaluate.split import evaluate_split
 from evaluate.volume import lesion_logits
 from shards.norm import normalise
 from shards.patches import PairCutter
@@ -148,7 +148,7 @@ def test_run_writes_documented_outputs(trained, tmp_path):
 
 
 def test_curve_scores_snapshots_as_run_does(trained, tmp_path):
-    from evaluate.curve import volume_curve
+    from evaluate.snapshots import volume_curve
 
     store, run_dir = trained
     run = evaluate_split(run_dir, store, "val", tmp_path / "rep", progress=False, log=lambda m: None)
@@ -190,7 +190,7 @@ def test_load_run_refuses_what_is_not_a_run(tmp_path):
 @pytest.mark.slow
 def test_predict_lands_on_the_input_grid_of_native_scans(native, trained, tmp_path, monkeypatch):
     """Every native orientation: the mask comes back on the file's own grid and affine, voxel for voxel."""
-    import evaluate.single as single
+    import evaluate.predict as predict_mod
     from atlas_shards.orient import from_canonical, to_canonical
 
     release, truth, _, _ = native
@@ -210,9 +210,9 @@ def test_predict_lands_on_the_input_grid_of_native_scans(native, trained, tmp_pa
             seen["brain"] = brain > 0
             return np.where(canonical > 0, 20.0, -20.0).astype(np.float32)
 
-        monkeypatch.setattr(single, "lesion_logits", oracle)
+        monkeypatch.setattr(predict_mod, "lesion_logits", oracle)
         out = tmp_path / f"{scan['scan_id']}.nii.gz"
-        single.predict_file(run_dir, t1_path, out, prior_correction=False)
+        predict_mod.predict_file(run_dir, t1_path, out, prior_correction=False)
         mask = nib.load(out)
         assert mask.shape == img.shape[:3] and np.allclose(mask.affine, img.affine)
         got = np.asarray(mask.dataobj) > 0
@@ -221,7 +221,7 @@ def test_predict_lands_on_the_input_grid_of_native_scans(native, trained, tmp_pa
         assert got.sum() > 0 and np.array_equal(got, expected) and not (got & ~lesion).any()
     monkeypatch.undo()
     real = tmp_path / "real.nii.gz"
-    result = single.predict_file(run_dir, release / scans[0]["t1"], real)  # the trained model, end to end
+    result = predict_mod.predict_file(run_dir, release / scans[0]["t1"], real)  # the trained model, end to end
     assert nib.load(real).shape == nib.load(release / scans[0]["t1"]).shape[:3] and result["space"] == "native"
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-import evaluate.run as run_mod
+import evaluate.split as split_mod
 from atlas_shards import store as zstore
 from conftest import build_quietly
 from evaluate.predictors import load_run
-from evaluate.run import evaluate_split
+from evaluate.split import evaluate_split
 from shards.norm import normalise
 from shards.patches import PairCutter
 
@@ -32,14 +32,14 @@ def _mask(report, scan_id: str) -> np.ndarray:
 
 def _constant_logits(monkeypatch, value_of_scan):
     """Make every scan's lesion logit a constant inside its brain mask (``value_of_scan(scan_id, data)``)."""
-    real = run_mod.scan_logits
+    real = split_mod.scan_logits
 
     def oracle(pred, root, scan_id, tile, use_dense, stride=1):
         logits, data = real(pred, root, scan_id, tile, use_dense, stride)
         inside = np.isfinite(logits)
         return np.where(inside, value_of_scan(scan_id, data), -np.inf).astype(np.float32), data
 
-    monkeypatch.setattr(run_mod, "scan_logits", oracle)
+    monkeypatch.setattr(split_mod, "scan_logits", oracle)
 
 
 def test_prior_correction_subtracts_log_lesion_over_background_rate(trained, tmp_path, monkeypatch):
@@ -69,8 +69,8 @@ def test_prior_correction_subtracts_log_lesion_over_background_rate(trained, tmp
 def test_auto_threshold_is_chosen_on_validation_scans_only(trained, tmp_path, monkeypatch):
     store, run_dir = trained
     root = zstore.open_store(store)
-    val = set(run_mod.split_scans(root, "val"))
-    assert val and not val & set(run_mod.split_scans(root, "test"))
+    val = set(split_mod.split_scans(root, "val"))
+    assert val and not val & set(split_mod.split_scans(root, "test"))
 
     # val: lesion p 0.32, rest 0.02 -> every threshold in [0.05, 0.30] is perfect; the first, 0.05, is kept.
     # test: lesion p 0.97, rest 0.52 -> only thresholds >= 0.55 are perfect there.
@@ -94,7 +94,7 @@ def test_patch_by_patch_run_equals_the_dense_run(trained, tmp_path):
     dense = evaluate_split(run_dir, store, "val", tmp_path / "dense", **kw)
     patchwise = evaluate_split(run_dir, store, "val", tmp_path / "patch", use_dense=False, **kw)
     assert dense["inference"] == "dense" and patchwise["inference"] == "patch by patch"
-    for scan_id in run_mod.split_scans(zstore.open_store(store), "val"):
+    for scan_id in split_mod.split_scans(zstore.open_store(store), "val"):
         a, b = _mask(tmp_path / "dense", scan_id), _mask(tmp_path / "patch", scan_id)
         assert a.any() and np.array_equal(a, b)
         name = f"masks/{scan_id}_desc-lesion_probability.nii.gz"
@@ -185,7 +185,7 @@ def test_post_processing_is_chosen_on_validation_scans_only(trained, tmp_path, m
 
     store, run_dir = trained
     root = zstore.open_store(store)
-    val = set(run_mod.split_scans(root, "val"))
+    val = set(split_mod.split_scans(root, "val"))
     x, y, z = np.indices(zstore.read_scan(root, sorted(val)[0], ("brain",))["brain"].shape)
     specks = (x % 7 == 0) & (y % 7 == 0) & (z % 7 == 0)
     board = (x + y + z) % 2 == 0
@@ -206,7 +206,7 @@ def test_post_processing_is_chosen_on_validation_scans_only(trained, tmp_path, m
     rule = PostProcessing(0.05, 10, False)
     assert metrics["postprocessing"] == {**rule.to_dict(), "source": "chosen on the validation split"}
     assert metrics["mean_dice"] == 0.0  # every test component is one voxel: the val rule removes them all
-    test_ids = set(run_mod.split_scans(root, "test"))
+    test_ids = set(split_mod.split_scans(root, "test"))
     on_test, _ = choose(probability[s] for s in test_ids)
     assert on_test.min_component == 0  # what choosing on test would have done (and scored better)
     assert rule_of_report(tmp_path / "t") == rule  # what `predict --rule-from` applies

@@ -20,7 +20,7 @@ from conftest import assert_stopped_unreachable, build_quietly, fit_argv, start_
 from evaluate.cli import main as evaluate_cli
 from trainer import checkpoint as ckpt_io
 from trainer.cli import main as train_cli
-from trainer.curves import read_rows
+from trainer.logbook import read_rows
 
 BIN = Path(sys.executable).parent
 

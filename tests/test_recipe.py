@@ -12,7 +12,7 @@ from trainer import checkpoint as ckpt_io
 from trainer.augment import flip_pairs, jitter, step_generator
 from trainer.optim import learning_rate
 from trainer.config import RECIPES, TrainConfig, recipe_batch_norm
-from trainer.curves import read_rows
+from trainer.logbook import read_rows
 from trainer.fit import TrainError, fit
 from trainer.models import ModelConfig
 

@@ -13,7 +13,7 @@ import torch
 
 from conftest import build_quietly, sample_ids
 from trainer import checkpoint as ckpt_io
-from trainer.curves import read_rows
+from trainer.logbook import read_rows
 from trainer.fit import TrainConfig, TrainError, fit
 from trainer.optim import make_optimizer
 from trainer.forest import ForestModel, train_forest

@@ -14,7 +14,7 @@ from conftest import random_cnn_predictor, random_volume
 from evaluate.cli import main
 from evaluate.ensemble import load_models
 from evaluate.predictors import EvaluateError
-from evaluate.run import evaluate_split
+from evaluate.split import evaluate_split
 from evaluate.tta import FlipAveraged, parse_flips
 from evaluate.volume import lesion_logits
 
@@ -72,7 +72,7 @@ def test_bad_flips_are_refused(flips):
 
 
 def test_run_with_flips_records_them_and_predict_takes_them_from_the_report(trained, native, tmp_path, monkeypatch):
-    import evaluate.single as single
+    import evaluate.predict as predict_mod
 
     store, run = trained
     quiet = {"progress": False, "log": lambda m: None, "save_probabilities": True}
@@ -93,7 +93,7 @@ def test_run_with_flips_records_them_and_predict_takes_them_from_the_report(trai
         seen["pred"] = pred
         return np.where(brain > 0, 30.0, -np.inf).astype(np.float32)
 
-    monkeypatch.setattr(single, "lesion_logits", fake)
+    monkeypatch.setattr(predict_mod, "lesion_logits", fake)
     args = ["predict", "--model", str(run), str(release / scan["t1"]), str(tmp_path / "mask.nii.gz")]
     r = CliRunner().invoke(main, args + ["--rule-from", str(tmp_path / "flips")])
     assert r.exit_code == 0, r.output

@@ -32,7 +32,7 @@ from shards.sources import ShardSourceError
 from shards.scores import confusion, voxel_scores
 from trainer import audit
 from trainer import checkpoint as ckpt_io
-from trainer.curves import plot, read_rows, write_rows
+from trainer.logbook import plot, read_rows, write_rows
 from trainer.devices import resolve_device
 from trainer.augment import flip_pairs, jitter, step_generator
 from trainer.clock import Clock

@@ -16,7 +16,7 @@ from atlas_shards import store as zstore
 from evaluate.metrics import case_metrics, summarise
 from evaluate.postprocess import PostProcessing
 from evaluate.predictors import EvaluateError, load_run
-from evaluate.run import scan_logits, split_scans, voxel_ml
+from evaluate.split import scan_logits, split_scans, voxel_ml
 from evaluate.volume import to_probability
 from shards import check_output_dir, save_figure
 from shards.tables import read_rows, write_csv
