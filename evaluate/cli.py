@@ -35,8 +35,27 @@ MIN_PEAK = click.option(
 )
 
 
+class FlipAxes(click.ParamType):
+    """``--tta-flips``: ``none``, ``x``, ``xyz`` ... parsed once, here, into the axes' indices (``()``: none)."""
+
+    name = "axes"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from evaluate.predictors import EvaluateError
+        from evaluate.tta import parse_flips
+
+        try:
+            return parse_flips(value)
+        except EvaluateError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def tta_flips(default: str | None, help: str):
-    return click.option("--tta-flips", default=default, metavar="AXES", show_default=default is not None, help=help)
+    return click.option(
+        "--tta-flips", type=FlipAxes(), default=default, metavar="AXES", show_default=default is not None, help=help
+    )
 
 
 TTA_HELP = (
@@ -165,6 +184,7 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
     from evaluate.postprocess import PostProcessing, flips_of_report, rule_of_report
     from evaluate.predictors import EvaluateError
     from evaluate.predict import predict_file
+    from evaluate.tta import flips_label
 
     rule = PostProcessing(threshold, min_component, fill_holes, min_peak)
     if rule_from:
@@ -172,7 +192,8 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
             rule = rule_of_report(rule_from)
             if options["tta_flips"] is None:  # the rule was chosen on these flips' probabilities
                 options["tta_flips"] = flips_of_report(rule_from)
-        click.echo(f"rule from {rule_from}: {rule.describe()}, test-time flips {options['tta_flips']}")
+        click.echo(f"rule from {rule_from}: {rule.describe()}, test-time flips {flips_label(options['tta_flips'])}")
+    options["tta_flips"] = options["tta_flips"] or ()
     with expected(EvaluateError):
         r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
     click.echo(

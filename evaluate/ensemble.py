@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluate.predictors import EvaluateError, Predictor, load_run
-from evaluate.tta import FlipAveraged, parse_flips
+from evaluate.tta import FlipAveraged
 
 
 class Ensemble:
@@ -66,10 +66,10 @@ def _as_list(run_dirs) -> list[Path]:
     return [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
 
 
-def load_models(run_dirs, device: str = "cpu", dense: bool = True, tta_flips: str | None = None) -> Predictor:
-    """One run directory (or a list of one): that run; several: their ``Ensemble``; with ``tta_flips``
-    (``x``, ``xyz`` ...) the mean over those flips of the input (``evaluate.tta``)."""
-    axes = parse_flips(tta_flips)
+def load_models(run_dirs, device: str = "cpu", dense: bool = True, tta_flips: tuple[int, ...] = ()) -> Predictor:
+    """One run directory (or a list of one): that run; several: their ``Ensemble``; with ``tta_flips`` (axes,
+    ``evaluate.tta.parse_flips``) the mean over those flips of the input."""
+    axes = tuple(tta_flips)
     run_dirs = _as_list(run_dirs)
     if not run_dirs:
         raise EvaluateError("no run given")

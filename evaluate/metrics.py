@@ -45,6 +45,11 @@ def lesion_count_difference(pred: np.ndarray, truth: np.ndarray) -> int:
     return abs(ndimage.label(pred.astype(bool))[1] - ndimage.label(truth.astype(bool))[1])
 
 
+def voxel_ml(attrs: dict) -> float:
+    """One voxel's volume in mL (a scan's voxel size (store or preprocessing attributes); 1 mm^3 when not recorded)."""
+    return float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
+
+
 def case_metrics(pred: np.ndarray, truth: np.ndarray, voxel_ml: float = 0.001) -> dict[str, float]:
     """Every per-case score for one scan (``voxel_ml``: one voxel's volume in mL)."""
     c = confusion(pred, truth)

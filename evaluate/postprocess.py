@@ -84,9 +84,11 @@ def rule_of_report(report: str | os.PathLike) -> PostProcessing:
         raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run ({type(exc).__name__}: {exc})") from None
 
 
-def flips_of_report(report: str | os.PathLike) -> str:
-    """The test-time flips a report of ``atlas-evaluate run`` averaged over (``none`` before the option)."""
-    return str(_report(report)[1].get("tta_flips") or "none")
+def flips_of_report(report: str | os.PathLike) -> tuple[int, ...]:
+    """The axes of the test-time flips a report of ``atlas-evaluate run`` averaged over (none before the option)."""
+    from evaluate.tta import parse_flips
+
+    return parse_flips(str(_report(report)[1].get("tta_flips") or "none"))
 
 
 def _report(report: str | os.PathLike) -> tuple[Path, dict]:

@@ -11,8 +11,8 @@ from atlas_shards.orient import write_on_original_grid
 from atlas_shards.scan import ScanError, preprocess
 from evaluate.postprocess import PostProcessing
 from evaluate.ensemble import load_models
+from evaluate.metrics import voxel_ml
 from evaluate.predictors import EvaluateError
-from evaluate.tta import parse_flips
 from evaluate.volume import lesion_logits, to_probability
 from shards import check_output_dir
 
@@ -43,11 +43,10 @@ def predict_file(
     device: str = "cpu",
     tile: int = 64,
     probabilities: str | os.PathLike | None = None,
-    tta_flips: str | None = None,
+    tta_flips: tuple[int, ...] = (),
 ) -> dict:
-    """Preprocess exactly as at ingestion and training, predict (``tta_flips``: the mean over those flips of
-    the input), write the mask on the input's grid."""
-    parse_flips(tta_flips)  # a bad value refused before any work
+    """Preprocess exactly as at ingestion and training, predict (``tta_flips``: the mean over flips along those
+    axes of the input, ``evaluate.tta``), write the mask on the input's grid."""
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
@@ -81,6 +80,6 @@ def predict_file(
         "mirror_index": scan.attrs["mirror_index"],
         "brain_mask": scan.attrs["brain_mask_source"],
         "lesion_voxels": int(mask.sum()),
-        "voxel_ml": float(np.prod(scan.attrs["voxel_size_mm"])) / 1000,
+        "voxel_ml": voxel_ml(scan.attrs),
         "notes": scan.notes,
     }

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atlas_shards import store as zstore
 from evaluate.metrics import case_metrics, summarise
 from evaluate.postprocess import PostProcessing
 from evaluate.predictors import EvaluateError, load_run
-from evaluate.split import scan_logits, split_scans, voxel_ml
+from evaluate.split import open_split, predicted_scans
 from evaluate.volume import to_probability
 from shards import check_output_dir, save_figure
 from shards.tables import read_rows, write_csv
@@ -41,13 +40,8 @@ def volume_curve(
     check_output_dir(out)
     out = Path(out)
     run_dir = Path(run_dir)
-    try:
-        root = zstore.open_store(store_path, "r")
-    except zstore.StoreError as exc:
-        raise EvaluateError(str(exc)) from None
-    chosen = split_scans(root, "val")[:scans]
-    if not chosen:
-        raise EvaluateError(f"{store_path}: no labelled validation scans")
+    root, chosen = open_split(store_path, "val", empty=f"{store_path}: no labelled validation scans")
+    chosen = chosen[:scans]
     points = list(ckpt_io.snapshots(run_dir))
     if (run_dir / ckpt_io.LAST).is_file():
         last_step = int(ckpt_io.load(run_dir)["step"])
@@ -65,14 +59,10 @@ def volume_curve(
         pred = load_run(path)
         shift = pred.prior_shift()
         cases = []
-        for scan_id in chosen:
-            try:
-                logits, data = scan_logits(pred, root, scan_id, tile=64, use_dense=True)
-            except zstore.DamagedScan as exc:
-                log(f"  {scan_id}: skipped, damaged: {exc}")
-                continue
-            mask = rule.apply(to_probability(logits, shift))
-            cases.append(case_metrics(mask, data["lesion"] > 0, voxel_ml(data["attrs"])))
+        for _, logits, data in predicted_scans(pred, root, chosen, tile=64, use_dense=True, log=log):
+            if logits is not None:  # a damaged scan is named and left out
+                mask = rule.apply(to_probability(logits, shift))
+                cases.append(case_metrics(mask, data["lesion"] > 0, data["ml"]))
         if not cases:
             raise EvaluateError("every validation scan is damaged (see atlas-shards verify STORE)")
         s = summarise(cases)

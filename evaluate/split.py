@@ -10,11 +10,11 @@ import numpy as np
 
 from atlas_shards import store as zstore
 from atlas_shards.orient import write_on_original_grid
-from evaluate.metrics import case_metrics, summarise
+from evaluate.metrics import case_metrics, summarise, voxel_ml
 from evaluate.postprocess import PostProcessing, choose
 from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
-from evaluate.tta import flips_label, parse_flips
+from evaluate.tta import flips_label
 from evaluate.volume import lesion_logits, to_probability
 from shards import atomic_write_text, check_output_dir
 from shards.tables import write_csv
@@ -42,20 +42,47 @@ def split_scans(root, split: str) -> list[str]:
     return [s for s in zstore.split_scans(root, split) if s in root]
 
 
+def open_split(store_path, split: str, empty: str | None = None) -> tuple[object, list[str]]:
+    """The store (read-only) and the labelled scans of ``split`` that it holds: the one place the evaluator opens
+    a store. ``empty``: the error for a split with no scans (None: an empty list is returned)."""
+    try:
+        root = zstore.open_store(store_path, "r")
+    except zstore.StoreError as exc:
+        raise EvaluateError(str(exc)) from None
+    scans = split_scans(root, split)
+    if not scans and empty is not None:
+        raise EvaluateError(empty)
+    return root, scans
+
+
 def scan_logits(
     pred: Predictor, root, scan_id: str, tile: int, use_dense: bool, stride: int = 1
 ) -> tuple[np.ndarray, dict]:
+    """A scan's lesion logits (-inf outside the brain mask) and its arrays, attributes and voxel volume (``ml``)."""
     data = zstore.read_scan(root, scan_id)
     attrs = dict(root[scan_id].attrs)
     mirror = float(attrs["mirror_index"])
     logits = lesion_logits(pred, data["t1"], data["brain"], mirror, tile=tile, use_dense=use_dense, stride=stride)
     logits[data["brain"] == 0] = -np.inf  # predictions outside the brain mask are 0
-    return logits, {**data, "attrs": attrs}
+    return logits, {**data, "attrs": attrs, "ml": voxel_ml(attrs)}
 
 
-def voxel_ml(attrs: dict) -> float:
-    """One voxel's volume in mL (the store's voxel size; 1 mm^3 when not recorded)."""
-    return float(np.prod(attrs.get("voxel_size_mm", [1, 1, 1]))) / 1000
+def predicted_scans(pred: Predictor, root, scans: list[str], tile: int, use_dense: bool, stride: int = 1, log=print):
+    """``(scan_id, logits, data)`` for each scan in order, the loop that ``run``, its rule's choice and ``curve``
+    share. A damaged scan, or one that fails, is never used silently and does not stop the others: it is named
+    in the log with the reason, then given as ``(scan_id, None, reason)``."""
+    for scan_id in scans:
+        try:
+            logits, data = scan_logits(pred, root, scan_id, tile, use_dense, stride)
+        except zstore.DamagedScan as exc:
+            reason = f"damaged: {str(exc).removeprefix(f'{scan_id}: ')}"
+        except Exception as exc:  # one bad scan is reported; the others go on
+            reason = f"failed: {type(exc).__name__}: {exc}"
+        else:
+            yield scan_id, logits, data
+            continue
+        log(f"  {scan_id}: {reason}")
+        yield scan_id, None, reason
 
 
 def choose_postprocessing(
@@ -72,13 +99,10 @@ def choose_postprocessing(
         raise EvaluateError("--threshold auto needs a validation split in the store")
 
     def probabilities():
-        for scan_id in tqdm(scans, desc="post-processing on val", unit="scan", disable=not progress):
-            try:
-                logits, data = scan_logits(pred, root, scan_id, tile, use_dense, stride)
-            except zstore.DamagedScan as exc:
-                log(f"  {scan_id} (val): skipped, damaged: {str(exc).removeprefix(f'{scan_id}: ')}")
-                continue
-            yield to_probability(logits, shift), data["lesion"] > 0
+        scans_shown = tqdm(scans, desc="post-processing on val", unit="scan", disable=not progress)
+        for _, logits, data in predicted_scans(pred, root, scans_shown, tile, use_dense, stride, log):
+            if logits is not None:
+                yield to_probability(logits, shift), data["lesion"] > 0
 
     rule, used = choose(probabilities())
     if not used:
@@ -101,32 +125,26 @@ def evaluate_split(
     save_probabilities: bool = False,
     use_dense: bool = True,
     stride: int = 1,
-    tta_flips: str | None = None,
+    tta_flips: tuple[int, ...] = (),
     progress: bool = True,
     log=print,
 ) -> dict:
     """Evaluate a trained run (or several: their ensemble) on every labelled scan of ``split``; returns
-    ``metrics.json``'s content. ``tta_flips`` (``x``, ``xyz`` ...): the mean logit over those flips of the
-    input, for the chosen rule as for the scores (``evaluate.tta``)."""
+    ``metrics.json``'s content. ``tta_flips`` (axes, ``evaluate.tta.parse_flips``): the mean logit over those
+    flips of the input, for the chosen rule as for the scores."""
     from tqdm import tqdm
 
     from evaluate.report import write_report
 
     check_output_dir(out)
     pred = load_models(run_dir, device=device, tta_flips=tta_flips)
-    flips = flips_label(parse_flips(tta_flips))
+    flips = flips_label(tta_flips)
     dense = use_dense and pred.dense is not None
     if stride > 1 and dense:
         raise EvaluateError(f"--stride is for models without a dense path; {pred.name} is predicted densely, exactly")
     inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
     inference += f", mean over flips {flips}" if flips != "none" else ""
-    try:
-        root = zstore.open_store(store_path, "r")
-    except zstore.StoreError as exc:
-        raise EvaluateError(str(exc)) from None
-    scans = split_scans(root, split)
-    if not scans:
-        raise EvaluateError(f"{store_path}: split {split!r} has no labelled scans")
+    root, scans = open_split(store_path, split, empty=f"{store_path}: split {split!r} has no labelled scans")
     shift = pred.prior_shift() if prior_correction else 0.0
     if threshold == "auto":
         rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log, stride)
@@ -137,9 +155,12 @@ def evaluate_split(
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     rows, masks = [], {}
-    for scan_id in tqdm(scans, desc=f"evaluate {split}", unit="scan", disable=not progress):
+    scans_shown = tqdm(scans, desc=f"evaluate {split}", unit="scan", disable=not progress)
+    for scan_id, logits, data in predicted_scans(pred, root, scans_shown, tile, use_dense, stride, log):
+        if logits is None:  # damaged or failed: subjects.csv says why
+            rows.append({"scan_id": scan_id, "status": data})
+            continue
         try:
-            logits, data = scan_logits(pred, root, scan_id, tile, use_dense, stride)
             prob = to_probability(logits, shift)
             mask = rule.apply(prob)
             attrs = data["attrs"]
@@ -147,7 +168,7 @@ def evaluate_split(
                 "scan_id": scan_id,
                 "subject_id": attrs.get("subject_id"),
                 "hemisphere": attrs.get("hemisphere"),
-                **case_metrics(mask, data["lesion"] > 0, voxel_ml(attrs)),
+                **case_metrics(mask, data["lesion"] > 0, data["ml"]),
                 "status": "ok",
             }
             write_on_original_grid(out / "masks" / f"{scan_id}_desc-lesion_mask.nii.gz", mask, attrs)
@@ -156,9 +177,6 @@ def evaluate_split(
                     out / "masks" / f"{scan_id}_desc-lesion_probability.nii.gz", prob, attrs, np.float32
                 )
             masks[scan_id] = np.packbits(mask)
-        except zstore.DamagedScan as exc:  # never used silently: skipped, and subjects.csv says why
-            row = {"scan_id": scan_id, "status": f"damaged: {str(exc).removeprefix(f'{scan_id}: ')}"}
-            log(f"  {scan_id}: {row['status']}")
         except Exception as exc:  # one bad scan is reported; the others go on
             row = {"scan_id": scan_id, "status": f"failed: {type(exc).__name__}: {exc}"}
             log(f"  {scan_id}: {row['status']}")

@@ -77,7 +77,7 @@ def test_run_with_flips_records_them_and_predict_takes_them_from_the_report(trai
     store, run = trained
     quiet = {"progress": False, "log": lambda m: None, "save_probabilities": True}
     plain = evaluate_split(run, store, "test", tmp_path / "plain", **quiet)
-    flipped = evaluate_split(run, store, "test", tmp_path / "flips", tta_flips="x", **quiet)
+    flipped = evaluate_split(run, store, "test", tmp_path / "flips", tta_flips=(0,), **quiet)
     assert (plain["tta_flips"], flipped["tta_flips"]) == ("none", "x")
     assert flipped["inference"] == "dense, mean over flips x" and "flips x" in flipped["model"]
     assert json.loads((tmp_path / "flips" / "metrics.json").read_text())["tta_flips"] == "x"
@@ -108,5 +108,5 @@ def test_flips_wrap_an_ensemble(trained, tmp_path):
     store, run = trained
     other = tmp_path / "copy"
     shutil.copytree(run, other)
-    pred = load_models([run, other], tta_flips="y")
+    pred = load_models([run, other], tta_flips=(1,))
     assert isinstance(pred, FlipAveraged) and pred.name == "cnn3d-sym x2 (flips y)" and pred.dense is not None
