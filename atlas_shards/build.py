@@ -53,7 +53,8 @@ from atlas_shards.plan import (
 )
 from atlas_shards.spill import write_spill
 from atlas_shards.workers import Workers
-from shards import atomic_write_text, check_output_dir, remote
+from shards import remote
+from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.blocks import block_size
 from shards.manifest import ManifestError, read_manifest, write_manifest
 from shards.norm import dequantisation, normalise
@@ -62,7 +63,7 @@ from shards.schema import LOC_DTYPE, MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, 
 from shards.tario import write_shard
 
 BUILD_DIR = ".build"
-TEMP_SHARDS = ".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.*.tmp"  # what shards.atomic names a shard being written
+TEMP_SHARDS = ".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.*.tmp"  # what shards.common.atomic names a shard being written
 CHUNK = 512  # samples cut and written at a time (16 MB at P=25)
 
 

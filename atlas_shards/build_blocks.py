@@ -26,7 +26,7 @@ import numpy as np
 from atlas_shards import store as zstore
 from atlas_shards.plan import BuildConfig, draw_voxels, scan_hardness, shards_for
 from atlas_shards.spill import write_spill
-from shards import atomic_write_text
+from shards.common.atomic import atomic_write_text
 from shards.blocks import BlockCutter, block_size, group_by_block
 from shards.norm import normalise
 from shards.schema import LOC_DTYPE, encode_block_record, record_key

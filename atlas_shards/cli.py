@@ -11,9 +11,9 @@ import click
 
 from atlas_shards.plan import BuildConfig
 from atlas_shards.split import SPLITS
-from shards.cli_errors import OneLineErrors, expected
+from shards.common.cli_errors import OneLineErrors, expected
 from shards.norm import METHODS
-from shards.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat, from_options
+from shards.common.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat, from_options
 from shards.schema import FORMATS
 
 

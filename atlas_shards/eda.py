@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import atomic_write_text, check_output_dir, save_figure
+from shards.common.atomic import atomic_write_text, check_output_dir, save_figure
 
 from atlas_shards import store
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shards import atomic_write_text, check_output_dir
+from shards.common.atomic import atomic_write_text, check_output_dir
 
 from atlas_shards import metadata, store
 from atlas_shards.discover import ScanSource, discover, release_layout

@@ -13,7 +13,7 @@ import numpy as np
 from nibabel import orientations as nio
 
 from atlas_shards.brainmask import head_mask
-from shards import atomic_path
+from shards.common.atomic import atomic_path
 
 RAS = nio.axcodes2ornt(("R", "A", "S"))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import atomic_path, atomic_write_text
+from shards.common.atomic import atomic_path, atomic_write_text
 from shards.schema import X_DTYPE
 
 

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from atlas_shards.workers import Workers
-from shards import atomic_path, atomic_write_bytes, atomic_write_text
+from shards.common.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
 LAYOUTS = ("r1.1", "r1.2", "r2.0", "native")
 TRUTH_FILE = "phantom-truth.json"

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from shards.tables import read_rows
+from shards.common.tables import read_rows
 from trainer.registry import ENTRIES, model_entry
 
 BIN = Path(sys.executable).parent

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from shards.cli_errors import OneLineErrors, expected
-from shards.params import FiniteFloat
-from shards.tables import cell
+from shards.common.cli_errors import OneLineErrors, expected
+from shards.common.params import FiniteFloat
+from shards.common.tables import cell
 
 
 MODEL = click.option("--model", "run_dir", required=True, type=click.Path(exists=True, file_okay=False), help="Run.")

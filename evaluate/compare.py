@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shards.tables import cell
+from shards.common.tables import cell
 from trainer.registry import ENTRIES
 
 # The paper's ladder, from the model registry (in its order): test Dice and name for each model it measured.

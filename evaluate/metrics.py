@@ -1,6 +1,6 @@
 """ATLAS 2.0 challenge metrics: pure NumPy/SciPy functions of binary volumes.
 
-- Dice = 2|P∩T| / (|P| + |T|); 1.0 when both are empty (``shards.scores``,
+- Dice = 2|P∩T| / (|P| + |T|); 1.0 when both are empty (``shards.common.scores``,
   with the confusion counts and precision/recall: one home for all).
 - Absolute volume difference = |ΣP - ΣT| voxels (and mL with the voxel volume).
 - Lesion-wise F1 = TP / (TP + (FP + FN) / 2) over connected components
@@ -22,7 +22,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from shards.scores import COUNTS, confusion, voxel_scores
+from shards.common.scores import COUNTS, confusion, voxel_scores
 
 SMALL_LESION_ML = 5.0
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from shards.scores import dice, voxel_scores
+from shards.common.scores import dice, voxel_scores
 
 THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
 MIN_COMPONENTS = (0, 10, 30, 100, 300)  # voxels (at 1 mm^3: 0.01 to 0.3 mL)

@@ -14,7 +14,7 @@ from evaluate.ensemble import load_models
 from evaluate.metrics import voxel_ml
 from evaluate.predictors import EvaluateError
 from evaluate.volume import lesion_logits, to_probability
-from shards import check_output_dir
+from shards.common.atomic import check_output_dir
 
 MNI_SHAPE = (197, 233, 189)
 

@@ -22,7 +22,7 @@ from scipy.special import logit
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from shards.views import dequantise
+from shards.common.views import dequantise
 from trainer import checkpoint as ckpt_io
 from trainer.forest import FOREST, ForestModel
 from trainer.devices import resolve_device

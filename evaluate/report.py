@@ -10,8 +10,8 @@ import numpy as np
 
 from atlas_shards import store as zstore
 from evaluate.postprocess import PostProcessing
-from shards import atomic_write_text, save_figure
-from shards.tables import cell
+from shards.common.atomic import atomic_write_text, save_figure
+from shards.common.tables import cell
 
 KEYS = (
     "mean_dice",

@@ -17,8 +17,8 @@ from evaluate.postprocess import PostProcessing
 from evaluate.predictors import EvaluateError, load_run
 from evaluate.split import open_split, predicted_scans
 from evaluate.volume import to_probability
-from shards import check_output_dir, save_figure
-from shards.tables import read_rows, write_csv
+from shards.common.atomic import check_output_dir, save_figure
+from shards.common.tables import read_rows, write_csv
 from trainer import checkpoint as ckpt_io
 
 CURVE = "volume-curve.csv"

@@ -16,8 +16,8 @@ from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
 from evaluate.tta import flips_label
 from evaluate.volume import lesion_logits, to_probability
-from shards import atomic_write_text, check_output_dir
-from shards.tables import write_csv
+from shards.common.atomic import atomic_write_text, check_output_dir
+from shards.common.tables import write_csv
 
 SUBJECT_COLUMNS = (
     "scan_id",

@@ -8,7 +8,7 @@ from evaluate.predictors import EvaluateError, load_run
 from evaluate.volume import to_probability
 from shards.manifest import ManifestError, check_compatible
 from shards.reader import ShardStream
-from shards.scores import add, confusion, voxel_scores
+from shards.common.scores import add, confusion, voxel_scores
 
 BINS = 2000
 

@@ -9,21 +9,13 @@
 - ``shards.manifest``: ``manifest.json`` read/write/verify;
 - ``shards.sources``, ``shards.pool`` and ``shards.reader``: the streaming
   reader (sources, the shuffle pool, the stream);
-- ``shards.views``: model-specific views of a batch;
-- ``shards.atomic``: output written to a temporary name, renamed into place;
-- ``shards.params`` and ``shards.cli_errors``: what the three command lines
-  share (validated argument types; one-line errors, ``--debug``);
-- ``shards.scores``: confusion counts and voxel Dice/precision/recall, the one
-  formula of the training curve, stream scores and whole-volume metrics;
-- ``shards.tables``: small CSV tables written atomically;
 - ``shards.remote`` and ``shards.stages``: where bytes come from (local,
   http(s), object storage through fsspec, ``pipe:``) and the reader's stages
   in webdataset's form.
 
-This package imports none of ``atlas_shards``, ``trainer`` or ``evaluate``.
+What the packages share that is not about shards (atomic output and figures,
+the command lines' plumbing, CSV tables, voxel scores, model input views)
+lives in ``shards.common``. This package imports none of ``atlas_shards``,
+``trainer`` or ``evaluate``.
 Heavy modules (the reader needs torch) are imported from their submodules.
 """
-
-from shards.atomic import atomic_path, atomic_write_bytes, atomic_write_text, check_output_dir, save_figure
-
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "check_output_dir", "save_figure"]

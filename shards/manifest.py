@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from shards import remote
-from shards.atomic import atomic_write_text
+from shards.common.atomic import atomic_write_text
 from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, decode_any
 from shards.tario import iter_grouped
 

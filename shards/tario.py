@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from shards.atomic import atomic_path
+from shards.common.atomic import atomic_path
 
 BLOCK = tarfile.BLOCKSIZE
 NUL_BLOCK = bytes(BLOCK)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shards.views import dequantise
+from shards.common.views import dequantise
 
 
 class PairMLP(nn.Module):

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shards import atomic_path, atomic_write_text
+from shards.common.atomic import atomic_path, atomic_write_text
 
 
 def test_failed_write_leaves_the_old_file(tmp_path):

@@ -166,7 +166,7 @@ def test_every_option_of_every_command_lands_in_a_setting():
     from evaluate.cli import main as evaluate_main
     from evaluate.split import evaluate_split
     from evaluate.predict import predict_file
-    from shards.params import from_options
+    from shards.common.params import from_options
     from trainer.cli import main as train_main
     from trainer.config import ModelConfig, TrainConfig
 

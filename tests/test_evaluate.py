@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from conftest import build_quietly
 from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
-from shards.scores import dice
+from shards.common.scores import dice
 from evaluate.predictors import DenseCNN, Predictor, TorchPredictor, load_run
 from evaluate.split import evaluate_split
 from evaluate.volume import lesion_logits

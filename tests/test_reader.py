@@ -14,7 +14,7 @@ from atlas_shards.serve import free_port
 from conftest import build_quietly, sample_ids
 from shards.reader import ShardStream, batch_samples, read_records, stop_at_damage
 from shards.sources import Shard, ShardSourceError, resolve
-from shards.views import axial_slice, concat_pair, dequantise, single_cube
+from shards.common.views import axial_slice, concat_pair, dequantise, single_cube
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import distributed as dist
 
-from shards import atomic_write_text
+from shards.common.atomic import atomic_write_text
 
 KEEP = 4096  # fingerprint batches kept per rank
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shards import atomic_path
+from shards.common.atomic import atomic_path
 
 FORMAT, VERSION = "atlas-train-checkpoint", 1
 LAST = "last.pt"

@@ -9,8 +9,8 @@ import math
 
 import click
 
-from shards.cli_errors import OneLineErrors, expected, one_line
-from shards.params import POSITIVE, SEED, FiniteFloat, from_options
+from shards.common.cli_errors import OneLineErrors, expected, one_line
+from shards.common.params import POSITIVE, SEED, FiniteFloat, from_options
 from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
 
 

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 
-from shards import atomic_write_text, check_output_dir
+from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible, sampling_rates
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
-from shards.scores import confusion, voxel_scores
+from shards.common.scores import confusion, voxel_scores
 from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows

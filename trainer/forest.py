@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import atomic_path, atomic_write_text
+from shards.common.atomic import atomic_path, atomic_write_text
 from shards.manifest import sampling_rates
 from shards.reader import ShardStream
 
@@ -125,7 +125,7 @@ def train_forest(
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import GridSearchCV
 
-    from shards.scores import confusion, voxel_scores
+    from shards.common.scores import confusion, voxel_scores
 
     features, labels, manifest = collect(spec, max_samples, seed=seed)
     log(f"forest: {len(labels)} samples ({int(labels.sum())} lesion) from {spec}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from shards import save_figure
-from shards.tables import read_rows, write_csv
+from shards.common.atomic import save_figure
+from shards.common.tables import read_rows, write_csv
 
 __all__ = ["COLUMNS", "plot", "read_rows", "write_rows"]
 

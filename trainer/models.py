@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shards.views import axial_slice, concat_pair, dequantise, single_cube
+from shards.common.views import axial_slice, concat_pair, dequantise, single_cube
 from trainer.config import LAYOUTS, MODELS, ModelConfig, ModelError
 from trainer.registry import model_entry
 

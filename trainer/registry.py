@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-VIEWS = ("pair", "cube", "slice")  # shards.views: both cubes, cube A only, cube A's axial slice
+VIEWS = ("pair", "cube", "slice")  # shards.common.views: both cubes, cube A only, cube A's axial slice
 
 
 class ModelError(ValueError):

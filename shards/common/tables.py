@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from shards.atomic import atomic_write_text
+from shards.common.atomic import atomic_write_text
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
