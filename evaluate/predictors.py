@@ -126,17 +126,14 @@ class _Run:
         """log(lesion rate / background rate) of the training sample: 0 for an un-upsampled one.
 
         The rates actually drawn (``shards.manifest.sampling_rates``, recorded
-        at training time): with a lesion cap or sampling by component, the
-        configured lesion rate (1) overstates the drawn one (0.125 for a cap
-        of 20,000 on the phantom), and the shift would lower every voxel's
-        odds eight-fold too far. Runs from before that record use the
-        configured rates.
+        at training time), not the configured ones: with a lesion cap or
+        sampling by component the configured lesion rate (1) overstates the
+        drawn one. Runs from before that record use the configured rates.
 
-        Also 0 for hard-negative shards (``build --hard-negatives``): the shift
-        assumes the background was drawn uniformly, but there the voxels a
-        prior model mistook for lesion were drawn far more often, so the model
-        has already lowered its odds where it matters and the shift would lower
-        them again (measured: it then marks almost nothing; BENCHMARKS.md).
+        0 for hard-negative shards (``build --hard-negatives``): the shift
+        assumes a uniformly drawn background, but there the voxels a prior
+        model mistook for lesion were drawn more often, so the model has already
+        lowered its odds where it matters (BENCHMARKS.md, "hard negatives").
         """
         build = self.preprocessing["build"]
         if build.get("hard_negatives") and float(build.get("hard_share", 0.0)) > 0:
