@@ -32,7 +32,7 @@ def test_the_ensemble_is_the_mean_logit_and_the_mean_shift():
     inside = brain > 0
     la, lb, le = (lesion_logits(p, t1, brain, 13.5, tile=12)[inside] for p in (a, b, ens))
     assert np.abs(la - lb).max() > 1  # the members disagree, so a wrong mean would show
-    np.testing.assert_allclose(le, (la + lb) / 2, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(le, (la + lb) / 2, rtol=0, atol=1e-4)  # the members' float32 logits, re-summed
     # what the evaluator computes from it: the mean of each member's corrected logit
     corrected = ((la - a.prior_shift()) + (lb - b.prior_shift())) / 2
     np.testing.assert_allclose(expit(le - ens.prior_shift()), expit(corrected), atol=1e-5)

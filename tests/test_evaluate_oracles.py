@@ -99,7 +99,7 @@ def test_patch_by_patch_run_equals_the_dense_run(trained, tmp_path):
         assert a.any() and np.array_equal(a, b)
         name = f"masks/{scan_id}_desc-lesion_probability.nii.gz"
         pa, pb = (np.asarray(nib.load(d / name).dataobj) for d in (tmp_path / "dense", tmp_path / "patch"))
-        assert np.abs(pa - pb).max() <= 1e-4 and 0.01 < pa.max()
+        assert np.abs(pa - pb).max() <= 1e-4 and 0.01 < pa.max()  # float32 sums in another order
     for key in ("mean_dice", "pooled_dice", "mean_lesion_f1", "precision", "recall"):
         assert dense[key] == pytest.approx(patchwise[key])
 

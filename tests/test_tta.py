@@ -31,7 +31,7 @@ def test_dense_flips_equal_each_pair_flipped():
     inside = brain > 0
     dense = lesion_logits(tta, t1, brain, 12.0, tile=10)[inside]  # uneven tiles: edges of every kind
     pairs = lesion_logits(tta, t1, brain, 12.0, use_dense=False)[inside]
-    np.testing.assert_allclose(dense, pairs, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(dense, pairs, rtol=0, atol=1e-4)  # float32 sums in another order
     plain = lesion_logits(base, t1, brain, 12.0, tile=10)[inside]
     assert np.abs(dense - plain).max() > 0.1  # the flips change the answer, so a skipped flip would show
 
@@ -48,7 +48,7 @@ def test_the_flip_average_follows_a_mirrored_head(axes, flipped):
     moved = mirror if flipped else t1.shape[0] - 1 - mirror
     there = lesion_logits(tta, np.flip(t1, flipped).copy(), np.flip(brain, flipped).copy(), moved, tile=12)
     inside = brain > 0
-    np.testing.assert_allclose(np.flip(there, flipped)[inside], here[inside], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.flip(there, flipped)[inside], here[inside], rtol=0, atol=1e-4)  # sums reordered
 
 
 def test_without_the_flip_in_the_group_a_mirrored_head_differs():
