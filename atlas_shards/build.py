@@ -1,24 +1,15 @@
 """``atlas-shards build``: a store split -> balanced patch-pair WebDataset shards.
 
-Three passes, each resumable, memory bounded by one scan or one shard. The
-samples are the same in both formats (``plan.draw_voxels``); how they are
-stored differs in passes 2 and 3. For pairs:
+Three passes, each resumable, memory bounded by one scan or one shard:
 
 1. *plan* (parent): count lesion and background voxels of every scan of the
-   split, derive the sampling rates and each scan's exact sample counts, the
-   number of shards, and where each scan's samples go. Sample j of a scan
-   (after a seeded shuffle) goes to shard (offset + j) mod S, where offset is
-   the number of samples of the scans before it: every scan is spread over
-   every shard and shard sizes differ by at most one.
-2. *spill* (parallel over scans): normalise the volume, cut the pairs, and
-   write them to ``OUT/.build/spill/`` grouped by destination shard.
-3. *shard* (parallel over shards): gather the shard's slice of every scan's
-   spill, shuffle it (seeded per shard), write records of K samples to a tar
-   under a temporary name and rename it.
-
-For blocks, passes 2 and 3 are ``build_blocks.spill_blocks`` and
-``build_blocks.write_block_shard``: whole blocks rather than samples are
-spread over the shards.
+   split, derive the sampling rates and each scan's exact sample counts
+   (``plan.make_plan``). The samples are the same in every format
+   (``plan.draw_voxels``).
+2. *spill* (parallel over scans) and 3. *shard* (parallel over shards): the
+   format's own passes (``atlas_shards.formats``: ``build_pairs`` cuts ready
+   pairs, ``build_blocks`` whole blocks with their samples), each job a small
+   dataclass (``build_jobs``).
 
 The same store, configuration and seed give byte-identical shards and
 manifest, whatever the number of workers and however often the build was
@@ -29,10 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,31 +30,20 @@ import numpy as np
 
 from atlas_shards import publish
 from atlas_shards import store as zstore
-from atlas_shards.build_blocks import block_layout, count_blocks, spill_blocks, write_block_shard
+from atlas_shards.build_blocks import count_blocks
+from atlas_shards.build_jobs import ShardJob, SpillJob
+from atlas_shards.formats import FORMATS
 from atlas_shards.hard_negatives import HardNegativeError, load_map, map_path
-from atlas_shards.plan import (
-    BuildConfig,
-    BuildError,
-    describe_plan,
-    draw_voxels,
-    lesion_components,
-    make_plan,
-    scan_hardness,
-)
-from atlas_shards.spill import write_spill
+from atlas_shards.plan import BuildConfig, BuildError, describe_plan, lesion_components, make_plan
 from atlas_shards.workers import Workers
 from shards import remote
 from shards.common.atomic import atomic_write_text, check_output_dir
-from shards.blocks import block_size
 from shards.manifest import ManifestError, read_manifest, write_manifest
-from shards.norm import dequantisation, normalise
-from shards.patches import PairCutter
-from shards.schema import LOC_DTYPE, MANIFEST, SCHEMA, SCHEMA_VERSION, X_DTYPE, encode_record, record_key
-from shards.tario import write_shard
+from shards.norm import dequantisation
+from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION
 
 BUILD_DIR = ".build"
 TEMP_SHARDS = ".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.*.tmp"  # what shards.common.atomic names a shard being written
-CHUNK = 512  # samples cut and written at a time (16 MB at P=25)
 
 
 def build(
@@ -107,7 +86,8 @@ def build(
         scans, counts = (list(v) for v in zip(*usable))
         plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans}, skipped)
         if dry_run:  # both formats' sizes: blocks need the samples drawn to count their blocks
-            blocks = list(pool.map(count_blocks, [(str(store_path), e, asdict(config)) for e in plan["scans"]]))
+            jobs = [SpillJob(str(store_path), "", i, e, None, config) for i, e in enumerate(plan["scans"])]
+            blocks = list(pool.map(count_blocks, jobs))
             log(describe_plan(plan, config, out_dir, sum(blocks)))
             return {**plan, "blocks": sum(blocks)}
         log(describe_plan(plan, config, out_dir))
@@ -121,31 +101,22 @@ def build(
         _prepare(out_dir, work, plan)
         spill = work / "spill"
         todo = [i for i, s in enumerate(plan["scans"]) if not (spill / f"{i:06d}.done").exists()]
-        blocks = config.format == "blocks"
-        if blocks:
-            jobs = [(str(store_path), str(spill), i, plan["scans"][i], asdict(config)) for i in todo]
-        else:
-            jobs = [
-                (str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], asdict(config)) for i in todo
-            ]
+        fmt = FORMATS[config.format]
+        jobs = [SpillJob(str(store_path), str(spill), i, plan["scans"][i], plan["num_shards"], config) for i in todo]
         total = sum(plan["scans"][i]["samples"] for i in todo)
-        with _bar(progress, "cut blocks" if blocks else "cut pairs", total, "sample") as bar:
-            for result in pool.map(spill_blocks if blocks else _spill_scan, jobs):
+        with _bar(progress, fmt.cutting, total, "sample") as bar:
+            for result in pool.map(fmt.spill, jobs):
                 bar.update(result["samples"])
         spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
-        num_shards = plan["num_shards"]
-        if blocks:
-            layout = block_layout(config, spilled)
-            num_shards = layout["num_shards"]
-            shard_jobs = [
-                (str(out_dir), k, plan, layout, asdict(config), shard_name(config.split, k), str(work))
-                for k in range(num_shards)
-            ]
-        else:
-            shard_jobs = [(str(out_dir), k, plan, asdict(config)) for k in range(num_shards)]
-        shard_jobs = [j for j in shard_jobs if not (work / "shards" / f"{j[1]:06d}.json").exists()]
+        layout = fmt.layout(config, plan, spilled)
+        num_shards = layout["num_shards"]
+        shard_jobs = [
+            ShardJob(str(out_dir), str(work), k, shard_name(config.split, k), plan, layout, config)
+            for k in range(num_shards)
+            if not (work / "shards" / f"{k:06d}.json").exists()
+        ]
         with _bar(progress, "write shards", len(shard_jobs), "shard") as bar:
-            for _ in pool.map(write_block_shard if blocks else _write_one_shard, shard_jobs):
+            for _ in pool.map(fmt.write, shard_jobs):
                 bar.update()
     shards = [json.loads((work / "shards" / f"{k:06d}.json").read_text()) for k in range(num_shards)]
     manifest = _manifest(plan, config, shards, spilled, store_path, root)
@@ -271,79 +242,6 @@ def _bar(progress: bool, desc: str, total: int, unit: str):
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress or total == 0)
 
 
-def _spill_scan(args: tuple) -> dict:
-    """Worker: sample one scan, cut its pairs, write them grouped by shard; returns its counts."""
-    store_path, spill, index, entry, num_shards, cfg = args
-    config = BuildConfig(**cfg)
-    scan_id, n = entry["scan_id"], entry["samples"]
-    root = zstore.open_store(store_path, "r")
-    data = zstore.read_scan(root, scan_id)
-    mirror = float(root[scan_id].attrs["mirror_index"])
-    lesion, brain = data["lesion"] > 0, data["brain"] > 0
-    chosen = draw_voxels(lesion, brain, scan_id, entry, config, scan_hardness(config, entry, lesion.shape))
-    shard_of = (entry["offset"] + np.arange(n)) % num_shards
-    order = np.argsort(shard_of, kind="stable")
-    chosen = chosen[order]
-    labels = lesion.ravel()[chosen].astype(np.uint8)
-    locs = np.stack(np.unravel_index(chosen, lesion.shape), axis=1).astype(LOC_DTYPE)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(shard_of, minlength=num_shards))])
-    del lesion, brain
-    cutter = PairCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch)
-    p = config.patch
-    pieces = (cutter(locs[start : start + CHUNK]) for start in range(0, n, CHUNK))  # x: chunk by chunk to disk
-    return write_spill(
-        Path(spill) / f"{index:06d}",
-        "x",
-        (n, 2, p, p, p),
-        pieces,
-        {"y": labels, "loc": locs, "offsets": offsets},
-        {"samples": int(n), "lesion_samples": int(labels.sum())},
-    )
-
-
-def _write_one_shard(args: tuple) -> None:
-    """Worker: gather shard k from every scan's spill, shuffle, write the tar, record its counts."""
-    out_dir, k, plan, cfg = args
-    config = BuildConfig(**cfg)
-    work = Path(out_dir) / BUILD_DIR
-    spans = []
-    for i in range(len(plan["scans"])):
-        base = work / "spill" / f"{i:06d}"
-        a, b = (int(v) for v in np.load(f"{base}.offsets.npy")[k : k + 2])
-        if b > a:
-            spans.append((base, i, a, b))
-    n, p = sum(b - a for _, _, a, b in spans), config.patch
-    x = np.empty((n, 2, p, p, p), dtype=X_DTYPE)  # filled in place: one shard in memory, once
-    y, loc, sidx = np.empty(n, np.uint8), np.empty((n, 3), np.int16), np.empty(n, np.int32)
-    at = 0
-    for base, i, a, b in spans:
-        x[at : at + b - a] = np.load(f"{base}.x.npy", mmap_mode="r")[a:b]
-        y[at : at + b - a] = np.load(f"{base}.y.npy", mmap_mode="r")[a:b]
-        loc[at : at + b - a] = np.load(f"{base}.loc.npy", mmap_mode="r")[a:b]
-        sidx[at : at + b - a] = i
-        at += b - a
-    perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(y))
-    names = [s["scan_id"] for s in plan["scans"]]
-    size = config.samples_per_record
-
-    def records() -> Iterable[tuple[str, dict[str, bytes]]]:
-        for r, start in enumerate(range(0, len(perm), size)):
-            sel = perm[start : start + size]
-            yield record_key(k, r), encode_record(x[sel], y[sel], loc[sel], [names[j] for j in sidx[sel]])
-
-    name = shard_name(config.split, k)
-    sha = write_shard(Path(out_dir) / name, records())
-    info = {
-        "name": name,
-        "samples": int(len(y)),
-        "lesion_samples": int(y.sum()),
-        "records": math.ceil(len(y) / size),
-        "bytes": (Path(out_dir) / name).stat().st_size,
-        "sha256": sha,
-    }
-    atomic_write_text(work / "shards" / f"{k:06d}.json", json.dumps(info))
-
-
 def shard_name(split: str, k: int) -> str:
     return f"{split}-{k:06d}.tar"
 
@@ -352,21 +250,8 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
     samples = sum(s["samples"] for s in shards)
     lesion = sum(s["lesion_samples"] for s in shards)
     records = sum(s["records"] for s in shards)
-    p, size = config.patch, block_size(config.block, config.patch)
-    if config.format == "blocks":
-        stored = {
-            "block": {
-                "dtype": "uint8",
-                "shape": [2, size, size, size],
-                "block": config.block,
-                "channels": ["volume", "mirrored volume"],
-                "extent": "padded pair from the block's first voxel",
-            },
-            "off": {"dtype": "int16", "shape": [3], "range": [0, config.block - 1]},
-            "meta": {"scan": "str", "origin": "block's first voxel, store canonical RAS", "patch": p},
-        }
-    else:
-        stored = {"samples_per_record": config.samples_per_record}
+    p = config.patch
+    stored = FORMATS[config.format].stored(config)
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_shards import store as zstore
+from atlas_shards.build_jobs import ShardJob, SpillJob
 from atlas_shards.plan import BuildConfig, draw_voxels, scan_hardness, shards_for
 from atlas_shards.spill import write_spill
 from shards.common.atomic import atomic_write_text
@@ -46,18 +47,15 @@ def _blocks_of(store_path: str, entry: dict, config: BuildConfig, with_t1: bool)
     return root, data, labels, locs, order, starts
 
 
-def count_blocks(args: tuple) -> int:
+def count_blocks(job: SpillJob) -> int:
     """Worker (dry run): how many blocks one scan's samples fall in."""
-    store_path, entry, cfg = args
-    return len(_blocks_of(store_path, entry, BuildConfig(**cfg), with_t1=False)[5]) - 1
+    return len(_blocks_of(job.store, job.entry, job.config, with_t1=False)[5]) - 1
 
 
-def spill_blocks(args: tuple) -> dict:
+def spill_blocks(job: SpillJob) -> dict:
     """Worker: one scan's blocks and their samples, heaviest block first; returns its counts."""
-    store_path, spill, index, entry, cfg = args
-    config = BuildConfig(**cfg)
-    scan_id = entry["scan_id"]
-    root, data, labels, locs, order, starts = _blocks_of(store_path, entry, config, with_t1=True)
+    config, scan_id = job.config, job.entry["scan_id"]
+    root, data, labels, locs, order, starts = _blocks_of(job.store, job.entry, config, with_t1=True)
     nb, n = len(starts) - 1, config.block
     # Heaviest blocks first (seeded order among equals): dealt in a snake over
     # the shards (``shard_blocks``), they even out the shards' sample counts.
@@ -72,7 +70,7 @@ def spill_blocks(args: tuple) -> dict:
     cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
     s = block_size(n, config.patch)
     return write_spill(
-        Path(spill) / f"{index:06d}",
+        Path(job.spill) / f"{job.index:06d}",
         "blocks",
         (nb, 2, s, s, s),
         (cutter(o) for o in origins),
@@ -81,12 +79,28 @@ def spill_blocks(args: tuple) -> dict:
     )
 
 
-def block_layout(config: BuildConfig, spilled: list[dict]) -> dict:
+def block_layout(config: BuildConfig, plan: dict, spilled: list[dict]) -> dict:
     """Shard count and each scan's block offset, from the spilled block counts (deterministic)."""
     blocks = [s["blocks"] for s in spilled]
     samples = sum(s["samples"] for s in spilled)
     num_shards = shards_for(config, samples, max(1, sum(blocks)))
     return {"num_shards": num_shards, "offsets": [int(v) for v in np.cumsum([0] + blocks[:-1])]}
+
+
+def stored_blocks(config: BuildConfig) -> dict:
+    """The manifest's description of a blocks record."""
+    size = block_size(config.block, config.patch)
+    return {
+        "block": {
+            "dtype": "uint8",
+            "shape": [2, size, size, size],
+            "block": config.block,
+            "channels": ["volume", "mirrored volume"],
+            "extent": "padded pair from the block's first voxel",
+        },
+        "off": {"dtype": "int16", "shape": [3], "range": [0, config.block - 1]},
+        "meta": {"scan": "str", "origin": "block's first voxel, store canonical RAS", "patch": config.patch},
+    }
 
 
 def shard_blocks(k: int, offset: int, blocks: int, shards: int) -> np.ndarray:
@@ -103,10 +117,9 @@ def shard_blocks(k: int, offset: int, blocks: int, shards: int) -> np.ndarray:
     return r[r < blocks]
 
 
-def write_block_shard(args: tuple) -> None:
+def write_block_shard(job: ShardJob) -> None:
     """Worker: shard k's blocks from every scan's spill, shuffled, one record a block."""
-    out_dir, k, plan, layout, cfg, shard_name, work = args
-    config = BuildConfig(**cfg)
+    config, plan, layout, k, work = job.config, job.plan, job.layout, job.k, job.work
     num = layout["num_shards"]
     picks = []  # (scan index, block index in the scan's spill)
     spills = {}
@@ -146,10 +159,10 @@ def write_block_shard(args: tuple) -> None:
                 ),
             )
 
-    path = Path(out_dir) / shard_name
+    path = Path(job.out_dir) / job.name
     sha = write_shard(path, records())
     info = {
-        "name": shard_name,
+        "name": job.name,
         "samples": samples,
         "lesion_samples": lesion,
         "records": len(picks),

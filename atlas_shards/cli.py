@@ -305,7 +305,7 @@ def serve(directory, host, port, server, ready_file) -> None:
         with serving(directory, host, port, server) as (url, name):
             click.echo(f"serving {directory} at {url}/ with {name}; Ctrl-C to stop", err=True)
             if ready_file:
-                from shards import atomic_write_text
+                from shards.common.atomic import atomic_write_text
 
                 atomic_write_text(ready_file, url + "\n")
             try:

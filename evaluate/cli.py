@@ -141,7 +141,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 
     from evaluate.predictors import EvaluateError
     from evaluate.stream import score_stream
-    from shards import atomic_write_text, check_output_dir
+    from shards.common.atomic import atomic_write_text, check_output_dir
     from shards.sources import ShardSourceError
 
     check_output_dir(out_dir)
@@ -229,7 +229,7 @@ def curve(run_dir, store, out_dir, scans, threshold) -> None:
 def compare(report_dirs, out_file) -> None:
     """The paper's model ladder (its Figure 10) beside the given run reports."""
     from evaluate.compare import ladder
-    from shards import atomic_write_text
+    from shards.common.atomic import atomic_write_text
 
     with expected(FileNotFoundError, KeyError, ValueError):
         table = ladder(list(report_dirs))

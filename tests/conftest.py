@@ -151,22 +151,25 @@ def build_quietly(store, out, **config):
     return build(store, out, BuildConfig(**config), progress=False, log=lambda message: None)
 
 
-def build_killed_after_one_shard(monkeypatch, writer: str, store, out, config) -> None:
-    """Run a build whose shard writer (``atlas_shards.build.<writer>``) dies after one shard; then restore it."""
+def build_killed_after_one_shard(monkeypatch, fmt: str, store, out, config) -> None:
+    """Run a build whose shard writer (format ``fmt``'s, ``atlas_shards.formats``) dies after one shard."""
+    from dataclasses import replace
+
     from atlas_shards import build as build_mod
+    from atlas_shards.formats import FORMATS
 
-    real, calls = getattr(build_mod, writer), []
+    real, calls = FORMATS[fmt], []
 
-    def dies_after_one(args):
+    def dies_after_one(job):
         if calls:
             raise KeyboardInterrupt
-        calls.append(args[1])
-        real(args)
+        calls.append(job.k)
+        real.write(job)
 
-    monkeypatch.setattr(build_mod, writer, dies_after_one)
+    monkeypatch.setitem(FORMATS, fmt, replace(real, write=dies_after_one))
     with pytest.raises(KeyboardInterrupt):
         build_mod.build(store, out, config, progress=False, log=lambda m: None)
-    monkeypatch.setattr(build_mod, writer, real)
+    monkeypatch.setitem(FORMATS, fmt, real)
 
 
 def sample_ids(batches) -> list[tuple]:

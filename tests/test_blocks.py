@@ -195,7 +195,7 @@ def test_block_records_round_trip_and_refuse_bad_offsets():
 
 def test_resume_workers_and_reruns_give_the_same_bytes(tiny_store, both, tmp_path, monkeypatch):
     _, reference, _ = both
-    build_killed_after_one_shard(monkeypatch, "write_block_shard", tiny_store, tmp_path / "r", BuildConfig(**CONFIG))
+    build_killed_after_one_shard(monkeypatch, "blocks", tiny_store, tmp_path / "r", BuildConfig(**CONFIG))
     assert len(list((tmp_path / "r").glob("*.tar"))) == 1 and not (tmp_path / "r" / "manifest.json").exists()
     again = build(tiny_store, tmp_path / "r", BuildConfig(**CONFIG), progress=False, log=lambda m: None)
     two = build(tiny_store, tmp_path / "w", BuildConfig(**CONFIG), workers=2, progress=False, log=lambda m: None)

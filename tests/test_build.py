@@ -128,7 +128,7 @@ def test_same_config_twice_is_a_no_op_and_another_config_is_refused(tiny_store, 
 def test_interrupted_build_resumes_to_the_same_bytes(tiny_store, built, tmp_path, monkeypatch):
     _, reference = built
     out = tmp_path / "train"
-    build_killed_after_one_shard(monkeypatch, "_write_one_shard", tiny_store, out, BuildConfig(split="train", **SMALL))
+    build_killed_after_one_shard(monkeypatch, "pairs", tiny_store, out, BuildConfig(split="train", **SMALL))
     finished = sorted(p.name for p in out.glob("*.tar"))
     assert len(finished) == 1 and not (out / "manifest.json").exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".train")]  # no temporary shard left behind
