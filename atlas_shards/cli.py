@@ -14,7 +14,7 @@ from atlas_shards.split import SPLITS
 from shards.common.cli_errors import OneLineErrors, expected
 from shards.norm import METHODS
 from shards.common.params import LOCATION, POSITIVE, RATE, SEED, FiniteFloat, from_options
-from shards.schema import FORMATS
+from shards.formats import FORMATS
 
 
 def _numbers(kind: type, text: str | None, name: str) -> tuple | None:

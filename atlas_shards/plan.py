@@ -20,10 +20,10 @@ import numpy as np
 from atlas_shards.hard_negatives import draw_background, load_map
 from atlas_shards.split import SPLITS
 from shards.norm import METHODS
-from shards.schema import BLOCK, FORMATS, PATCH, block_bytes, bytes_per_sample
+from shards.formats import FORMATS
+from shards.schema import BLOCK, PATCH
 
 TARGET_LESION_FRACTION = 0.437  # the paper's balanced sample: 43.7% lesion
-RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
 
 
 class BuildError(Exception):
@@ -226,19 +226,12 @@ def _draw_lesions(lesion: np.ndarray, config: BuildConfig, rng: np.random.Genera
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
-def estimate_bytes(fmt: str, samples: int, records: int, patch: int, block: int = BLOCK) -> int:
-    """Shard bytes of ``samples`` stored in ``records`` records (blocks: one record a block)."""
-    if fmt == "blocks":
-        return records * (block_bytes(block, patch) + RECORD_OVERHEAD) + samples * 7
-    return samples * (bytes_per_sample(patch) + 16) + records * RECORD_OVERHEAD
-
-
 def shards_for(config: BuildConfig, samples: int, records: int) -> int:
     """How many shards: ``--num-shards``, else enough for ``--shard-size-mb``.
 
     Never more than there are blocks (blocks) or samples (pairs spread their samples one by one).
     """
-    size = estimate_bytes(config.format, samples, records, config.patch, config.block)
+    size = FORMATS[config.format].estimate_bytes(samples, records, config.patch, config.block)
     wanted = config.num_shards or max(1, math.ceil(size / (config.shard_size_mb * 2**20)))
     return min(wanted, records if config.format == "blocks" else samples)
 
@@ -303,10 +296,10 @@ def describe_plan(plan: dict, config: BuildConfig, out_dir: Path, blocks: int | 
             f"  lesions sampled by component: {parts} components, {config.component_samples} draws each "
             f"(at most {config.max_repeat}x a component's voxels)"
         )
-    pairs = estimate_bytes("pairs", n, math.ceil(n / config.samples_per_record), config.patch)
+    pairs = FORMATS["pairs"].estimate_bytes(n, math.ceil(n / config.samples_per_record), config.patch, config.block)
     lines.append(f"  as pairs: about {pairs / 2**30:.2f} GiB, {pairs / max(n, 1):,.0f} bytes/sample")
     if blocks is not None:
-        size = estimate_bytes("blocks", n, blocks, config.patch, config.block)
+        size = FORMATS["blocks"].estimate_bytes(n, blocks, config.patch, config.block)
         lines.append(
             f"  as blocks of {config.block}^3: {blocks} blocks, about {size / 2**30:.2f} GiB, "
             f"{size / max(n, 1):,.0f} bytes/sample ({pairs / max(size, 1):.1f}x fewer bytes)"

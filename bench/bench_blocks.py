@@ -49,7 +49,7 @@ H100_SAMPLES_PER_S, GPUS = 1e5, 8
 def dry_run(store: Path, lesion_rate: float, block: int, workers: int) -> dict:
     """Samples and blocks of a configuration, and both formats' estimated bytes/sample."""
     from atlas_shards.build import BuildConfig, build
-    from atlas_shards.plan import estimate_bytes
+    from shards.formats import FORMATS
 
     config = BuildConfig(split="train", lesion_rate=lesion_rate, block=block)
     plan = build(
@@ -62,8 +62,8 @@ def dry_run(store: Path, lesion_rate: float, block: int, workers: int) -> dict:
         log=lambda m: print(m, flush=True),
     )
     n, blocks = plan["samples"], plan["blocks"]
-    blocks_bps = estimate_bytes("blocks", n, blocks, config.patch, block) / n
-    pairs_bps = estimate_bytes("pairs", n, -(-n // config.samples_per_record), config.patch) / n
+    blocks_bps = FORMATS["blocks"].estimate_bytes(n, blocks, config.patch, block) / n
+    pairs_bps = FORMATS["pairs"].estimate_bytes(n, -(-n // config.samples_per_record), config.patch, block) / n
     return {
         "lesion_rate": lesion_rate,
         "block": block,

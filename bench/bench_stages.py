@@ -8,7 +8,7 @@ background drawn to 43.7% lesion). Then, one process, reading from the page
 cache, median of 3 after a warm-up:
 
 1. records/s and MB/s from the shards to decoded records:
-   ``shards.tario.iter_grouped`` + ``shards.schema.decode_any`` (ours: what
+   ``shards.tario.iter_grouped`` + ``shards.formats.decode_any`` (ours: what
    ``ShardStream`` runs) against ``webdataset.tarfile_to_samples`` +
    ``shards.stages.decode`` (webdataset's tar reader);
 2. samples/s from the shards to shuffled tensor batches of 256 (pool 4096):
@@ -32,7 +32,7 @@ from atlas_shards.ingest import ingest
 from atlas_shards.synth import synthesize_release
 from shards import stages
 from shards.reader import ShardStream
-from shards.schema import decode_any
+from shards.formats import decode_any
 from shards.tario import iter_grouped
 
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from shards import remote
 from shards.common.atomic import atomic_write_text
-from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION, decode_any
+from shards.formats import FORMATS, decode_any
+from shards.schema import MANIFEST, READABLE_VERSIONS, SCHEMA, SCHEMA_VERSION
 from shards.tario import iter_grouped
 
 
@@ -218,12 +219,7 @@ def summarise(manifest: dict, where: str | os.PathLike = "") -> str:
         if c["mode"] == "natural"
         else (f"balanced: lesion rate {c['lesion_rate']:.4g}, background rate {c['background_rate']:.4g}")
     )
-    records = sum(s["records"] for s in manifest["shards"])
-    layout = (
-        f"{records} blocks of {c['block']}^3 voxels, {t['samples'] / max(records, 1):.1f} samples/block"
-        if manifest["format"] == "blocks"
-        else f"{c['samples_per_record']} samples/record"
-    )
+    layout = FORMATS[manifest["format"]].describe(manifest)
     lines = [
         f"{where}: {manifest['schema']} v{manifest['schema_version']} ({manifest['format']}), "
         f"split {c['split']}, {mode}",

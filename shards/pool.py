@@ -21,7 +21,7 @@ draws from many blocks and scans.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -115,6 +115,8 @@ class ScanCodes:
 class PairStore:
     """Pairs records by slot; ``x`` of drawn samples is gathered from them."""
 
+    pools_records = False  # a record is a few samples: the pool is sized by samples alone
+
     def __init__(self):
         self.records: dict[int, np.ndarray] = {}
         self.scans = ScanCodes()
@@ -142,6 +144,8 @@ class BlockStore:
     batch carries the blocks that entered the pool since the previous batch,
     and each sample's slot and offset.
     """
+
+    pools_records = True  # each record is one block: the pool also holds ``pool_blocks`` of them, for mixing
 
     def __init__(self, patch: int, device_cut: bool = False):
         self.patch, self.device_cut = patch, device_cut
@@ -187,6 +191,8 @@ def batch_samples(
     drop_last: bool,
     pool_blocks: int = 128,
     device_cut: bool = False,
+    *,
+    store_for: Callable[[dict, bool], PairStore | BlockStore],
 ) -> Iterator[dict]:
     """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
 
@@ -195,7 +201,8 @@ def batch_samples(
     ``shards.schema``). With ``shuffle`` > 0 the pool also holds at least
     ``pool_blocks`` blocks records. Every sample is yielded once; a batch is
     ``x (B,2,P,P,P) uint8``, ``y (B,)``, ``loc (B,3)``, ``scan (B,)`` (or the
-    device-cut fields instead of ``x``, see ``BlockStore``).
+    device-cut fields instead of ``x``, see ``BlockStore``). ``store_for(first record, device_cut)``: the
+    store of the stream's records (``shards.formats.store_for``).
     """
     pool, store, stream, exhausted = SamplePool(), None, iter(records), False
     target = max(shuffle, batch_size)
@@ -203,7 +210,7 @@ def batch_samples(
     while True:
         while not exhausted and (
             pool.available < target
-            or (draw_rng is not None and isinstance(store, BlockStore) and pool.records < pool_blocks)
+            or (draw_rng is not None and store is not None and store.pools_records and pool.records < pool_blocks)
         ):
             rec = next(stream, None)
             if rec is None:
@@ -212,7 +219,7 @@ def batch_samples(
             if not len(rec["y"]):
                 continue
             if store is None:
-                store = BlockStore(rec["patch"], device_cut) if "block" in rec else PairStore()
+                store = store_for(rec, device_cut)
             store.put(pool.add(store.columns(rec)), rec)
         size = min(batch_size, pool.available)
         if size == 0 or (size < batch_size and drop_last):

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from shards.pool import batch_samples
-from shards.schema import RecordError, decode_any
+from shards.formats import decode_any, format_of, store_for
+from shards.schema import RecordError
 from shards.sources import Shard, ShardSourceError, open_shard, resolve
 from shards.tario import iter_grouped
 
@@ -109,7 +110,7 @@ def read_records(
                 seen += 1
                 try:
                     record = decode_any(fields, patch, fmt)
-                    fmt = fmt or ("blocks" if "block" in record else "pairs")
+                    fmt = fmt or format_of(fields).name
                 except RecordError as exc:
                     stats.skipped += 1
                     if not warned:
@@ -274,7 +275,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         records = self._cycle(shards, keep, stats, rng) if quota is not None else self._read(shards, keep, stats)
         drop_last = self.drop_last or quota is not None
         batches = batch_samples(
-            records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks, self.device_cut
+            records,
+            self.batch_size,
+            self.shuffle,
+            rng,
+            drop_last,
+            self.pool_blocks,
+            self.device_cut,
+            store_for=store_for,
         )
         reported = 0
         for i, batch in enumerate(batches):

@@ -50,7 +50,6 @@ SCHEMA_VERSION = 2  # 2 added the blocks format; version 1 manifests (pairs only
 READABLE_VERSIONS = (1, 2)
 PATCH = 25
 BLOCK = 32  # bytes/sample at the paper's sample: 16 -> 2.3 kB, 24 -> 1.4 kB, 32 -> 1.1 kB (BENCHMARKS.md)
-FORMATS = ("blocks", "pairs")
 MANIFEST = "manifest.json"
 
 X, Y, LOC, SCAN = "x.npy", "y.npy", "loc.npy", "scan.json"
@@ -126,11 +125,6 @@ def _members(fields: dict[str, bytes], names: tuple[str, ...]) -> list:
     return out
 
 
-def record_format(fields: dict[str, bytes]) -> str:
-    """``blocks`` or ``pairs``, from the members a record has."""
-    return "blocks" if BLOCK_NPY in fields else "pairs"
-
-
 def decode_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
     """Arrays of one pairs record: ``x (K,2,P,P,P) uint8``, ``y (K,)``, ``loc (K,3)``, ``scan`` list.
 
@@ -153,14 +147,6 @@ def validate(x: np.ndarray, y: np.ndarray, loc: np.ndarray, scans, patch: int | 
         raise RecordError(f"loc is {loc.dtype} {loc.shape}, expected int16 ({k}, 3)")
     if not isinstance(scans, list) or len(scans) != k or not all(isinstance(s, str) for s in scans):
         raise RecordError(f"scan.json must be a list of {k} strings")
-
-
-def decode_any(fields: dict[str, bytes], patch: int | None = None, fmt: str | None = None) -> dict:
-    """A record of either format, checked against the stream's ``fmt`` when it is known."""
-    kind = record_format(fields)
-    if fmt is not None and kind != fmt:
-        raise RecordError(f"a {kind} record in a stream of {fmt} shards")
-    return decode_block_record(fields, patch) if kind == "blocks" else decode_record(fields, patch)
 
 
 def encode_block_record(

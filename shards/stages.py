@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from shards.pool import batch_samples
-from shards.schema import RecordError, decode_any
+from shards.formats import decode_any, format_of, store_for
+from shards.schema import RecordError
 
 log = logging.getLogger("shards")
 
@@ -62,7 +63,7 @@ def decode(
                 if handler(exc):
                     continue
                 return
-            kind = kind or ("blocks" if "block" in record else "pairs")
+            kind = kind or format_of(fields).name
             yield record
 
     return stage
@@ -81,7 +82,8 @@ def batched(
 
     def stage(records: Iterable[dict]) -> Iterator[dict]:
         rng = np.random.default_rng(seed)
-        for batch in batch_samples(records, batch_size, shuffle, rng, drop_last, pool_blocks, device_cut):
+        kw = {"store_for": store_for}
+        for batch in batch_samples(records, batch_size, shuffle, rng, drop_last, pool_blocks, device_cut, **kw):
             yield to_tensors(batch)
 
     return stage

@@ -12,6 +12,7 @@ import torch
 
 from atlas_shards.serve import free_port
 from conftest import build_quietly, sample_ids
+from shards.formats import store_for
 from shards.reader import ShardStream, batch_samples, read_records, stop_at_damage
 from shards.sources import Shard, ShardSourceError, resolve
 from shards.common.views import axial_slice, concat_pair, dequantise, single_cube
@@ -73,11 +74,11 @@ def test_pool_batches_are_a_permutation_of_the_stream():
         }
         for i in range(7)
     ]
-    out = list(batch_samples(recs, 8, 20, np.random.default_rng(0), drop_last=False))
+    out = list(batch_samples(recs, 8, 20, np.random.default_rng(0), drop_last=False, store_for=store_for))
     values = np.concatenate([b["x"].ravel() for b in out])
     assert sorted(values.tolist()) == list(range(70)) and values.tolist() != list(range(70))
     assert [len(b["y"]) for b in out] == [8] * 8 + [6]
-    dropped = list(batch_samples(recs, 8, 0, np.random.default_rng(0), drop_last=True))
+    dropped = list(batch_samples(recs, 8, 0, np.random.default_rng(0), drop_last=True, store_for=store_for))
     assert np.concatenate([b["x"].ravel() for b in dropped]).tolist() == list(range(64))
 
 
