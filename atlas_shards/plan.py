@@ -161,11 +161,10 @@ def make_plan(
         offset += n
     if offset == 0:
         raise BuildError("the sampling rates select no voxels at all; raise the rates")
-    # Blocks: the shard count depends on how many blocks the samples fall in,
-    # known once the scans are cut (``shards_for``).
-    num_shards = (
-        None if config.format == "blocks" else shards_for(config, offset, math.ceil(offset / config.samples_per_record))
-    )
+    # The shard count, when the format knows its records before the scans are cut (blocks: how many blocks the
+    # samples fall in, known once they are: ``atlas_shards.build_blocks.block_layout``).
+    records = FORMATS[config.format].records_for(offset, config.samples_per_record)
+    num_shards = None if records is None else shards_for(config, offset, records)
     plan = {
         "scans": entries,
         "samples": offset,
@@ -229,11 +228,11 @@ def _draw_lesions(lesion: np.ndarray, config: BuildConfig, rng: np.random.Genera
 def shards_for(config: BuildConfig, samples: int, records: int) -> int:
     """How many shards: ``--num-shards``, else enough for ``--shard-size-mb``.
 
-    Never more than there are blocks (blocks) or samples (pairs spread their samples one by one).
+    Never more than the format can fill (``RecordFormat.max_shards``).
     """
     size = FORMATS[config.format].estimate_bytes(samples, records, config.patch, config.block)
     wanted = config.num_shards or max(1, math.ceil(size / (config.shard_size_mb * 2**20)))
-    return min(wanted, records if config.format == "blocks" else samples)
+    return min(wanted, FORMATS[config.format].max_shards(samples, records))
 
 
 def draw_voxels(

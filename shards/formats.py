@@ -31,13 +31,17 @@ RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one recor
 class RecordFormat:
     """``decode(fields, patch)``: a record's validated arrays. ``store(patch, device_cut)``: the shuffle pool's
     store of such records. ``estimate_bytes(samples, records, patch, block)``: shard bytes. ``describe(manifest)``:
-    how the manifest's summary says the samples are stored."""
+    how the manifest's summary says the samples are stored. ``records_for(samples, samples_per_record)``: how
+    many records hold them, None when that is known only once they are cut (blocks: the blocks they fall in).
+    ``max_shards(samples, records)``: the most shards they can fill."""
 
     name: str
     decode: Callable[[dict[str, bytes], int | None], dict]
     store: Callable[[int, bool], PairStore | BlockStore]
     estimate_bytes: Callable[[int, int, int, int], int]
     describe: Callable[[dict], str]
+    records_for: Callable[[int, int], int | None]
+    max_shards: Callable[[int, int], int]
 
 
 def _pairs_bytes(samples: int, records: int, patch: int, block: int = BLOCK) -> int:
@@ -59,8 +63,24 @@ def _describe_blocks(manifest: dict) -> str:
 
 
 FORMATS = {
-    "pairs": RecordFormat("pairs", decode_record, lambda patch, device_cut: PairStore(), _pairs_bytes, _describe_pairs),
-    "blocks": RecordFormat("blocks", decode_block_record, BlockStore, _blocks_bytes, _describe_blocks),
+    "pairs": RecordFormat(
+        "pairs",
+        decode_record,
+        lambda patch, device_cut: PairStore(),
+        _pairs_bytes,
+        _describe_pairs,
+        records_for=lambda samples, per_record: -(-samples // per_record),
+        max_shards=lambda samples, records: samples,  # the build spreads a shard's samples one by one
+    ),
+    "blocks": RecordFormat(
+        "blocks",
+        decode_block_record,
+        BlockStore,
+        _blocks_bytes,
+        _describe_blocks,
+        records_for=lambda samples, per_record: None,
+        max_shards=lambda samples, records: records,  # whole blocks go to shards
+    ),
 }
 
 
