@@ -40,10 +40,10 @@ import time
 from pathlib import Path
 
 from shards.common.tables import read_rows
-from trainer.registry import ENTRIES, model_entry
+from evaluate.compare import PAPER_DICE
+from trainer.registry import model_entry
 
 BIN = Path(sys.executable).parent
-PAPER_ORDER = tuple(e.name for e in ENTRIES if e.paper_dice is not None)  # the registry's order: the paper's
 # What this ladder adds to a model's training command: no ImageNet weights offline, so ResNet-18 trains every layer
 # from scratch.
 OFFLINE_OPTIONS = {"resnet2d": ["--finetune", "all"]}
@@ -170,7 +170,6 @@ def main() -> None:
 
 
 def table(results: list[dict], args) -> str:
-    from evaluate.compare import PAPER_DICE
     from evaluate.postprocess import PostProcessing
 
     def f(v):
@@ -196,7 +195,7 @@ def table(results: list[dict], args) -> str:
             f"{f(PAPER_DICE.get(name))} |"
         )
     plain = {r["entry"]: r["val"]["mean_dice"] for r in results if "@" not in r["entry"]}
-    ladder = [m for m in PAPER_ORDER if m in plain]
+    ladder = [m for m in PAPER_DICE if m in plain]  # the paper's order (the model registry's)
     holds = all(plain[a] < plain[b] for a, b in zip(ladder, ladder[1:]))
     order = " < ".join(sorted(plain, key=plain.get))
     lines += ["", f"Paper's order ({' < '.join(ladder)}) {'holds' if holds else 'does not hold'} here: {order}."]

@@ -12,6 +12,7 @@ batches.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -200,9 +201,9 @@ class Run:
     out: Path
     data: Streams
 
-    @property
+    @functools.cached_property
     def preprocessing(self) -> dict:
-        """What the checkpoint carries to evaluation, so that it cannot drift."""
+        """What the checkpoint carries to evaluation, so that it cannot drift (computed once a run)."""
         manifest = self.data.manifest
         build, rates = manifest["config"], sampling_rates(manifest)
         return {"norm": manifest["norm"], "build": build, "sampling": rates, "shards": self.cfg.shards}
