@@ -290,5 +290,14 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
             "records": records,
             "bytes": sum(s["bytes"] for s in shards),
             "bytes_per_sample": sum(s["bytes"] for s in shards) / samples if samples else 0.0,
+            **_voxel_totals(shards),
         },
     }
+
+
+def _voxel_totals(shards: list[dict]) -> dict:
+    """``{"voxels": {"lesion", "background"}}``: the labelled voxels the shards' records carry (blocks: their
+    cores' voxels; what dense training learns from), or nothing for a format whose records carry none."""
+    if not shards or not all("voxels" in s for s in shards):
+        return {}
+    return {"voxels": {k: sum(int(s["voxels"][k]) for s in shards) for k in ("lesion", "background")}}

@@ -3,8 +3,8 @@
 *spill* (per scan): draw the scan's samples (``plan.draw_voxels``, the same
 samples a pairs build takes), group them by the ``block``^3 tile of the grid
 they fall in, order the blocks heaviest first (seeded among equals), and
-write each block pair (``shards.blocks.BlockCutter``) with its samples to
-``.build/spill/``.
+write each block pair (``shards.blocks.BlockCutter``) with its samples and
+its core's lesion and brain masks (bit-packed) to ``.build/spill/``.
 
 *shard* (per shard): the blocks of scan i, heaviest first, are dealt over
 the S shards in a snake from shard offset_i on (``shard_blocks``), offset_i
@@ -30,7 +30,8 @@ from atlas_shards.spill import write_spill
 from shards.common.atomic import atomic_write_text
 from shards.blocks import BlockCutter, block_size, group_by_block
 from shards.norm import normalise
-from shards.schema import LOC_DTYPE, encode_block_record, record_key
+from shards.block_records import encode_block_record, pack_labels, unpack_labels
+from shards.schema import LOC_DTYPE, record_key
 from shards.tario import write_shard
 
 
@@ -66,6 +67,7 @@ def spill_blocks(job: SpillJob) -> dict:
     counts = np.array([len(m) for m in members], dtype=np.int64)
     sample = np.concatenate(members) if members else np.zeros(0, np.int64)
     off = (locs[sample] - np.repeat(origins, counts, axis=0)).astype(LOC_DTYPE)
+    packed, voxels = _core_labels(data["lesion"] > 0, data["brain"] > 0, origins, n)
     mirror = float(root[scan_id].attrs["mirror_index"])
     cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
     s = block_size(n, config.patch)
@@ -74,9 +76,23 @@ def spill_blocks(job: SpillJob) -> dict:
         "blocks",
         (nb, 2, s, s, s),
         (cutter(o) for o in origins),
-        {"y": labels[sample], "off": off, "origins": origins, "counts": counts},
+        {"y": labels[sample], "off": off, "origins": origins, "counts": counts, "labels": packed, "voxels": voxels},
         {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)},
     )
+
+
+def _core_labels(lesion: np.ndarray, brain: np.ndarray, origins: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's core masks, bit-packed (``(B, 2, ceil(n^3/8))``), and its lesion and background voxel counts
+    (``(B, 2)``; background: brain voxels that are not lesion, as the plan counts them)."""
+    pad = ((0, n), (0, n), (0, n))  # past the volume's end: no lesion, no brain
+    lesion, brain = np.pad(lesion, pad), np.pad(brain, pad)
+    packed = np.zeros((len(origins), 2, -(-(n**3) // 8)), np.uint8)
+    voxels = np.zeros((len(origins), 2), np.int64)
+    for b, (i, j, k) in enumerate(origins):
+        core = np.stack([lesion[i : i + n, j : j + n, k : k + n], brain[i : i + n, j : j + n, k : k + n]])
+        packed[b] = pack_labels(core)
+        voxels[b] = int(core[0].sum()), int((core[1] & ~core[0]).sum())
+    return packed, voxels
 
 
 def block_layout(config: BuildConfig, plan: dict, spilled: list[dict]) -> dict:
@@ -100,6 +116,12 @@ def stored_blocks(config: BuildConfig) -> dict:
         },
         "off": {"dtype": "int16", "shape": [3], "range": [0, config.block - 1]},
         "meta": {"scan": "str", "origin": "block's first voxel, store canonical RAS", "patch": config.patch},
+        "labels": {
+            "dtype": "uint8",
+            "shape": [2, -(-(config.block**3) // 8)],
+            "rows": ["lesion", "brain"],
+            "extent": "the block's core: origin .. origin + block - 1, C order, numpy.packbits",
+        },
     }
 
 
@@ -135,18 +157,23 @@ def write_block_shard(job: ShardJob) -> None:
                 np.load(f"{base}.y.npy", mmap_mode="r"),
                 np.load(f"{base}.origins.npy"),
                 starts,
+                np.load(f"{base}.labels.npy", mmap_mode="r"),
+                np.load(f"{base}.voxels.npy"),
             )
             picks += [(i, int(r)) for r in mine]
     perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(picks))
     samples = lesion = 0
+    voxels = np.zeros(2, np.int64)  # the cores' lesion and background voxels
 
     def records() -> Iterable[tuple[str, dict[str, bytes]]]:
-        nonlocal samples, lesion
+        nonlocal samples, lesion, voxels
+        n = config.block
         for r, j in enumerate(perm):
             i, b = picks[j]
-            blocks, off, y, origins, starts = spills[i]
+            blocks, off, y, origins, starts, packed, counts = spills[i]
             a, z = starts[b], starts[b + 1]
             samples, lesion = samples + int(z - a), lesion + int(y[a:z].sum())
+            voxels = voxels + counts[b]
             yield (
                 record_key(k, r),
                 encode_block_record(
@@ -156,6 +183,7 @@ def write_block_shard(job: ShardJob) -> None:
                     plan["scans"][i]["scan_id"],
                     origins[b],
                     config.patch,
+                    labels=unpack_labels(np.asarray(packed[b]), n),
                 ),
             )
 
@@ -166,6 +194,7 @@ def write_block_shard(job: ShardJob) -> None:
         "samples": samples,
         "lesion_samples": lesion,
         "records": len(picks),
+        "voxels": {"lesion": int(voxels[0]), "background": int(voxels[1])},
         "bytes": path.stat().st_size,
         "sha256": sha,
     }

@@ -27,7 +27,8 @@ from atlas_shards.spill import write_spill
 from shards.common.atomic import atomic_write_text
 from shards.norm import normalise
 from shards.patches import PairCutter
-from shards.schema import LOC_DTYPE, X_DTYPE, encode_record, record_key
+from shards.pairs import encode_record
+from shards.schema import LOC_DTYPE, X_DTYPE, record_key
 from shards.tario import write_shard
 
 CHUNK = 512  # samples cut and written at a time (16 MB at P=25)

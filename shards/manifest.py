@@ -1,8 +1,9 @@
 """``manifest.json``: what a shard directory holds, and how to check it.
 
-Keys (schema version 2; version 1, from before blocks, is read as pairs)::
+Keys (schema version 3; version 1, from before blocks, is read as pairs;
+version 2 blocks records carry no voxel labels)::
 
-    schema, schema_version   "atlas-patch-pairs", 2
+    schema, schema_version   "atlas-patch-pairs", 3
     format                   "blocks" or "pairs" (see ``shards.schema``)
     config                   the full build configuration (split, patch,
                              format, block, mode, rates, norm,
@@ -14,9 +15,12 @@ Keys (schema version 2; version 1, from before blocks, is read as pairs)::
     scans                    [{scan_id, subject_id, samples, lesion_samples,
                                lesion_voxels, background_voxels}]
     shards                   [{name, samples, lesion_samples, records,
-                               bytes, sha256}]   (blocks: one record a block)
+                               bytes, sha256}]   (blocks: one record a block,
+                               and voxels {lesion, background}: the labelled
+                               voxels of the blocks' cores)
     totals                   {samples, lesion_samples, lesion_fraction,
-                              shards, records, bytes, bytes_per_sample}
+                              shards, records, bytes, bytes_per_sample,
+                              voxels (blocks)}
 """
 
 from __future__ import annotations

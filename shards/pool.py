@@ -7,10 +7,11 @@ voxel, scan, and its place in the record). A batch is a uniform draw without
 replacement over those rows, or the first rows in stream order when there is
 no shuffling. A slot frees once all its samples are drawn.
 
-The sample data itself is turned into ``x`` by a *store*, vectorised:
+The sample data itself is turned into ``x`` by the format's *store*,
+vectorised (``columns(record)``, ``put(slot, record)``, ``fill(out, taken)``):
 
-- ``PairStore`` (pairs records): ``x`` gathered from the records' ``x``;
-- ``BlockStore`` (blocks records): pairs cut from the blocks
+- ``shards.pairs.PairStore``: ``x`` gathered from the records' ``x``;
+- ``shards.block_records.BlockStore``: pairs cut from the blocks
   (``shards.blocks.cut_pairs``), or, for the device path, the new blocks and
   each sample's (slot, offset) handed on so the consumer cuts on its device.
 
@@ -24,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
-
-from shards.blocks import cut_pairs
 
 
 class SamplePool:
@@ -112,77 +111,6 @@ class ScanCodes:
         return np.array([self.codes[s] for s in scans], dtype=np.int32)
 
 
-class PairStore:
-    """Pairs records by slot; ``x`` of drawn samples is gathered from them."""
-
-    pools_records = False  # a record is a few samples: the pool is sized by samples alone
-
-    def __init__(self):
-        self.records: dict[int, np.ndarray] = {}
-        self.scans = ScanCodes()
-
-    def columns(self, rec: dict) -> dict[str, np.ndarray]:
-        return {"y": rec["y"], "loc": rec["loc"], "scan": self.scans(rec["scan"]), "item": np.arange(len(rec["y"]))}
-
-    def put(self, slot: int, rec: dict) -> None:
-        self.records[slot] = rec["x"]
-
-    def fill(self, out: dict, taken: dict) -> None:
-        slot, item = taken["slot"], taken["item"]
-        first = self.records[int(slot[0])]
-        x = np.empty((len(slot),) + first.shape[1:], dtype=first.dtype)
-        bounds = [0, *(np.flatnonzero(np.diff(slot)) + 1), len(slot)]  # draws come grouped by record
-        for a, b in zip(bounds[:-1], bounds[1:]):  # one copy per sample, one numpy call per record
-            x[a:b] = self.records[int(slot[a])][item[a:b]]
-        out["x"] = x
-
-
-class BlockStore:
-    """Blocks records by slot in one ``(M, 2, S, S, S)`` array; pairs cut from it.
-
-    With ``device_cut`` the cut is left to ``shards.blocks.DeviceCutter``: a
-    batch carries the blocks that entered the pool since the previous batch,
-    and each sample's slot and offset.
-    """
-
-    pools_records = True  # each record is one block: the pool also holds ``pool_blocks`` of them, for mixing
-
-    def __init__(self, patch: int, device_cut: bool = False):
-        self.patch, self.device_cut = patch, device_cut
-        self.blocks: np.ndarray | None = None
-        self.new: list[tuple[int, np.ndarray]] = []  # device cut: blocks not yet handed on
-        self.shape: tuple = ()
-        self.scans = ScanCodes()
-
-    def columns(self, rec: dict) -> dict[str, np.ndarray]:
-        code = self.scans([rec["scan"]])[0]
-        return {"y": rec["y"], "loc": rec["loc"], "scan": np.full(len(rec["y"]), code, np.int32), "off": rec["off"]}
-
-    def put(self, slot: int, rec: dict) -> None:
-        block = rec["block"]
-        self.shape = block.shape
-        if self.device_cut:
-            self.new.append((slot, block))
-            return
-        if self.blocks is None or slot >= len(self.blocks) or self.blocks.shape[1:] != block.shape:
-            grown = np.zeros(
-                (max(slot + 1, 2 * (0 if self.blocks is None else len(self.blocks))),) + block.shape, dtype=block.dtype
-            )
-            if self.blocks is not None and self.blocks.shape[1:] == block.shape:
-                grown[: len(self.blocks)] = self.blocks
-            self.blocks = grown
-        self.blocks[slot] = block
-
-    def fill(self, out: dict, taken: dict) -> None:
-        if not self.device_cut:
-            out["x"] = cut_pairs(self.blocks, taken["slot"], taken["off"], self.patch)
-            return
-        out["blocks"] = np.stack([b for _, b in self.new]) if self.new else np.zeros((0, *self.shape), np.uint8)
-        out["block_slots"] = np.array([s for s, _ in self.new], dtype=np.int64)
-        out["slot"], out["off"] = taken["slot"], taken["off"]
-        self.new = []
-
-
 def batch_samples(
     records: Iterable[dict],
     batch_size: int,
@@ -192,7 +120,7 @@ def batch_samples(
     pool_blocks: int = 128,
     device_cut: bool = False,
     *,
-    store_for: Callable[[dict, bool], PairStore | BlockStore],
+    store_for: Callable[[dict, bool], object],
 ) -> Iterator[dict]:
     """Batches of ``batch_size`` samples (numpy), shuffled through a pool of at least ``shuffle`` samples.
 

@@ -30,9 +30,20 @@ N^3 tile of voxels, with every sample that lies in it::
     <key>.meta.json  {"scan": str, "origin": [i, j, k], "patch": P}: the
                                              block's scan, its first voxel
                                              (canonical RAS indices), and P
+    <key>.labels.npy (2, ceil(N^3/8)) uint8  every voxel of the block's N^3 core
+                                             (voxels origin .. origin + N - 1):
+                                             its lesion label (row 0) and brain
+                                             mask (row 1), bit-packed in C order
+                                             (``numpy.packbits``); zero past the
+                                             volume's end. Since version 3: what
+                                             dense training learns from
 
 The pair of sample k is ``block[:, o0:o0+P, o1:o1+P, o2:o2+P]`` with
 ``o = off[k]``: byte-identical to the pair a pairs build stores for it.
+
+Each format is one module: ``shards.pairs`` and ``shards.block_records``
+(codec, validation, the shuffle pool's store), registered in
+``shards.formats``.
 
 ``.npy`` members are plain NumPy format (never object dtype, so never pickle);
 plain ``webdataset.WebDataset(url).decode()`` reads every member.
@@ -42,20 +53,23 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 SCHEMA = "atlas-patch-pairs"
-SCHEMA_VERSION = 2  # 2 added the blocks format; version 1 manifests (pairs only) are still read
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2 added the blocks format, 3 the voxel labels of a block's core; 1 and 2 are still read
+READABLE_VERSIONS = (1, 2, 3)
 PATCH = 25
 BLOCK = 32  # bytes/sample at the paper's sample: 16 -> 2.3 kB, 24 -> 1.4 kB, 32 -> 1.1 kB (BENCHMARKS.md)
 MANIFEST = "manifest.json"
+RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
 
 X, Y, LOC, SCAN = "x.npy", "y.npy", "loc.npy", "scan.json"
 FIELDS = (X, Y, LOC, SCAN)
-BLOCK_NPY, OFF, META = "block.npy", "off.npy", "meta.json"
-BLOCK_FIELDS = (BLOCK_NPY, OFF, Y, META)
+BLOCK_NPY, OFF, META, LABELS = "block.npy", "off.npy", "meta.json", "labels.npy"
+BLOCK_FIELDS = (BLOCK_NPY, OFF, Y, META)  # LABELS too, since version 3
 X_DTYPE, Y_DTYPE, LOC_DTYPE = np.uint8, np.uint8, np.int16
 
 
@@ -93,18 +107,7 @@ def decode_npy(data: bytes) -> np.ndarray:
     return array.reshape(shape, order="F" if fortran else "C")
 
 
-def encode_record(x: np.ndarray, y: np.ndarray, loc: np.ndarray, scans: list[str]) -> dict[str, bytes]:
-    """Member payloads of one record, by field name (see the module docstring)."""
-    validate(x, y, loc, scans)
-    return {
-        X: encode_npy(x),
-        Y: encode_npy(y),
-        LOC: encode_npy(loc),
-        SCAN: json.dumps(list(scans), separators=(",", ":")).encode(),
-    }
-
-
-def _members(fields: dict[str, bytes], names: tuple[str, ...]) -> list:
+def members(fields: dict[str, bytes], names: tuple[str, ...]) -> list:
     """The named members of a record: ``.npy`` decoded, ``.json`` parsed.
 
     Raises:
@@ -125,91 +128,27 @@ def _members(fields: dict[str, bytes], names: tuple[str, ...]) -> list:
     return out
 
 
-def decode_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
-    """Arrays of one pairs record: ``x (K,2,P,P,P) uint8``, ``y (K,)``, ``loc (K,3)``, ``scan`` list.
+@dataclass(frozen=True)
+class RecordFormat:
+    """What a shard format provides (one module each, registered in ``shards.formats``).
 
-    Raises:
-        RecordError: a field is missing or does not match the schema.
+    ``marker``: the tar member only its records have; ``key``: the decoded
+    record's key only they have. ``decode(fields, patch)``: a record's
+    validated arrays. ``store(patch, device_cut)``: the shuffle pool's store of
+    such records (``shards.pool``). ``estimate_bytes(samples, records, patch,
+    block)``: shard bytes. ``describe(manifest)``: how the manifest's summary
+    says the samples are stored. ``records_for(samples, samples_per_record)``:
+    how many records hold them, None when that is known only once they are cut
+    (blocks: the blocks they fall in). ``max_shards(samples, records)``: the
+    most shards they can fill.
     """
-    x, y, loc, scans = _members(fields, FIELDS)
-    validate(x, y, loc, scans, patch)
-    return {"x": x, "y": y, "loc": loc, "scan": scans}
 
-
-def validate(x: np.ndarray, y: np.ndarray, loc: np.ndarray, scans, patch: int | None = None) -> None:
-    k = x.shape[0] if x.ndim else -1
-    p = patch or (x.shape[2] if x.ndim == 5 else PATCH)
-    if x.dtype != X_DTYPE or x.shape != (k, 2, p, p, p):
-        raise RecordError(f"x is {x.dtype} {x.shape}, expected uint8 (K, 2, {p}, {p}, {p})")
-    if y.dtype != Y_DTYPE or y.shape != (k,) or (y.size and y.max() > 1):
-        raise RecordError(f"y is {y.dtype} {y.shape}, expected uint8 0/1 ({k},)")
-    if loc.dtype != LOC_DTYPE or loc.shape != (k, 3):
-        raise RecordError(f"loc is {loc.dtype} {loc.shape}, expected int16 ({k}, 3)")
-    if not isinstance(scans, list) or len(scans) != k or not all(isinstance(s, str) for s in scans):
-        raise RecordError(f"scan.json must be a list of {k} strings")
-
-
-def encode_block_record(
-    block: np.ndarray, off: np.ndarray, y: np.ndarray, scan: str, origin, patch: int
-) -> dict[str, bytes]:
-    """Member payloads of one blocks record (see the module docstring)."""
-    meta = {"scan": scan, "origin": [int(v) for v in origin], "patch": int(patch)}
-    validate_block(block, off, y, meta)
-    return {
-        BLOCK_NPY: encode_npy(block),
-        OFF: encode_npy(off),
-        Y: encode_npy(y),
-        META: json.dumps(meta, separators=(",", ":")).encode(),
-    }
-
-
-def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
-    """One blocks record: ``block (2,S,S,S) uint8``, ``off (K,3) int16``, ``y (K,)``,
-    ``loc (K,3) int16`` (origin + off), ``scan`` (str), ``origin (3,)``, ``patch``.
-
-    Raises:
-        RecordError: a field is missing or does not match the schema.
-    """
-    block, off, y, meta = _members(fields, BLOCK_FIELDS)
-    validate_block(block, off, y, meta, patch)
-    origin = np.asarray(meta["origin"], dtype=LOC_DTYPE)
-    return {
-        "block": block,
-        "off": off,
-        "y": y,
-        "loc": (off + origin).astype(LOC_DTYPE),
-        "scan": meta["scan"],
-        "origin": origin,
-        "patch": meta["patch"],
-    }
-
-
-def validate_block(block: np.ndarray, off: np.ndarray, y: np.ndarray, meta, patch: int | None = None) -> None:
-    if not isinstance(meta, dict) or not isinstance(meta.get("patch"), int) or meta["patch"] < 1:
-        raise RecordError("meta.json has no patch size")
-    p = meta["patch"]
-    if patch is not None and p != patch:
-        raise RecordError(f"patch {p}, expected {patch}")
-    s = block.shape[1] if block.ndim == 4 else -1
-    if block.dtype != X_DTYPE or block.shape != (2, s, s, s) or s < p:
-        raise RecordError(f"block is {block.dtype} {block.shape}, expected uint8 (2, S, S, S) with S >= {p}")
-    k = off.shape[0] if off.ndim == 2 else -1
-    if off.dtype != LOC_DTYPE or off.shape != (k, 3) or (k and (off.min() < 0 or off.max() > s - p)):
-        raise RecordError(f"off is {off.dtype} {off.shape}, expected int16 ({k}, 3) in [0, {s - p}]")
-    if y.dtype != Y_DTYPE or y.shape != (k,) or (y.size and y.max() > 1):
-        raise RecordError(f"y is {y.dtype} {y.shape}, expected uint8 0/1 ({k},)")
-    origin = meta.get("origin")
-    if not isinstance(meta.get("scan"), str) or not (
-        isinstance(origin, list) and len(origin) == 3 and all(isinstance(v, int) for v in origin)
-    ):
-        raise RecordError('meta.json must be {"scan": str, "origin": [i, j, k], "patch": P}')
-
-
-def block_bytes(block: int = BLOCK, patch: int = PATCH) -> int:
-    """Payload bytes of one block pair (its samples' offsets and labels excluded)."""
-    return 2 * (block + patch - 1) ** 3
-
-
-def bytes_per_sample(patch: int = PATCH) -> int:
-    """Payload bytes of one sample (x, y, loc; scan ids and tar headers excluded)."""
-    return 2 * patch**3 + 1 + 3 * 2
+    name: str
+    marker: str
+    key: str
+    decode: Callable[[dict[str, bytes], int | None], dict]
+    store: Callable[[int, bool], object]
+    estimate_bytes: Callable[[int, int, int, int], int]
+    describe: Callable[[dict], str]
+    records_for: Callable[[int, int], int | None]
+    max_shards: Callable[[int, int], int]

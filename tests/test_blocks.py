@@ -18,7 +18,8 @@ from shards.manifest import read_manifest, verify
 from shards.norm import normalise
 from shards.patches import extract_pairs
 from shards.reader import ShardStream, read_records
-from shards.schema import decode_block_record, decode_npy, encode_block_record
+from shards.block_records import decode_block_record, encode_block_record
+from shards.schema import decode_npy, encode_npy
 from shards.sources import resolve
 from shards.tario import iter_grouped, write_shard
 
@@ -81,11 +82,31 @@ def test_every_sample_in_one_record_every_shard_mixes_every_scan(both):
     assert len(seen) == blocks["totals"]["samples"]
 
 
+def test_every_voxel_label_of_a_block_equals_the_stores_masks(tiny_store, both):
+    base, blocks, _ = both
+    root, n = zstore.open_store(tiny_store), blocks["config"]["block"]
+    pad = ((0, n), (0, n), (0, n))
+    masks = {s["scan_id"]: zstore.read_scan(root, s["scan_id"], ("lesion", "brain")) for s in blocks["scans"]}
+    totals = np.zeros(2, np.int64)
+    for rec in _records(base / "blocks"):
+        data, (i, j, k) = masks[rec["scan"]], rec["origin"].tolist()
+        lesion, brain = (np.pad(data[m] > 0, pad)[i : i + n, j : j + n, k : k + n] for m in ("lesion", "brain"))
+        assert rec["labels"].shape == (2, n, n, n) and rec["labels"].dtype == np.uint8
+        assert np.array_equal(rec["labels"][0], lesion) and np.array_equal(rec["labels"][1], brain)
+        totals += int(lesion.sum()), int((brain & ~lesion).sum())
+    assert blocks["totals"]["voxels"] == {"lesion": int(totals[0]), "background": int(totals[1])}
+    # every lesion voxel is sampled (rate 1), so every one lies in a stored block's core
+    assert totals[0] == sum(s["lesion_voxels"] for s in blocks["scans"]) > 0
+    assert blocks["totals"]["voxels"] == {
+        k: sum(s["voxels"][k] for s in blocks["shards"]) for k in ("lesion", "background")
+    }
+
+
 def test_manifest_records_format_block_and_bytes(both):
     base, blocks, pairs = both
     assert read_manifest(base / "blocks") == blocks
     assert blocks["format"] == blocks["config"]["format"] == "blocks" and blocks["config"]["block"] == 8
-    assert pairs["format"] == "pairs" and blocks["schema_version"] == 2
+    assert pairs["format"] == "pairs" and blocks["schema_version"] == 3
     assert blocks["totals"]["records"] == sum(s["records"] for s in blocks["shards"])
     assert blocks["totals"]["bytes"] == sum((base / "blocks" / s["name"]).stat().st_size for s in blocks["shards"])
     assert blocks["totals"]["bytes_per_sample"] < pairs["totals"]["bytes_per_sample"] / 3
@@ -191,6 +212,16 @@ def test_block_records_round_trip_and_refuse_bad_offsets():
     assert rec["scan"] == "s" and rec["loc"].tolist() == [[16, 1, 34], [19, 3, 35]] and rec["patch"] == 7
     with pytest.raises(ValueError, match="off"):
         encode_block_record(block, np.array([[0, 0, 4]], np.int16), y[:1], "s", (0, 0, 0), 7)
+    assert "labels" not in rec  # a version-2 record: read, without voxel labels
+    labels = np.zeros((2, 4, 4, 4), np.uint8)
+    labels[0, 0, 1, 2] = labels[1, 0, 1, 2] = labels[1, 3, 3, 3] = 1
+    rec = decode_block_record(encode_block_record(block, off, y, "s", (16, 0, 32), 7, labels=labels))
+    assert np.array_equal(rec["labels"], labels)
+    with pytest.raises(ValueError, match="disagree"):
+        encode_block_record(block, off, 1 - y, "s", (16, 0, 32), 7, labels=labels)
+    fields = encode_block_record(block, off, y, "s", (16, 0, 32), 7, labels=labels)
+    with pytest.raises(ValueError, match="labels are"):
+        decode_block_record({**fields, "labels.npy": encode_npy(np.zeros((2, 7), np.uint8))})
 
 
 def test_resume_workers_and_reruns_give_the_same_bytes(tiny_store, both, tmp_path, monkeypatch):

@@ -10,7 +10,8 @@ import pytest
 
 from shards.norm import dequantisation, normalise
 from shards.patches import PairCutter, extract_pairs, mirrored_volume
-from shards.schema import RecordError, decode_npy, decode_record, encode_npy, encode_record
+from shards.pairs import decode_record, encode_record
+from shards.schema import RecordError, decode_npy, encode_npy
 from shards.tario import iter_grouped, iter_members, sha256_file, write_shard
 
 
