@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from atlas_shards import store as zstore
-from evaluate.predictors import DenseCNN, TorchPredictor
+from evaluate.predictors import TorchPredictor
+from trainer.dense import DenseCNN
 from evaluate.volume import brain_bbox, lesion_logits
 from shards.norm import normalise
 from shards.patches import PairCutter

@@ -1,11 +1,9 @@
 """Trained runs as voxel classifiers: patch by patch (every model) or dense (the 3D CNNs).
 
-``DenseCNN`` turns a trained ``PatchCNN`` into an equivalent fully
-convolutional network: every max-pool gets stride 1, every later layer is
-dilated by the product of the earlier pooling strides, and the fully
-connected layers become convolutions (fc1's kernel is the last feature map).
-Run over the padded two-channel volume it gives, at every voxel, exactly the
-classifier's output for the patch centred there (Giusti et al. 2013).
+The dense path is the model's own fully convolutional form
+(``trainer.dense.DenseCNN``, the one training uses too): run over the padded
+two-channel volume it gives, at every voxel, exactly the classifier's output
+for the patch centred there.
 """
 
 from __future__ import annotations
@@ -20,64 +18,18 @@ import numpy as np
 import torch
 from scipy.special import logit
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from shards.common.views import dequantise
 from trainer import checkpoint as ckpt_io
 from trainer.forest import FOREST, ForestModel
+from trainer.dense import DenseCNN
 from trainer.devices import resolve_device
-from trainer.models import ModelConfig, PatchCNN, build_model
+from trainer.models import ModelConfig, build_model
 from trainer.registry import ModelError, model_entry
 
 
 class EvaluateError(Exception):
     """A run, store or input cannot be evaluated; the message says why."""
-
-
-class DenseCNN(nn.Module):
-    """The fully convolutional twin of a ``PatchCNN``: ``(1, C, X+P-1, Y+P-1, Z+P-1)`` -> logits ``(1, 2, X, Y, Z)``."""
-
-    def __init__(self, model: PatchCNN):
-        super().__init__()
-        if model.input_shape()[1:] != (model.cfg.patch,) * 3:
-            raise EvaluateError("the concat layout (2P x P x P) has no dense twin: use the patch-by-patch path")
-        layers: list[nn.Module] = []
-        dilation = 1
-        for m in model.features:
-            if isinstance(m, nn.Conv3d):
-                conv = nn.Conv3d(m.in_channels, m.out_channels, m.kernel_size, dilation=dilation)
-                conv.weight.data.copy_(m.weight.data)
-                conv.bias.data.copy_(m.bias.data)
-                layers.append(conv)
-            elif isinstance(m, nn.BatchNorm3d):  # evaluation-mode batch norm: a per-channel affine map
-                conv = layers[-1]
-                conv.weight, conv.bias = fuse_conv_bn_weights(
-                    conv.weight, conv.bias, m.running_mean, m.running_var, m.eps, m.weight, m.bias
-                )
-            elif isinstance(m, nn.MaxPool3d):
-                layers.append(nn.MaxPool3d(m.kernel_size, stride=1, dilation=dilation))
-                dilation *= m.stride if isinstance(m.stride, int) else m.stride[0]
-            else:
-                layers.append(nn.ReLU())
-        channels, *spatial = model.feature_shape
-        fc1 = nn.Conv3d(channels, model.fc1.out_features, tuple(spatial), dilation=dilation)
-        fc1.weight.data.copy_(model.fc1.weight.data.view(model.fc1.out_features, channels, *spatial))
-        fc1.bias.data.copy_(model.fc1.bias.data)
-        fc2 = nn.Conv3d(model.fc2.in_features, 2, 1)
-        fc2.weight.data.copy_(model.fc2.weight.data.view(2, -1, 1, 1, 1))
-        fc2.bias.data.copy_(model.fc2.bias.data)
-        self.net = nn.Sequential(*layers, fc1, nn.ReLU(), fc2)
-        self.patch = model.cfg.patch
-        try:
-            with torch.no_grad():
-                probe = self.net(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3)).shape[2:]
-        except RuntimeError:
-            probe = None
-        if probe is None or tuple(probe) != (4, 4, 4):
-            raise EvaluateError("this network's pooling does not tile the patch exactly; use the patch-by-patch path")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class Predictor(Protocol):

@@ -241,7 +241,8 @@ def random_cnn_predictor(seed: int, background_rate: float = 0.01, norm: str = "
     """An untrained cnn3d-sym as a ``TorchPredictor`` (with its dense twin for the channels layout)."""
     import torch
 
-    from evaluate.predictors import DenseCNN, TorchPredictor
+    from evaluate.predictors import TorchPredictor
+    from trainer.dense import DenseCNN
     from trainer.models import ModelConfig, build_model
 
     torch.manual_seed(seed)

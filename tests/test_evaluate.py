@@ -15,7 +15,8 @@ from scipy import ndimage
 from conftest import build_quietly
 from evaluate.metrics import case_metrics, lesion_count_difference, lesion_f1, summarise
 from shards.common.scores import dice
-from evaluate.predictors import DenseCNN, Predictor, TorchPredictor, load_run
+from evaluate.predictors import Predictor, TorchPredictor, load_run
+from trainer.dense import DenseCNN
 from evaluate.split import evaluate_split
 from evaluate.volume import lesion_logits
 from shards.norm import normalise
@@ -113,10 +114,26 @@ def test_dense_equals_patch_by_patch(name, mirror, batch_norm):
 
 
 def test_concat_layout_has_no_dense_twin():
-    from evaluate.predictors import EvaluateError
+    from trainer.registry import ModelError
 
-    with pytest.raises(EvaluateError, match="patch-by-patch"):
+    with pytest.raises(ModelError, match="patch-by-patch"):
         DenseCNN(build_model(ModelConfig(name="cnn3d-sym", layout="concat")))
+
+
+def test_the_dense_form_is_the_model_itself_and_refuses_unknown_layers():
+    from trainer.registry import ModelError
+
+    model = build_model(ModelConfig(name="cnn3d-sym", batch_norm=True))
+    dense = DenseCNN(model)
+    assert {id(p) for p in dense.parameters()} == {id(p) for p in model.parameters()}  # shared, not copied
+    x = torch.rand(1, 2, 27, 27, 27)
+    before = dense.eval()(x)
+    with torch.no_grad():
+        model.fc2.bias.add_(1.0)  # a change to the patch model is a change to its dense form
+    assert torch.allclose(dense(x)[:, 1] - before[:, 1], torch.ones(1))
+    model.features[4] = torch.nn.Tanh()  # a layer the dense form does not know: refused, never read as a ReLU
+    with pytest.raises(ModelError, match="Tanh"):
+        DenseCNN(model)
 
 
 def test_run_writes_documented_outputs(trained, tmp_path):
