@@ -82,12 +82,18 @@ class _Run:
         sampling by component the configured lesion rate (1) overstates the
         drawn one. Runs from before that record use the configured rates.
 
+        A dense run (``fit --objective dense``) records the rates its voxel
+        weights stand for (``trainer.objectives.dense_rates``); they are used
+        whatever the build drew.
+
         0 for hard-negative shards (``build --hard-negatives``): the shift
         assumes a uniformly drawn background, but there the voxels a prior
         model mistook for lesion were drawn more often, so the model has already
         lowered its odds where it matters (BENCHMARKS.md, "hard negatives").
         """
-        build = self.preprocessing["build"]
+        build, sampling = self.preprocessing["build"], self.preprocessing.get("sampling") or {}
+        if sampling.get("objective") == "dense":  # a dense loss's voxel weights (trainer/objectives.py)
+            return math.log(float(sampling["lesion_rate"]) / float(sampling["background_rate"]))
         if build.get("hard_negatives") and float(build.get("hard_share", 0.0)) > 0:
             return 0.0
         if build.get("mode") == "natural":

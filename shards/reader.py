@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shards.block_batches import batch_blocks
 from shards.pool import batch_samples
 from shards.formats import decode_any, format_of, store_for
 from shards.schema import RecordError
@@ -137,14 +138,15 @@ def _kept(records: int | None, keep: tuple[int, int] | None) -> int | None:
 def to_tensors(batch: dict) -> dict:
     """numpy batch -> ``x (B,2,P,P,P) uint8``, ``y (B,) int64``, ``loc (B,3) int64`` tensors, ``scan`` list.
 
-    A device-cut batch has ``blocks``, ``block_slots``, ``slot`` and ``off`` tensors instead of ``x``.
+    A device-cut batch has ``blocks``, ``block_slots``, ``slot`` and ``off`` tensors instead of ``x``; a batch of
+    whole blocks (``unit="blocks"``) has ``block``, ``labels``, ``off`` and ``owner`` (``shards.block_batches``).
     """
     out = {
         "y": torch.from_numpy(batch["y"].astype(np.int64)),
         "loc": torch.from_numpy(batch["loc"].astype(np.int64)),
         "scan": list(batch["scan"]),
     }
-    for key in ("x", "blocks", "block_slots", "slot", "off"):
+    for key in ("x", "blocks", "block_slots", "slot", "off", "block", "labels", "owner"):
         if key in batch:
             out[key] = torch.from_numpy(np.ascontiguousarray(batch[key]))
     return out
@@ -175,6 +177,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         device_cut: with blocks shards, leave the cut to the consumer: batches
             carry new blocks and per-sample (slot, offset) instead of ``x``;
             ``shards.blocks.DeviceCutter`` cuts them on the training device.
+        unit: ``"samples"`` (batches of patch pairs) or ``"blocks"``: batches
+            of ``batch_size`` whole blocks with their voxel labels, for dense
+            training (``shards.block_batches``; blocks shards of schema version
+            3); ``shuffle`` then counts blocks, and the epoch's length comes
+            from the manifest's record counts.
 
     Each batch also carries ``skipped``: records skipped by this reader since
     its previous batch (sum them for the run's total), and ``worker``: the
@@ -196,36 +203,47 @@ class ShardStream(torch.utils.data.IterableDataset):
         retries: int = 3,
         pool_blocks: int = 128,
         device_cut: bool = False,
+        unit: str = "samples",
     ):
         super().__init__()
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
+        if unit not in ("samples", "blocks"):
+            raise ValueError(f"unit is samples or blocks, got {unit!r}")
         self.shards, self.manifest = resolve(source, timeout=min(timeout, 10.0))
         if not self.shards:
             raise ShardSourceError(f"{source}: no shards")
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.handler, self.timeout, self.retries = drop_last, handler, timeout, retries
         self._rank, self._world = rank, world_size
-        self.pool_blocks, self.device_cut = pool_blocks, device_cut
+        self.pool_blocks, self.device_cut, self.unit = pool_blocks, device_cut, unit
         config = (self.manifest or {}).get("config", {})
         self.patch, self.format = config.get("patch"), (config.get("format", "pairs") if self.manifest else None)
         self.epoch = 0
         _, world = self.rank_world()
         if batches_per_epoch is None and world > 1:
-            total = self.total_samples
+            total = self.total_units
             if total is None:
                 raise ShardSourceError(
-                    f"{source}: shard sample counts are unknown (no manifest beside the shards); "
+                    f"{source}: shard {unit} counts are unknown (no manifest beside the shards); "
                     "give batches_per_epoch so every rank runs the same number of steps"
                 )
             batches_per_epoch = total // (world * batch_size)
             if batches_per_epoch == 0:
-                raise ShardSourceError(f"{source}: {total} samples are fewer than one batch per rank")
+                raise ShardSourceError(f"{source}: {total} {unit} are fewer than one batch per rank")
         self.batches_per_epoch = batches_per_epoch
 
     @property
     def total_samples(self) -> int | None:
         counts = [s.samples for s in self.shards]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    @property
+    def total_units(self) -> int | None:
+        """What a batch counts, over all shards: samples, or (``unit="blocks"``) records."""
+        if self.unit == "samples":
+            return self.total_samples
+        counts = [s.records for s in self.shards]
         return None if any(c is None for c in counts) else sum(counts)
 
     def rank_world(self) -> tuple[int, int]:
@@ -240,7 +258,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         if self.batches_per_epoch is not None:
             return self.batches_per_epoch
-        total = self.total_samples
+        total = self.total_units
         if total is None:
             raise TypeError("length unknown: no manifest")
         full, rest = divmod(total, self.batch_size)
@@ -274,16 +292,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
         records = self._cycle(shards, keep, stats, rng) if quota is not None else self._read(shards, keep, stats)
         drop_last = self.drop_last or quota is not None
-        batches = batch_samples(
-            records,
-            self.batch_size,
-            self.shuffle,
-            rng,
-            drop_last,
-            self.pool_blocks,
-            self.device_cut,
-            store_for=store_for,
-        )
+        if self.unit == "blocks":
+            batches = batch_blocks(records, self.batch_size, self.shuffle, rng, drop_last)
+        else:
+            kw = {"store_for": store_for}
+            batches = batch_samples(
+                records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks, self.device_cut, **kw
+            )
         reported = 0
         for i, batch in enumerate(batches):
             if quota is not None and i >= quota:

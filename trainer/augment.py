@@ -23,13 +23,37 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63)
 
 
-def flip_pairs(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``x (B, 2, P, P, P)``: each sample flipped along each spatial axis with probability 1/2, both cubes alike."""
+def flip_draws(n: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Which of ``n`` samples are flipped along each of the three spatial axes (probability 1/2 each)."""
+    return [torch.rand(n, generator=gen) < 0.5 for _ in range(3)]
+
+
+def flip_pairs(x: torch.Tensor, gen: torch.Generator, labels: torch.Tensor | None = None, draws=None):
+    """``x (B, 2, P, P, P)``: each sample flipped along each spatial axis with probability 1/2, both cubes alike.
+
+    With ``labels (B, C, N, N, N)`` (a dense batch: ``x`` is a block, ``labels`` its core's voxels) the labels
+    are flipped with their block, and ``(x, labels)`` is returned: the window at offset o of the flipped block
+    is the flipped window at N-1-o, whose label the flipped labels hold there. ``draws``: ``flip_draws``'
+    result, when the caller flips something else alike (``flip_offsets``).
+    """
+    draws = flip_draws(x.shape[0], gen) if draws is None else draws
     x = x.clone()
-    for axis in (2, 3, 4):
-        chosen = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    labels = labels.clone() if labels is not None else None
+    for axis, chosen in zip((2, 3, 4), draws):
+        chosen = chosen.to(x.device)
         x[chosen] = x[chosen].flip(axis)
-    return x
+        if labels is not None:
+            labels[chosen] = labels[chosen].flip(axis)
+    return x if labels is None else (x, labels)
+
+
+def flip_offsets(off: torch.Tensor, owner: torch.Tensor, side: int, draws) -> torch.Tensor:
+    """Sampled voxels' offsets ``(K, 3)`` in blocks flipped by ``draws``: o -> side-1-o where their block flipped."""
+    off = off.clone()
+    for axis, chosen in enumerate(draws):
+        flipped = chosen.to(off.device)[owner]
+        off[flipped, axis] = side - 1 - off[flipped, axis]
+    return off
 
 
 def jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

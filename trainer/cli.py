@@ -12,6 +12,7 @@ import click
 from shards.common.cli_errors import OneLineErrors, expected, one_line
 from shards.common.params import POSITIVE, SEED, FiniteFloat, from_options
 from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
+from trainer.objectives import BATCH, OBJECTIVES
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -52,7 +53,28 @@ def main() -> None:
 @click.option("--val-shards", default=None, help="An un-upsampled stream (build --natural) for the curves.")
 @click.option("--epochs", type=click.IntRange(min=1), default=TrainConfig.epochs, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(min=1), default=None, help="Default: one pass over the shards.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=TrainConfig.batch_size, show_default=True)
+@click.option(
+    "--objective",
+    type=click.Choice(OBJECTIVES),
+    default=TrainConfig.objective,
+    show_default=True,
+    help="patch: one label a 25^3 pair (the paper's). dense: every brain voxel of each block's core, the 3D CNNs "
+    "run densely (blocks shards of this version). dense-sampled: the dense forward, the loss at the blocks' "
+    "sampled voxels only (= patch training on the same samples).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Samples a batch, or blocks with a dense objective [{', '.join(f'{k} {v}' for k, v in BATCH.items())}].",
+)
+@click.option(
+    "--lesion-share",
+    type=FiniteFloat(0, 1, min_open=True, max_open=True),
+    default=TrainConfig.lesion_share,
+    show_default=True,
+    help="--objective dense: the share of the loss's weight lesion voxels carry (the paper's sample: 43.7%).",
+)
 @click.option(
     "--recipe",
     type=click.Choice(list(RECIPES)),

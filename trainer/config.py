@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from trainer.objectives import BATCH, OBJECTIVES
 from trainer.registry import FIT_MODELS, ModelError, model_entry
 
 MODELS = FIT_MODELS  # what atlas-train fit trains (trainer/registry.py)
@@ -48,7 +49,9 @@ class TrainConfig:
     val_shards: str | None = None
     epochs: int = 1
     steps_per_epoch: int | None = None
-    batch_size: int = 64
+    objective: str = "patch"  # trainer/objectives.py: patch, dense, dense-sampled
+    batch_size: int | None = None  # samples, or blocks for a dense objective (None: objectives.BATCH)
+    lesion_share: float = 0.437  # --objective dense: lesion voxels' share of the loss's weight
     recipe: str = "modern"
     lr: float | None = None  # None: the recipe's (as for the five below)
     optimizer: str | None = None
@@ -79,8 +82,11 @@ class TrainConfig:
         """This config with every setting its recipe decides filled in (the ones given kept)."""
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
         given = {k: getattr(self, k) for k in RECIPES[self.recipe] if getattr(self, k) is not None}
-        return replace(self, **{**RECIPES[self.recipe], **given})
+        batch = self.batch_size if self.batch_size is not None else BATCH[self.objective]
+        return replace(self, **{**RECIPES[self.recipe], **given}, batch_size=batch)
 
 
 @dataclass

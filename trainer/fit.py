@@ -35,11 +35,22 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows
 from trainer.devices import resolve_device
-from trainer.augment import flip_pairs, jitter, step_generator
+from trainer.augment import flip_draws, flip_offsets, flip_pairs, jitter, step_generator
 from trainer.clock import Clock
 from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
+from trainer.dense import DenseCNN
 from trainer.distributed import Ranks, finite_everywhere, setup_distributed
 from trainer.models import build_model, memory_format
+from trainer.registry import ModelError
+from trainer.objectives import (
+    ObjectiveError,
+    check_dense_shards,
+    dense_loss,
+    dense_rates,
+    dense_weights,
+    is_dense,
+    sampled_loss,
+)
 from trainer.optim import learning_rate, make_optimizer
 
 
@@ -79,6 +90,8 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise TrainError(f"--warmup must be in [0, 1) and --weight-decay >= 0, got {cfg.warmup}, {cfg.weight_decay}")
     if cfg.budget_clock not in ("wall", "cpu"):
         raise TrainError(f"--budget-clock is wall or cpu, got {cfg.budget_clock!r}")
+    if is_dense(cfg.objective) and cfg.cut_on_device:
+        raise TrainError("--cut-on-device is for --objective patch: a dense objective's input is the block itself")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise TrainError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
 
@@ -155,20 +168,28 @@ class Streams:
 
 
 def _open_streams(cfg: TrainConfig, world: int) -> Streams:
-    stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries, "seed": cfg.seed, "batch_size": cfg.batch_size}
+    stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries, "seed": cfg.seed}
+    unit = "blocks" if is_dense(cfg.objective) else "samples"
+    shuffle = cfg.shuffle if unit == "samples" else max(1, cfg.shuffle // 64)  # blocks: ~64 samples a block
     train = ShardStream(  # the source resolved once; its length set below, from the manifest
-        cfg.shards, shuffle=cfg.shuffle, batches_per_epoch=1, device_cut=cfg.cut_on_device, **stream_kw
+        cfg.shards, cfg.batch_size, shuffle, batches_per_epoch=1, device_cut=cfg.cut_on_device, unit=unit, **stream_kw
     )
     manifest = train.manifest
-    if manifest is None or train.total_samples is None:
+    if manifest is None or train.total_units is None:
         raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
-    steps_per_epoch = cfg.steps_per_epoch or train.total_samples // (world * cfg.batch_size)
+    if is_dense(cfg.objective):
+        try:
+            check_dense_shards(manifest, cfg.shards)
+        except ObjectiveError as exc:
+            raise TrainError(str(exc)) from None
+    steps_per_epoch = cfg.steps_per_epoch or train.total_units // (world * cfg.batch_size)
     if steps_per_epoch < 1:
-        raise TrainError(f"{cfg.shards}: {train.total_samples} samples are fewer than one batch per rank")
+        raise TrainError(f"{cfg.shards}: {train.total_units} {unit} are fewer than one batch per rank")
     train.batches_per_epoch = steps_per_epoch
     val = None
     if cfg.val_shards:
-        val = ShardStream(cfg.val_shards, shuffle=0, batches_per_epoch=cfg.val_batches, **stream_kw)
+        val_batch = cfg.batch_size if unit == "samples" else 256
+        val = ShardStream(cfg.val_shards, val_batch, shuffle=0, batches_per_epoch=cfg.val_batches, **stream_kw)
         if val.manifest is not None:
             train_name, val_name = f"training shards {cfg.shards}", f"validation shards {cfg.val_shards}"
             check_compatible(manifest, train_name, val.manifest, val_name)
@@ -205,8 +226,18 @@ class Run:
     def preprocessing(self) -> dict:
         """What the checkpoint carries to evaluation, so that it cannot drift (computed once a run)."""
         manifest = self.data.manifest
-        build, rates = manifest["config"], sampling_rates(manifest)
-        return {"norm": manifest["norm"], "build": build, "sampling": rates, "shards": self.cfg.shards}
+        rates = dense_rates(manifest, self.voxel_weights) if self.cfg.objective == "dense" else sampling_rates(manifest)
+        return {"norm": manifest["norm"], "build": manifest["config"], "sampling": rates, "shards": self.cfg.shards}
+
+    @functools.cached_property
+    def voxel_weights(self) -> tuple[float, float] | None:
+        """(background, lesion) weights of the dense loss; None for the other objectives."""
+        if self.cfg.objective != "dense":
+            return None
+        try:
+            return dense_weights(self.data.manifest, self.cfg.lesion_share)
+        except ObjectiveError as exc:
+            raise TrainError(str(exc)) from None
 
 
 @dataclass
@@ -232,8 +263,14 @@ def _start(run: Run, ckpt: dict | None) -> State:
     layout = memory_format(raw, cfg.channels_last)
     raw = raw.to(memory_format=layout)
     opt = make_optimizer(cfg.optimizer, [p for p in raw.parameters() if p.requires_grad], cfg.lr, cfg.weight_decay)
-    weight = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device) if cfg.class_weights else None
+    weights = run.voxel_weights or cfg.class_weights
+    weight = torch.tensor(weights, dtype=torch.float32, device=device) if weights else None
     state = State(raw, raw, opt, layout, Clock(cfg.time_budget, device, cfg.budget_clock), weight)
+    if is_dense(cfg.objective):
+        try:
+            state.model = DenseCNN(raw)  # raw's own layers and parameters, run over whole blocks
+        except ModelError as exc:
+            raise TrainError(f"--objective {cfg.objective}: {run.model_cfg.name} ({run.model_cfg.layout}): {exc}")
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -244,7 +281,7 @@ def _start(run: Run, ckpt: dict | None) -> State:
         state.rows = [r for r in read_rows(run.out / "metrics.csv") if int(r["step"]) <= state.step]
     if run.ranks.ddp:
         device_ids = [device.index] if device.type == "cuda" else None
-        state.model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=device_ids)
+        state.model = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=device_ids)
     if cfg.compile:  # the training forward only; checkpoints and validation use the plain module (raw)
         state.model = torch.compile(state.model)
     return state
@@ -304,10 +341,10 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
                 if i < done_in_epoch:
                     to_device.load(batch)  # a device pool must still see the blocks these batches brought
                     continue
-                loss = _step(run, state, to_device(batch), batch["y"].to(device, non_blocking=True))
+                loss, count = _step(run, state, batch, to_device)
                 if run.ranks.world > 1 and len(seen) < audit.KEEP:
                     seen.append(audit.fingerprint(batch))
-                window.add(loss, len(batch["y"]), waited, int(batch["skipped"]))
+                window.add(loss, count, waited, int(batch["skipped"]))
                 window = _after_step(run, state, window, epoch, bar)
                 bar.update()
                 if state.clock.spent():
@@ -325,19 +362,16 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
     return seen
 
 
-def _step(run: Run, state: State, x: torch.Tensor, y: torch.Tensor) -> float:
-    """One optimisation step on the batch ``x (B, 2, P, P, P) uint8``, ``y (B,)``; returns its mean loss."""
+def _step(run: Run, state: State, batch: dict, to_device: DeviceCutter) -> tuple[float, int]:
+    """One optimisation step on a batch (of pairs, or of whole blocks for a dense objective); returns its mean
+    loss and how many labelled voxels it covered."""
     cfg, world = run.cfg, run.ranks.world
     state.model.train()
     state.lr = learning_rate(cfg.lr, cfg.schedule, cfg.warmup, state.clock.progress(state.step, run.data.total_steps))
     for group in state.opt.param_groups:
         group["lr"] = state.lr
     gen = step_generator(cfg.seed, run.ranks.rank, state.step) if cfg.augment else None
-    x = flip_pairs(x, gen) if cfg.augment else x
-    with torch.autocast(run.ranks.device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        inputs = state.raw.prepare(x).contiguous(memory_format=state.layout)
-        logits = state.model(jitter(inputs, gen) if cfg.augment else inputs)
-    loss = F.cross_entropy(logits.float(), y, weight=state.weight)
+    loss, count = _loss(run, state, batch, to_device, gen)
     if not finite_everywhere(loss, world):  # before backward: the weights are still the last finite ones
         _save(run, state)
         raise TrainError(
@@ -349,7 +383,34 @@ def _step(run: Run, state: State, x: torch.Tensor, y: torch.Tensor) -> float:
     state.opt.step()
     state.step += 1
     state.clock.tick()
-    return loss.item()
+    return loss.item(), count
+
+
+def _loss(run: Run, state: State, batch: dict, to_device: DeviceCutter, gen) -> tuple[torch.Tensor, int]:
+    """The batch's loss by the run's objective (``trainer/objectives.py``), and the voxels it covers."""
+    cfg, device = run.cfg, run.ranks.device
+    y = batch["y"].to(device, non_blocking=True).long()
+    if not is_dense(cfg.objective):
+        x = flip_pairs(to_device(batch), gen) if cfg.augment else to_device(batch)
+        return F.cross_entropy(_forward(run, state, x, gen), y, weight=state.weight), len(y)
+    x = batch["block"].to(device, non_blocking=True)
+    draws = flip_draws(len(x), gen) if cfg.augment else None
+    if cfg.objective == "dense":
+        labels = batch["labels"].to(device, non_blocking=True)
+        if draws is not None:
+            x, labels = flip_pairs(x, gen, labels, draws)
+        return dense_loss(_forward(run, state, x, gen), labels, state.weight)
+    owner, off = batch["owner"].to(device), batch["off"].to(device)
+    if draws is not None:
+        x, off = flip_pairs(x, gen, draws=draws), flip_offsets(off, owner, x.shape[2] - run.data.patch + 1, draws)
+    return sampled_loss(_forward(run, state, x, gen), owner, off, y, state.weight)
+
+
+def _forward(run: Run, state: State, x: torch.Tensor, gen) -> torch.Tensor:
+    """Float logits of stored ``x`` (pairs, or blocks through the dense form), augmented as the recipe says."""
+    with torch.autocast(run.ranks.device.type, dtype=torch.bfloat16, enabled=run.cfg.amp):
+        inputs = state.raw.prepare(x).contiguous(memory_format=state.layout)
+        return state.model(jitter(inputs, gen) if run.cfg.augment else inputs).float()
 
 
 def _after_step(run: Run, state: State, window: Window, epoch: int, bar) -> Window:

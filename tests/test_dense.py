@@ -1,0 +1,264 @@
+"""Dense training: every voxel of a block record is a label, the 3D CNNs run fully convolutionally."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_quietly
+from shards.blocks import cut_pairs_torch
+from shards.reader import ShardStream
+from trainer import checkpoint as ckpt_io
+from trainer.augment import flip_draws, flip_offsets, flip_pairs, step_generator
+from trainer.config import TrainConfig
+from trainer.dense import DenseCNN
+from trainer.fit import TrainError, fit
+from trainer.models import ModelConfig, build_model
+from trainer.objectives import dense_loss, dense_weights, sampled_loss
+from trainer.optim import make_optimizer
+
+BLOCK = 8  # tiny volumes: many small blocks a scan
+
+
+@pytest.fixture(scope="module")
+def blocks(tiny_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "blocks"
+    manifest = build_quietly(tiny_store, out, split="train", num_shards=4, block=BLOCK)
+    return out, manifest
+
+
+def _batch(shards, n: int = 3) -> dict:
+    """The first batch of ``n`` blocks, as a dense stream batches them, whose samples hold both classes."""
+    for batch in ShardStream(str(shards), batch_size=n, shuffle=0, unit="blocks"):
+        if 0 < int(batch["y"].sum()) < len(batch["y"]):
+            return batch
+    raise AssertionError("no batch with both classes")
+
+
+def _cfg(shards, out, **kw) -> TrainConfig:
+    base = dict(shards=str(shards), out=str(out), objective="dense", workers=0, log_every=2, checkpoint_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def _quiet(cfg, model_cfg=None, **kw) -> dict:
+    return fit(cfg, model_cfg or ModelConfig(), progress=False, log=lambda m: None, **kw)
+
+
+@pytest.mark.floats
+def test_dense_sampled_loss_and_gradients_equal_patch_training_on_the_same_samples(blocks):
+    shards, _ = blocks
+    batch = _batch(shards)
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(batch_norm=False))
+    with torch.no_grad():
+        for p in model.parameters():  # livelier than the default init, so that neighbouring voxels differ
+            p.mul_(3)
+    weight = torch.tensor([1.0, 2.5])  # class weights apply alike
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    logits = DenseCNN(model)(model.prepare(batch["block"]))
+    off = batch["off"].clone()
+    dense, k = sampled_loss(logits, batch["owner"], off, batch["y"], weight)
+    dense_grads = grads(dense)
+    pairs = cut_pairs_torch(batch["block"], batch["owner"], batch["off"], 25)  # the per-sample path's input
+    patch = F.cross_entropy(model(model.prepare(pairs)), batch["y"], weight=weight)
+    patch_grads = grads(patch)
+    assert k == len(batch["y"]) > 5
+    # The same sums in another order (dilated convolutions over the block, against one patch at a time): float32
+    # rounding only, ~1e-7 of each value.
+    assert abs(dense.item() - patch.item()) <= 1e-5 * abs(patch.item())
+    for a, b in zip(dense_grads, patch_grads):
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-9
+    # Control: the loss one voxel off (the wrong offsets) is far from it, so the bounds above can fail.
+    shifted, _ = sampled_loss(logits.detach(), batch["owner"], (off + 1).clamp(max=BLOCK - 1), batch["y"], weight)
+    assert abs(shifted.item() - patch.item()) > 1e-2 * abs(patch.item())
+
+
+@pytest.mark.floats
+def test_dense_loss_weighs_every_labelled_voxel_of_the_core(blocks):
+    shards, manifest = blocks
+    batch = _batch(shards, 2)
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(batch_norm=False)).eval()
+    w = torch.tensor(dense_weights(manifest, 0.437), dtype=torch.float32)
+    with torch.no_grad():
+        loss, count = dense_loss(DenseCNN(model)(model.prepare(batch["block"])), batch["labels"], w)
+        # the oracle: every voxel of both cores classified patch by patch, the labelled ones weighted by hand
+        owner, *axes = torch.meshgrid(torch.arange(2), *(torch.arange(BLOCK),) * 3, indexing="ij")
+        owner, off = owner.reshape(-1), torch.stack([a.reshape(-1) for a in axes], 1)
+        ce = F.cross_entropy(
+            model(model.prepare(cut_pairs_torch(batch["block"], owner, off, 25))),
+            batch["labels"][owner, 0, off[:, 0], off[:, 1], off[:, 2]].long(),
+            reduction="none",
+        )
+    lesion, brain = (batch["labels"][owner, c, off[:, 0], off[:, 1], off[:, 2]].bool() for c in (0, 1))
+    counted = lesion | brain
+    per_voxel = torch.where(lesion, w[1], w[0]) * counted
+    assert count == int(counted.sum()) > 100 and int(counted.sum()) < len(counted)  # the core's edge is outside
+    assert abs(loss.item() - ((per_voxel * ce).sum() / per_voxel.sum()).item()) <= 1e-5 * loss.item()
+
+
+def test_dense_weights_give_the_lesion_share_and_the_prior(blocks, tmp_path):
+    shards, manifest = blocks
+    voxels = manifest["totals"]["voxels"]
+    w0, w1 = dense_weights(manifest, 0.437)
+    assert w1 * voxels["lesion"] / (w1 * voxels["lesion"] + w0 * voxels["background"]) == pytest.approx(0.437)
+    assert (w0 * voxels["background"] + w1 * voxels["lesion"]) == pytest.approx(sum(voxels.values()))  # mean 1
+    _quiet(_cfg(shards, tmp_path / "run", steps_per_epoch=2, lesion_share=0.3))
+    from evaluate.predictors import load_run
+
+    pred = load_run(tmp_path / "run")
+    w0, w1 = dense_weights(manifest, 0.3)
+    lesion = sum(s["lesion_voxels"] for s in manifest["scans"])
+    background = sum(s["background_voxels"] for s in manifest["scans"])
+    expected = math.log((w1 * voxels["lesion"] / lesion) / (w0 * voxels["background"] / background))
+    assert pred.prior_shift() == pytest.approx(expected) and abs(expected) > 1  # not the build's rates
+    assert pred.prior_shift() != pytest.approx(math.log(manifest["config"]["lesion_rate"] / 0.01))
+
+
+def test_shards_without_voxel_labels_are_refused_by_name(blocks, tiny_store, tmp_path):
+    shards, _ = blocks
+    old = tmp_path / "v2"
+    shutil.copytree(shards, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = 2
+    manifest["totals"].pop("voxels")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainError, match=f"{old}: blocks shards of schema version 2 carry no voxel labels"):
+        _quiet(_cfg(old, tmp_path / "a"))
+    pairs = build_quietly(tiny_store, tmp_path / "pairs", split="train", num_shards=2, format="pairs")
+    assert pairs["format"] == "pairs"
+    with pytest.raises(TrainError, match="pairs shards; dense training needs blocks shards"):
+        _quiet(_cfg(tmp_path / "pairs", tmp_path / "b"))
+    with pytest.raises(TrainError, match="concat"):
+        _quiet(_cfg(shards, tmp_path / "c", steps_per_epoch=1), ModelConfig(layout="concat"))
+    with pytest.raises(TrainError, match="resnet2d"):
+        _quiet(_cfg(shards, tmp_path / "d", steps_per_epoch=1), ModelConfig(name="resnet2d"))
+    assert not (tmp_path / "a" / "last.pt").exists()
+
+
+def test_flips_move_labels_and_sampled_offsets_with_their_block(blocks):
+    shards, _ = blocks
+    batch = _batch(shards, 4)
+    draws = flip_draws(4, step_generator(0, 0, 1))
+    assert any(d.any() for d in draws) and not all(d.all() for d in draws)
+    x, labels = flip_pairs(batch["block"], None, batch["labels"], draws)
+    off = flip_offsets(batch["off"], batch["owner"], BLOCK, draws)
+    owner = batch["owner"]
+    assert torch.equal(labels[owner, 0, off[:, 0], off[:, 1], off[:, 2]], batch["y"])  # each sample's label follows
+    before = cut_pairs_torch(batch["block"], owner, batch["off"], 25)
+    after = cut_pairs_torch(x, owner, off, 25)
+    for axis, chosen in zip((2, 3, 4), draws):  # each pair is its old pair flipped along the block's axes
+        before[chosen[owner]] = before[chosen[owner]].flip(axis)
+    assert torch.equal(before, after)
+
+
+@pytest.mark.floats
+def test_dense_ctrl_c_and_resume_continue_exactly_with_workers(blocks, tmp_path, monkeypatch):
+    shards, _ = blocks
+    kw = dict(steps_per_epoch=4, epochs=2, workers=2, batch_size=2)  # the modern recipe: flips, jitter, batch norm
+    straight = _quiet(_cfg(shards, tmp_path / "a", **kw))
+    import trainer.fit as fit_mod
+
+    real = fit_mod._log_row
+
+    def interrupt_at_6(window, step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(window, step, *args)
+
+    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_6)
+    with pytest.raises(KeyboardInterrupt):
+        _quiet(_cfg(shards, tmp_path / "b", **kw))
+    assert ckpt_io.load(tmp_path / "b")["step"] == 6
+    monkeypatch.setattr(fit_mod, "_log_row", real)
+    resumed = _quiet(_cfg(shards, tmp_path / "b", **kw), resume=True)
+    assert resumed["steps"] == straight["steps"] == 8
+    a, b = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same kernels, batches and draws: bit for bit
+
+
+@pytest.fixture(scope="module")
+def dense_sgd(blocks, tmp_path_factory):
+    """A short dense SGD run (contiguous layout) and its initial weights: the reference of the layout tests."""
+    shards, _ = blocks
+    base = tmp_path_factory.mktemp("dense-sgd")
+    kw = dict(steps_per_epoch=6, optimizer="sgd", lr=1e-2, recipe="paper", channels_last=False)
+    _quiet(_cfg(shards, base / "run", **kw))
+    torch.manual_seed(0)
+    return {"init": build_model(ModelConfig(batch_norm=False)).state_dict(), "run": ckpt_io.load(base / "run")["model"]}
+
+
+@pytest.mark.floats
+@pytest.mark.parametrize("option, bound", [({"channels_last": True}, 1e-2), ({"amp": True}, 0.15)])
+def test_channels_last_and_amp_train_the_same_dense_model(blocks, dense_sgd, tmp_path, option, bound):
+    shards, _ = blocks
+    kw = dict(steps_per_epoch=6, optimizer="sgd", lr=1e-2, recipe="paper", channels_last=False)
+    _quiet(_cfg(shards, tmp_path / "x", **{**kw, **option}))
+    got, run, init = ckpt_io.load(tmp_path / "x")["model"], dense_sgd["run"], dense_sgd["init"]
+    gaps = [((got[k] - w).norm() / (w - init[k]).norm()).item() for k, w in run.items()]
+    # Relative to how far training moved each tensor: the same model in another memory layout differs by float
+    # rounding only; bf16 autocast rounds the forward to 8 bits of mantissa (as for patch training).
+    assert max(gaps) < bound, gaps
+
+
+@pytest.mark.floats
+@pytest.mark.slow
+def test_torchrun_two_ranks_dense(blocks, tmp_path):
+    shards, manifest = blocks
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", "fit", "--objective", "dense"]
+    cmd += ["--shards", str(shards), "--out", str(tmp_path / "ddp"), "--batch-size", "2", "--recipe", "paper"]
+    cmd += ["--optimizer", "sgd", "--lr", "1e-2", "--no-channels-last", "--workers", "1", "--log-every", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    audit = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
+    assert audit["identical_parameters"] and audit["samples_seen_by_two_ranks"] == 0
+    steps = manifest["totals"]["records"] // (2 * 2)  # blocks split by rank, equal steps
+    ckpt = ckpt_io.load(tmp_path / "ddp")
+    assert ckpt["step"] == steps > 2
+
+    # Oracle: the two ranks' block batches replayed in one process; DDP averages the ranks' gradients, so the
+    # replay's loss is the mean of the two ranks' losses (each normalised by its own voxels' weight).
+    kw = dict(seed=0, world_size=2, batches_per_epoch=steps, unit="blocks")
+    per_rank = [list(ShardStream(str(shards), 2, 1024 // 64, rank=r, **kw)) for r in range(2)]  # fit's settings
+    blocks_seen = [{(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())} for batches in per_rank]
+    assert not blocks_seen[0] & blocks_seen[1]
+    weight = torch.tensor(dense_weights(manifest, 0.437), dtype=torch.float32)
+
+    def replay(batches) -> dict:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+        dense, opt = DenseCNN(model), make_optimizer("sgd", list(model.parameters()), 1e-2, 0.0)
+        for pair in batches:
+            loss = sum(dense_loss(dense(model.prepare(b["block"])), b["labels"], weight)[0] for b in pair) / len(pair)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.state_dict()
+
+    torch.manual_seed(0)
+    init = build_model(ModelConfig.from_dict(ckpt["model_config"])).state_dict()
+    both, one = replay(zip(*per_rank)), replay([(b,) for b in per_rank[0]])
+    gaps, control = {}, {}
+    for key, value in ckpt["model"].items():
+        moved = (value - init[key]).norm()
+        assert moved > 0, key
+        gaps[key] = ((value - both[key]).norm() / moved).item()
+        control[key] = ((value - one[key]).norm() / moved).item()
+    # float sums in another order only (as in the per-sample DDP test); control: one rank's batches alone, which
+    # a DDP that did not average the ranks' gradients would give, lands far away
+    assert max(gaps.values()) < 1e-3, gaps
+    assert max(control.values()) > 0.3, control

@@ -1,0 +1,106 @@
+"""What a training step learns from: one voxel a patch (the paper's), or every labelled voxel of a block.
+
+- ``patch``: batches of patch pairs, one label each (``shards.pool``); the
+  loss is the cross-entropy over the batch's samples.
+- ``dense``: batches of whole blocks (``shards.block_batches``); the model
+  runs densely over each block (``trainer.dense.DenseCNN``) and the loss
+  covers every brain or lesion voxel of the blocks' cores, lesion voxels
+  weighted so that they carry ``lesion_share`` of the total weight over the
+  shards (43.7% by default, the paper's balance). The weights act as the
+  sampling rates of a per-sample build: the evaluator's prior correction
+  uses them (``dense_rates``).
+- ``dense-sampled``: the same dense forward, the loss only at each block's
+  sampled voxels (the build's draw), with ``--class-weights`` as for
+  ``patch``: with batch norm off it equals ``patch`` training on the same
+  samples (tests/test_dense.py checks loss and gradients).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+OBJECTIVES = ("patch", "dense", "dense-sampled")
+LESION_SHARE = 0.437  # the paper's training sample: 43.7% lesion
+BATCH = {"patch": 64, "dense": 4, "dense-sampled": 4}  # samples, or blocks, a batch by default
+
+
+class ObjectiveError(ValueError):
+    """The shards cannot serve this objective; the message names them and why."""
+
+
+def is_dense(objective: str) -> bool:
+    return objective != "patch"
+
+
+def check_dense_shards(manifest: dict, where: str) -> None:
+    """Dense objectives need blocks shards whose records carry voxel labels (schema version 3 on)."""
+    fmt, version = manifest.get("format", "pairs"), manifest.get("schema_version")
+    if fmt != "blocks":
+        raise ObjectiveError(f"{where}: {fmt} shards; dense training needs blocks shards (build --format blocks)")
+    voxels = manifest.get("totals", {}).get("voxels")
+    if not isinstance(version, int) or version < 3 or not isinstance(voxels, dict):
+        raise ObjectiveError(
+            f"{where}: blocks shards of schema version {version} carry no voxel labels; "
+            "rebuild them with this version of atlas-shards for a dense objective"
+        )
+    if not (int(voxels.get("lesion", 0)) > 0 and int(voxels.get("background", 0)) > 0):
+        raise ObjectiveError(f"{where}: the blocks hold {voxels} labelled voxels; dense training needs both classes")
+
+
+def dense_weights(manifest: dict, share: float) -> tuple[float, float]:
+    """(background, lesion) voxel weights: lesion voxels carry ``share`` of the shards' total weight, mean 1."""
+    if not 0 < share < 1:
+        raise ObjectiveError(f"--lesion-share must be in (0, 1), got {share}")
+    voxels = manifest["totals"]["voxels"]
+    lesion, background = int(voxels["lesion"]), int(voxels["background"])
+    total = lesion + background
+    return (1 - share) * total / background, share * total / lesion
+
+
+def dense_rates(manifest: dict, weights: tuple[float, float]) -> dict | None:
+    """The sampling rates a dense run's weights stand for, over the split's voxels (for the prior correction).
+
+    A voxel in a streamed block's core counts ``weight`` times; voxels outside
+    the streamed blocks count 0. So the lesion rate is ``w_lesion * (lesion
+    voxels in the cores) / (lesion voxels of the split)``, and the background
+    rate likewise; ``log(lesion rate / background rate)`` is the shift.
+    """
+    scans = manifest.get("scans") or []
+    try:
+        lesion = sum(int(s["lesion_voxels"]) for s in scans)
+        background = sum(int(s["background_voxels"]) for s in scans)
+    except (KeyError, TypeError, ValueError):
+        return None
+    if lesion <= 0 or background <= 0:
+        return None
+    voxels = manifest["totals"]["voxels"]
+    return {
+        "lesion_rate": weights[1] * int(voxels["lesion"]) / lesion,
+        "background_rate": weights[0] * int(voxels["background"]) / background,
+        "objective": "dense",
+    }
+
+
+def dense_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Weighted cross-entropy over the labelled voxels of ``logits (B, 2, N, N, N)``; ``labels (B, 2, N, N, N)``
+    (lesion, brain); ``weights`` (background, lesion). Returns the loss and how many voxels it covers."""
+    import torch.nn.functional as F  # here: the CLI reads this module's choices, and --help stays instant
+
+    lesion = labels[:, 0].long()
+    counted = (labels[:, 0] | labels[:, 1]).bool()
+    ce = F.cross_entropy(logits, lesion, reduction="none")
+    w = weights[lesion] * counted
+    return (w * ce).sum() / w.sum().clamp_min(1e-12), int(counted.sum())
+
+
+def sampled_loss(
+    logits: torch.Tensor, owner: torch.Tensor, off: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, int]:
+    """Cross-entropy at the sampled voxels only: sample k is voxel ``off[k]`` of block ``owner[k]``."""
+    import torch.nn.functional as F
+
+    picked = logits[owner, :, off[:, 0], off[:, 1], off[:, 2]]
+    return F.cross_entropy(picked, y, weight=weight), len(y)
