@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_blocks.py --subjects 16 --workers $(WORKERS) --out bench-out/blocks
 	$(PY) bench/bench_stages.py --subjects 8 --workers $(WORKERS) --out bench-out/stages
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
+	$(PY) bench/bench_dense.py --shards bench-out/blocks/full-blocks
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
 
 # The paper's model ladder measured on a 50-subject phantom (24/8/8): BUDGET CPU-minutes of training a model

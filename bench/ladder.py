@@ -26,8 +26,10 @@ when its output is already there (rerun after an interruption: it goes on):
 6. ``ladder.md`` (and ``ladder.json``): the tables beside the paper's numbers
    and whether the paper's order (RF < 2D < 3D < 3D + symmetry) holds.
 
-Model entries are ``NAME`` or ``NAME@RECIPE`` (``cnn3d-sym@paper``: the
-paper's optimiser settings; the default recipe is the trainer's).
+Model entries are ``NAME``, ``NAME@RECIPE`` (``cnn3d-sym@paper``: the
+paper's optimiser settings; the default recipe is the trainer's) or
+``NAME+OBJECTIVE`` (``cnn3d-sym+dense``: ``fit --objective dense``, every
+labelled voxel of the blocks, at that objective's batch size).
 """
 
 from __future__ import annotations
@@ -68,9 +70,11 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
         sh(BIN / "atlas-shards", "synth", release, *seeded, log=log)
         sh(BIN / "atlas-shards", "ingest", release, store, "--split", args.split, "--workers", 2, log=log)
     cap, per = args.max_lesion_samples, args.component_samples
-    train = shards / (f"train-comp{per}" if per else f"train-cap{cap}" if cap else "train")
+    repeat = f"-r{args.max_repeat}" if per and args.max_repeat else ""
+    train = shards / (f"train-comp{per}{repeat}" if per else f"train-cap{cap}" if cap else "train")
     if not (train / "manifest.json").exists():
         more = ["--component-samples", per] if per else ["--max-lesion-samples", cap] if cap else []
+        more += ["--max-repeat", args.max_repeat] if repeat else []
         sh(BIN / "atlas-shards", "build", store, train, "--split", "train", "--workers", 2, *more, log=log)
     if not (shards / "val" / "manifest.json").exists():
         natural = ["--split", "val", "--natural", 0.002, "--workers", 2]
@@ -78,10 +82,17 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
     return store, train, shards / "val"
 
 
+def parse_entry(entry: str) -> tuple[str, str, str]:
+    """``NAME[+OBJECTIVE][@RECIPE]`` -> (name, objective or "", recipe or "")."""
+    rest, _, recipe = entry.partition("@")
+    name, _, objective = rest.partition("+")
+    return name, objective, recipe
+
+
 def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, log: Path) -> tuple[Path, float]:
     """Train one ladder entry within the budget; returns its run directory and the wall seconds it took."""
-    name, _, recipe = entry.partition("@")
-    run = runs / (entry.replace("@", "-") + (f"-seed{args.train_seed}" if args.train_seed else ""))
+    name, objective, recipe = parse_entry(entry)
+    run = runs / (entry.replace("@", "-").replace("+", "-") + (f"-seed{args.train_seed}" if args.train_seed else ""))
     t0 = time.perf_counter()
     if model_entry(name).command == "rf":
         if not (run / "config.json").exists():
@@ -90,7 +101,9 @@ def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, lo
         return run, time.perf_counter() - t0
     cmd = [BIN / "atlas-train", "fit", "--shards", train_shards, "--val-shards", val_shards, "--out", run]
     cmd += ["--model", name, "--time-budget", args.budget, "--budget-clock", "cpu", "--workers", 0]
-    cmd += ["--batch-size", args.batch_size, "--val-batches", 20, "--seed", args.train_seed, "--resume"]
+    cmd += ["--val-batches", 20, "--seed", args.train_seed, "--resume"]
+    cmd += ["--objective", objective] if objective else ["--batch-size", args.batch_size]  # dense: its own default
+    cmd += ["--amp"] if args.amp else []
     cmd += (["--recipe", recipe] if recipe else []) + OFFLINE_OPTIONS.get(name, [])
     sh(*cmd, log=log)
     return run, time.perf_counter() - t0
@@ -123,6 +136,8 @@ def main() -> None:
     p.add_argument(
         "--component-samples", type=int, default=0, help="Sample by lesion: K samples a lesion component (0: off)."
     )
+    p.add_argument("--max-repeat", type=int, default=0, help="With --component-samples: build --max-repeat.")
+    p.add_argument("--amp", action="store_true", help="Train with fit --amp (bf16 autocast of the forward).")
     args = p.parse_args()
     if args.component_samples and args.max_lesion_samples:
         p.error("--component-samples and --max-lesion-samples are two ways to draw the lesions: give one")
@@ -133,7 +148,7 @@ def main() -> None:
     results = []
     for entry in args.models.split(","):
         run, seconds = train(entry, train_shards, val_shards, out / "runs", args, log)
-        name = entry.partition("@")[0]
+        name = parse_entry(entry)[0]
         stride = 1 if model_entry(name).dense else args.stride  # the patch-by-patch models
         metrics = evaluate(run, store, "val", out / "reports" / f"{run.name}-val", "0.5", stride, log)
         config = json.loads((run / "config.json").read_text())
@@ -152,7 +167,7 @@ def main() -> None:
             }
         )
     best = max(
-        (r for r in results if model_entry(r["entry"].partition("@")[0]).dense),
+        (r for r in results if model_entry(parse_entry(r["entry"])[0]).dense),
         key=lambda r: r["val"]["mean_dice"],
         default=None,
     )
@@ -187,14 +202,14 @@ def table(results: list[dict], args) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        m, name = r["val"], r["entry"].partition("@")[0]
+        m, name = r["val"], parse_entry(r["entry"])[0]
         lines.append(
             f"| {r['entry']} | {r['recipe'] or '-'} | {r['steps'] or '-'} | {r['train_cpu_s'] or '-'} | "
             f"{f(m['mean_dice'])} | "
             f"{f(m['pooled_dice'])} | {f(m['mean_lesion_f1'])} | {f(m.get('small_lesion_dice'))} | "
             f"{f(PAPER_DICE.get(name))} |"
         )
-    plain = {r["entry"]: r["val"]["mean_dice"] for r in results if "@" not in r["entry"]}
+    plain = {r["entry"]: r["val"]["mean_dice"] for r in results if not set("@+") & set(r["entry"])}
     ladder = [m for m in PAPER_DICE if m in plain]  # the paper's order (the model registry's)
     holds = all(plain[a] < plain[b] for a, b in zip(ladder, ladder[1:]))
     order = " < ".join(sorted(plain, key=plain.get))

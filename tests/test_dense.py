@@ -262,3 +262,24 @@ def test_torchrun_two_ranks_dense(blocks, tmp_path):
     # a DDP that did not average the ranks' gradients would give, lands far away
     assert max(gaps.values()) < 1e-3, gaps
     assert max(control.values()) > 0.3, control
+
+
+def test_clip_grad_bounds_each_step_and_the_norm_is_logged(blocks, tmp_path):
+    from trainer.logbook import read_rows
+
+    shards, _ = blocks
+    kw = dict(steps_per_epoch=3, optimizer="sgd", lr=1e-2, recipe="paper", log_every=1)
+    _quiet(_cfg(shards, tmp_path / "free", **kw))
+    _quiet(_cfg(shards, tmp_path / "clipped", clip_grad=1e-9, **kw))
+    torch.manual_seed(0)
+    init = build_model(ModelConfig(batch_norm=False)).state_dict()
+    moved = {
+        run: max((w - init[k]).abs().max().item() for k, w in ckpt_io.load(tmp_path / run)["model"].items())
+        for run in ("free", "clipped")
+    }
+    # SGD: a step is lr x (momentum-summed) gradient, so a gradient clipped to norm 1e-9 moves no weight by more
+    # than 3 steps x 1e-2 x 1e-9 x ~100 (Nesterov momentum 0.99)
+    assert moved["clipped"] < 1e-8 < 1e-4 < moved["free"]
+    for run in ("free", "clipped"):
+        norms = [float(r["grad_norm"]) for r in read_rows(tmp_path / run / "metrics.csv")]
+        assert len(norms) == 3 and min(norms) > 1e-6  # the norm before clipping

@@ -128,6 +128,13 @@ def main() -> None:
     "(each block crosses the bus once). Same batches as the default CPU cut.",
 )
 @click.option("--class-weights", default=None, metavar="W0,W1", help="Cross-entropy class weights.")
+@click.option(
+    "--clip-grad",
+    type=POSITIVE,
+    default=None,
+    metavar="NORM",
+    help="Clip the gradient's norm to NORM each step (its norm before clipping is logged either way).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
 @click.option("--log-every", type=click.IntRange(min=1), default=TrainConfig.log_every, show_default=True)
@@ -147,7 +154,7 @@ def main() -> None:
 @click.option(
     "--batch-norm/--no-batch-norm",
     default=None,
-    help="cnn3d: BatchNorm3d after each convolution (folded into it for whole-volume prediction) "
+    help="cnn3d: BatchNorm3d after each convolution (evaluation mode in whole-volume prediction) "
     "[the recipe's: modern on, paper off].",
 )
 @click.option(

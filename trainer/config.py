@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward (needs a C compiler; compiling takes a while)
     cut_on_device: bool = False
     class_weights: tuple[float, float] | None = None
+    clip_grad: float | None = None  # clip the gradient's norm to this (None: no clipping; its norm is logged)
     shuffle: int = 1024
     log_every: int = 10
     eval_every: int | None = None
@@ -108,7 +109,7 @@ class ModelConfig:
     widths: tuple[int, ...] = (16, 32, 32, 64, 64)
     kernels: tuple[int, ...] = (4, 4, 2, 2, 2)
     hidden: int = 128
-    batch_norm: bool | None = None  # BatchNorm3d after each convolution (folded into it for dense prediction)
+    batch_norm: bool | None = None  # BatchNorm3d after each convolution (evaluation mode for dense prediction)
     pretrained: str = "none"
     finetune: str = "last"
     norm: dict = field(default_factory=lambda: {"method": "histeq", "offset": 0.0, "scale": 1 / 255})

@@ -104,13 +104,16 @@ class Window:
     samples: int = 0
     wait: float = 0.0  # seconds waiting for data
     skipped: int = 0  # damaged records the reader skipped
+    loss_max: float = 0.0  # the largest batch loss: spikes a mean hides
+    grad_max: float = 0.0  # the largest gradient norm (before clipping)
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: float, samples: int, waited: float, skipped: int) -> None:
+    def add(self, loss: float, samples: int, waited: float, skipped: int, grad: float = 0.0) -> None:
         self.loss += loss * samples
         self.samples += samples
         self.wait += waited
         self.skipped += skipped
+        self.loss_max, self.grad_max = max(self.loss_max, loss), max(self.grad_max, grad)
 
 
 def _sigterm_interrupts():
@@ -341,10 +344,10 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
                 if i < done_in_epoch:
                     to_device.load(batch)  # a device pool must still see the blocks these batches brought
                     continue
-                loss, count = _step(run, state, batch, to_device)
+                loss, count, grad = _step(run, state, batch, to_device)
                 if run.ranks.world > 1 and len(seen) < audit.KEEP:
                     seen.append(audit.fingerprint(batch))
-                window.add(loss, count, waited, int(batch["skipped"]))
+                window.add(loss, count, waited, int(batch["skipped"]), grad)
                 window = _after_step(run, state, window, epoch, bar)
                 bar.update()
                 if state.clock.spent():
@@ -362,9 +365,9 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
     return seen
 
 
-def _step(run: Run, state: State, batch: dict, to_device: DeviceCutter) -> tuple[float, int]:
+def _step(run: Run, state: State, batch: dict, to_device: DeviceCutter) -> tuple[float, int, float]:
     """One optimisation step on a batch (of pairs, or of whole blocks for a dense objective); returns its mean
-    loss and how many labelled voxels it covered."""
+    loss, how many labelled voxels it covered, and the gradient's norm (before ``--clip-grad``)."""
     cfg, world = run.cfg, run.ranks.world
     state.model.train()
     state.lr = learning_rate(cfg.lr, cfg.schedule, cfg.warmup, state.clock.progress(state.step, run.data.total_steps))
@@ -380,10 +383,11 @@ def _step(run: Run, state: State, batch: dict, to_device: DeviceCutter) -> tuple
         )
     state.opt.zero_grad(set_to_none=True)
     loss.backward()
+    grad = torch.nn.utils.clip_grad_norm_(state.raw.parameters(), cfg.clip_grad or math.inf)
     state.opt.step()
     state.step += 1
     state.clock.tick()
-    return loss.item(), count
+    return loss.item(), count, float(grad)
 
 
 def _loss(run: Run, state: State, batch: dict, to_device: DeviceCutter, gen) -> tuple[torch.Tensor, int]:
@@ -486,8 +490,10 @@ def _log_row(window: Window, step: int, epoch: int, world: int, device) -> dict:
     totals = torch.tensor(
         [window.loss, window.samples, window.wait, window.skipped], dtype=torch.float64, device=device
     )
+    peaks = torch.tensor([window.loss_max, window.grad_max], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     loss, samples, wait, skipped = totals.tolist()
     row = {
         "step": step,
@@ -497,6 +503,8 @@ def _log_row(window: Window, step: int, epoch: int, world: int, device) -> dict:
         "samples_per_s": samples / max(elapsed, 1e-9),
         "data_wait": wait / world / max(elapsed, 1e-9),
         "skipped": int(skipped),
+        "loss_max": peaks[0].item(),
+        "grad_norm": peaks[1].item(),
     }
     return row
 

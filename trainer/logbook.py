@@ -19,6 +19,8 @@ COLUMNS = (
     "data_wait",
     "skipped",
     "lr",
+    "loss_max",
+    "grad_norm",
     "trained_s",
     "val_loss",
     "val_dice",
