@@ -101,7 +101,7 @@ def train(entry: str, train_shards: Path, val_shards: Path, runs: Path, args, lo
         return run, time.perf_counter() - t0
     cmd = [BIN / "atlas-train", "fit", "--shards", train_shards, "--val-shards", val_shards, "--out", run]
     cmd += ["--model", name, "--time-budget", args.budget, "--budget-clock", "cpu", "--workers", 0]
-    cmd += ["--val-batches", 20, "--seed", args.train_seed, "--resume"]
+    cmd += ["--val-batches", 20, "--seed", args.train_seed, "--resume", "--epochs", args.epochs]
     cmd += ["--objective", objective] if objective else ["--batch-size", args.batch_size]  # dense: its own default
     cmd += ["--amp"] if args.amp else []
     cmd += (["--recipe", recipe] if recipe else []) + OFFLINE_OPTIONS.get(name, [])
@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--train-seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=20.0, help="CPU-minutes of training per model.")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=20, help="At most; the budget usually ends the run first.")
     p.add_argument("--rf-samples", type=int, default=200_000)
     p.add_argument("--stride", type=int, default=3, help="Patch-by-patch models: every Kth voxel per axis.")
     p.add_argument("--models", default="rf,resnet2d,cnn3d,cnn3d-sym,cnn3d-sym@paper")
