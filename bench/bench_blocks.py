@@ -52,15 +52,8 @@ def dry_run(store: Path, lesion_rate: float, block: int, workers: int) -> dict:
     from shards.formats import FORMATS
 
     config = BuildConfig(split="train", lesion_rate=lesion_rate, block=block)
-    plan = build(
-        store,
-        store.parent / "dry",
-        config,
-        workers=workers,
-        progress=False,
-        dry_run=True,
-        log=lambda m: print(m, flush=True),
-    )
+    quiet = dict(workers=workers, progress=False, dry_run=True, log=lambda m: print(m, flush=True))
+    plan = build(store, store.parent / "dry", config, **quiet)
     n, blocks = plan["samples"], plan["blocks"]
     blocks_bps = FORMATS["blocks"].estimate_bytes(n, blocks, config.patch, block) / n
     pairs_bps = FORMATS["pairs"].estimate_bytes(n, -(-n // config.samples_per_record), config.patch, block) / n

@@ -41,15 +41,8 @@ def main() -> None:
         "norm": {"method": "histeq", "offset": 0.0, "scale": 1 / 255},
         "build": {"patch": 25, "lesion_rate": 1.0, "background_rate": 0.01},
     }
-    pred = TorchPredictor(
-        "cnn3d-sym",
-        Path("."),
-        model.cfg.to_dict(),
-        pre,
-        model=model,
-        dense=DenseCNN(model).eval().to(args.device),
-        device=torch.device(args.device),
-    )
+    dense, device = DenseCNN(model).eval().to(args.device), torch.device(args.device)
+    pred = TorchPredictor("cnn3d-sym", Path("."), model.cfg.to_dict(), pre, model=model, dense=dense, device=device)
     root = zstore.open_store(args.store)
     scan = sorted(root.attrs["scans"])[0]
     data = zstore.read_scan(root, scan)

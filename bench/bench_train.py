@@ -49,21 +49,8 @@ def main() -> None:
     p.add_argument("--out", default="bench-out")
     args = p.parse_args()
     out = Path(args.out)
-    common = [
-        "fit",
-        "--shards",
-        args.shards,
-        "--model",
-        "cnn3d-sym",
-        "--batch-size",
-        str(args.batch_size),
-        "--steps-per-epoch",
-        str(args.steps),
-        "--log-every",
-        "20",
-        "--lr",
-        "1e-5",
-    ]
+    common = ["fit", "--shards", args.shards, *f"--model cnn3d-sym --batch-size {args.batch_size}".split()]
+    common += f"--steps-per-epoch {args.steps} --log-every 20 --lr 1e-5".split()
     setups = [
         (
             "1 process, 1 DataLoader worker",
@@ -79,18 +66,8 @@ def main() -> None:
         ),
         (
             "2 DDP processes (torchrun, gloo), 1 worker each",
-            [
-                str(BIN / "torchrun"),
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "trainer.cli",
-                *common,
-                "--workers",
-                "1",
-                "--out",
-                str(out / "train-ddp"),
-            ],
+            [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", *common]
+            + ["--workers", "1", "--out", str(out / "train-ddp")],
             out / "train-ddp",
             {"OMP_NUM_THREADS": "1"},
         ),

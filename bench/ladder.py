@@ -156,22 +156,11 @@ def main() -> None:
         rows = read_rows(run / "metrics.csv")
         steps = int(rows[-1]["step"]) if rows else None
         cpu_s = round(float(rows[-1]["trained_s"])) if rows and rows[-1].get("trained_s") else None
-        results.append(
-            {
-                "entry": entry,
-                "run": str(run),
-                "steps": steps,
-                "train_wall_s": round(seconds),
-                "train_cpu_s": cpu_s,
-                "val": metrics,
-                "recipe": config.get("train", {}).get("recipe"),
-            }
-        )
-    best = max(
-        (r for r in results if model_entry(parse_entry(r["entry"])[0]).dense),
-        key=lambda r: r["val"]["mean_dice"],
-        default=None,
-    )
+        recipe = config.get("train", {}).get("recipe")
+        row = {"entry": entry, "run": str(run), "steps": steps, "train_wall_s": round(seconds), "train_cpu_s": cpu_s}
+        results.append({**row, "val": metrics, "recipe": recipe})
+    dense = [r for r in results if model_entry(parse_entry(r["entry"])[0]).dense]
+    best = max(dense, key=lambda r: r["val"]["mean_dice"], default=None)
     if best is not None:
         name = Path(best["run"]).name
         best["test_fixed"] = evaluate(

@@ -9,9 +9,8 @@ size; a size limit alone erases every small lesion). ``choose`` searches
 threshold, minimum volume and hole filling (and minimum peaks, when given
 ``min_peaks``) jointly for the best mean Dice over scans it is given; the
 evaluator gives it the *validation* scans only (``--threshold auto``), never
-the scans it reports on. The peak is not searched by default: chosen on 8
-phantom validation scans it helped test Dice for two seeds of three and cost
-0.08 on the third, a worse spread than the size limit's (BENCHMARKS.md).
+the scans it reports on. The peak is not searched by default (measured in
+BENCHMARKS.md, "Seeds, the 20-CPU-minute budget, post-processing").
 
 Components are 6-connected (``scipy.ndimage.label``'s default, as the
 lesion-wise F1 counts them); hole filling is ``scipy.ndimage.binary_fill_holes``.

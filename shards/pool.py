@@ -84,7 +84,7 @@ class SamplePool:
             n, cut = self.n, self.n - size
             sel = rng.choice(n, size, replace=False)
             # A batch is a set: its rows go out grouped by record, which made the
-            # cut that follows about 1.3x faster than random order (BENCHMARKS.md).
+            # cut that follows faster than random order does.
             sel = sel[np.argsort(self.cols["slot"][sel], kind="stable")]
             taken = {k: v[sel] for k, v in self.cols.items()}
             drawn_tail = np.zeros(size, dtype=bool)

@@ -62,7 +62,7 @@ SCHEMA = "atlas-patch-pairs"
 SCHEMA_VERSION = 3  # 2 added the blocks format, 3 the voxel labels of a block's core; 1 and 2 are still read
 READABLE_VERSIONS = (1, 2, 3)
 PATCH = 25
-BLOCK = 32  # bytes/sample at the paper's sample: 16 -> 2.3 kB, 24 -> 1.4 kB, 32 -> 1.1 kB (BENCHMARKS.md)
+BLOCK = 32  # the default core edge N (bytes per sample by block size: BENCHMARKS.md, "Blocks against pairs")
 MANIFEST = "manifest.json"
 RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one record (about)
 

@@ -58,7 +58,7 @@ def iter_members(stream: BinaryIO) -> Iterator[tuple[str, str, bytes]]:
 
     Headers are parsed by ``tarfile.TarInfo.frombuf``; each member's payload is
     read with one ``read`` call (``tarfile``'s stream mode copies through a
-    small buffer, ~2x slower). GNU long names and pax ``path`` are honoured.
+    small buffer, which is slower). GNU long names and pax ``path`` are honoured.
 
     Raises ``tarfile.TarError`` or ``EOFError`` on a corrupt or truncated
     stream, after yielding what came before.
