@@ -266,3 +266,44 @@ def random_volume():
     brain = np.zeros(t1.shape, np.uint8)
     brain[2:26, 3:24, 1:25] = 1
     return t1, brain
+
+
+def interrupt_training_at(monkeypatch, step: int):
+    """Make ``trainer.fit`` raise KeyboardInterrupt (as a Ctrl-C would) when it logs ``step``; returns the undo."""
+    import trainer.fit as fit_mod
+
+    real = fit_mod._log_row
+
+    def interrupt(window, at, *args):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(window, at, *args)
+
+    monkeypatch.setattr(fit_mod, "_log_row", interrupt)
+    return lambda: monkeypatch.setattr(fit_mod, "_log_row", real)
+
+
+def replay_ranks(ckpt: dict, per_rank: list[list[dict]], lr: float, loss_of) -> tuple[dict, dict, dict]:
+    """A DDP run's oracle: the ranks' batches replayed in one process, with SGD from the run's initial weights
+    (seed 0). Returns the initial weights, the weights after both ranks' batches (step by step, the loss of a
+    step being ``loss_of(model, batches)`` over one batch a rank) and after rank 0's batches alone (the control).
+    """
+    import torch
+
+    from trainer.models import ModelConfig, build_model
+    from trainer.optim import make_optimizer
+
+    def replay(steps) -> dict:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+        opt = make_optimizer("sgd", list(model.parameters()), lr, 0.0)
+        for batches in steps:
+            loss = loss_of(model, batches)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return model.state_dict()
+
+    torch.manual_seed(0)
+    init = build_model(ModelConfig.from_dict(ckpt["model_config"])).state_dict()
+    return init, replay(zip(*per_rank)), replay([(b,) for b in per_rank[0]])

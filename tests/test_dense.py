@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_quietly
+from conftest import build_quietly, interrupt_training_at, replay_ranks
 from shards.blocks import cut_pairs_torch
 from shards.reader import ShardStream
 from trainer import checkpoint as ckpt_io
@@ -23,7 +23,6 @@ from trainer.dense import DenseCNN
 from trainer.fit import TrainError, fit
 from trainer.models import ModelConfig, build_model
 from trainer.objectives import dense_loss, dense_weights, sampled_loss
-from trainer.optim import make_optimizer
 
 BLOCK = 8  # tiny volumes: many small blocks a scan
 
@@ -170,20 +169,11 @@ def test_dense_ctrl_c_and_resume_continue_exactly_with_workers(blocks, tmp_path,
     shards, _ = blocks
     kw = dict(steps_per_epoch=4, epochs=2, workers=2, batch_size=2)  # the modern recipe: flips, jitter, batch norm
     straight = _quiet(_cfg(shards, tmp_path / "a", **kw))
-    import trainer.fit as fit_mod
-
-    real = fit_mod._log_row
-
-    def interrupt_at_6(window, step, *args):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(window, step, *args)
-
-    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_6)
+    undo = interrupt_training_at(monkeypatch, 6)
     with pytest.raises(KeyboardInterrupt):
         _quiet(_cfg(shards, tmp_path / "b", **kw))
     assert ckpt_io.load(tmp_path / "b")["step"] == 6
-    monkeypatch.setattr(fit_mod, "_log_row", real)
+    undo()
     resumed = _quiet(_cfg(shards, tmp_path / "b", **kw), resume=True)
     assert resumed["steps"] == straight["steps"] == 8
     a, b = ckpt_io.load(tmp_path / "a")["model"], ckpt_io.load(tmp_path / "b")["model"]
@@ -238,20 +228,11 @@ def test_torchrun_two_ranks_dense(blocks, tmp_path):
     assert not blocks_seen[0] & blocks_seen[1]
     weight = torch.tensor(dense_weights(manifest, 0.437), dtype=torch.float32)
 
-    def replay(batches) -> dict:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
-        dense, opt = DenseCNN(model), make_optimizer("sgd", list(model.parameters()), 1e-2, 0.0)
-        for pair in batches:
-            loss = sum(dense_loss(dense(model.prepare(b["block"])), b["labels"], weight)[0] for b in pair) / len(pair)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.state_dict()
+    def loss_of(model, pair):
+        dense = DenseCNN(model)
+        return sum(dense_loss(dense(model.prepare(b["block"])), b["labels"], weight)[0] for b in pair) / len(pair)
 
-    torch.manual_seed(0)
-    init = build_model(ModelConfig.from_dict(ckpt["model_config"])).state_dict()
-    both, one = replay(zip(*per_rank)), replay([(b,) for b in per_rank[0]])
+    init, both, one = replay_ranks(ckpt, per_rank, 1e-2, loss_of)
     gaps, control = {}, {}
     for key, value in ckpt["model"].items():
         moved = (value - init[key]).norm()

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_quietly, sample_ids
+from conftest import build_quietly, interrupt_training_at, replay_ranks, sample_ids
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import read_rows
 from trainer.fit import TrainConfig, TrainError, fit
-from trainer.optim import make_optimizer
 from trainer.forest import ForestModel, train_forest
 from trainer.models import ModelConfig, ModelError, build_model, probabilities
 
@@ -230,21 +229,12 @@ def test_ctrl_c_saves_and_resume_continues_exactly(shards, tmp_path, monkeypatch
         progress=False,
         log=lambda m: None,
     )
-    import trainer.fit as fit_mod
-
-    real = fit_mod._log_row
-
-    def interrupt_at_15(window, step, *args):
-        if step == 15:
-            raise KeyboardInterrupt
-        return real(window, step, *args)
-
-    monkeypatch.setattr(fit_mod, "_log_row", interrupt_at_15)
+    undo = interrupt_training_at(monkeypatch, 15)
     cfg = _cfg(shards, tmp_path / "b", steps_per_epoch=12, epochs=2, recipe="modern", **interrupted_kw)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, ModelConfig(), progress=False, log=lambda m: None)
     assert ckpt_io.load(tmp_path / "b")["step"] == 15  # Ctrl-C saved a checkpoint mid-epoch 2
-    monkeypatch.setattr(fit_mod, "_log_row", real)
+    undo()
     resumed = fit(cfg, ModelConfig(), resume=True, progress=False, log=lambda m: None)
     assert resumed["steps"] == straight["steps"] == 24
     assert ckpt_io.load(tmp_path / "a")["model_config"]["batch_norm"] is True  # the modern recipe's, from fit()
@@ -359,21 +349,11 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     ids = [set(sample_ids(batches)) for batches in per_rank]
     assert not ids[0] & ids[1]  # the samples each rank trained on are disjoint
 
-    def replay(batches) -> dict:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
-        opt = make_optimizer("sgd", list(model.parameters()), 1e-3, 0.0)
-        for pair in batches:
-            x, y = torch.cat([b["x"] for b in pair]), torch.cat([b["y"] for b in pair])
-            loss = torch.nn.functional.cross_entropy(model(model.prepare(x)).float(), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        return model.state_dict()
+    def loss_of(model, pair):
+        x, y = torch.cat([b["x"] for b in pair]), torch.cat([b["y"] for b in pair])
+        return torch.nn.functional.cross_entropy(model(model.prepare(x)).float(), y)
 
-    torch.manual_seed(0)
-    init = build_model(ModelConfig.from_dict(ckpt["model_config"])).state_dict()
-    both, one = replay(zip(*per_rank)), replay([(b,) for b in per_rank[0]])
+    init, both, one = replay_ranks(ckpt, per_rank, 1e-3, loss_of)
     assert both.keys() == ckpt["model"].keys()
     # Tensor by tensor, relative to how far training moved it. SGD's step is proportional to the gradient, so
     # float sums in another order (DDP's all-reduce, another CPU's kernels) change each step by ~1e-7 of itself
