@@ -43,6 +43,7 @@ from trainer.distributed import Ranks, finite_everywhere, setup_distributed
 from trainer.models import build_model, memory_format
 from trainer.registry import ModelError
 from trainer.objectives import (
+    BATCH,
     ObjectiveError,
     check_dense_shards,
     dense_loss,
@@ -191,7 +192,7 @@ def _open_streams(cfg: TrainConfig, world: int) -> Streams:
     train.batches_per_epoch = steps_per_epoch
     val = None
     if cfg.val_shards:
-        val_batch = cfg.batch_size if unit == "samples" else 256
+        val_batch = cfg.batch_size if unit == "samples" else BATCH["patch"]  # --val-batches: the same samples
         val = ShardStream(cfg.val_shards, val_batch, shuffle=0, batches_per_epoch=cfg.val_batches, **stream_kw)
         if val.manifest is not None:
             train_name, val_name = f"training shards {cfg.shards}", f"validation shards {cfg.val_shards}"
@@ -428,7 +429,8 @@ def _after_step(run: Run, state: State, window: Window, epoch: int, bar) -> Wind
         window = Window()
         if data.val is not None and (step % data.eval_every == 0 or last):
             with state.clock.paused():  # validation time is neither throughput nor budget
-                row.update(_validate(state.model, state.raw, data.val, run.ranks.device, cfg.workers, state.weight))
+                weight = None if run.voxel_weights else state.weight  # validation: the pairs' loss, as for patch
+                row.update(_validate(state.model, state.raw, data.val, run.ranks.device, cfg.workers, weight))
             window = Window()
         bar.set_postfix(
             loss=f"{row['loss']:.4f}", sps=f"{row['samples_per_s']:.0f}", wait=f"{100 * row['data_wait']:.1f}%"
