@@ -86,14 +86,21 @@ def dense_rates(manifest: dict, weights: tuple[float, float]) -> dict | None:
 
 def dense_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Weighted cross-entropy over the labelled voxels of ``logits (B, 2, N, N, N)``; ``labels (B, 2, N, N, N)``
-    (lesion, brain); ``weights`` (background, lesion). Returns the loss and how many voxels it covers."""
+    (lesion, brain); ``weights`` (background, lesion). Returns the loss and how many voxels it covers.
+
+    The weighted sum is divided by the number of labelled voxels, not by the batch's sum of weights: the
+    weights have mean 1 over the shards (``dense_weights``), so a batch's loss is an unbiased estimate of the
+    shards' weighted mean loss, and the weights act exactly as sampling rates (the prior correction assumes
+    it). Dividing by each batch's own weight sum would give a batch without lesion voxels the weight of one
+    with many, and the lesion voxels far less than their share over a run.
+    """
     import torch.nn.functional as F  # here: the CLI reads this module's choices, and --help stays instant
 
     lesion = labels[:, 0].long()
     counted = (labels[:, 0] | labels[:, 1]).bool()
     ce = F.cross_entropy(logits, lesion, reduction="none")
-    w = weights[lesion] * counted
-    return (w * ce).sum() / w.sum().clamp_min(1e-12), int(counted.sum())
+    n = int(counted.sum())
+    return (weights[lesion] * counted * ce).sum() / max(n, 1), n
 
 
 def sampled_loss(
