@@ -63,8 +63,8 @@ def encode_block_record(
         side = block.shape[1] - patch + 1
         if np.shape(labels) != (2, side, side, side):
             raise RecordError(f"labels are {np.shape(labels)}, expected (2, {side}, {side}, {side})")
+        _check_labels(np.asarray(labels, dtype=np.uint8), off, y)
         fields[LABELS] = encode_npy(pack_labels(labels))
-        _check_labels(unpack_labels(pack_labels(labels), side), off, y)
     return fields
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from trainer.objectives import BATCH, OBJECTIVES
+from trainer.objectives import BATCH, LESION_SHARE, OBJECTIVES
 from trainer.registry import FIT_MODELS, ModelError, model_entry
 
 MODELS = FIT_MODELS  # what atlas-train fit trains (trainer/registry.py)
@@ -51,7 +51,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     objective: str = "patch"  # trainer/objectives.py: patch, dense, dense-sampled
     batch_size: int | None = None  # samples, or blocks for a dense objective (None: objectives.BATCH)
-    lesion_share: float = 0.437  # --objective dense: lesion voxels' share of the loss's weight
+    lesion_share: float = LESION_SHARE  # --objective dense: lesion voxels' share of the loss's weight (43.7%)
     recipe: str = "modern"
     lr: float | None = None  # None: the recipe's (as for the five below)
     optimizer: str | None = None
