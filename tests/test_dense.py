@@ -148,6 +148,23 @@ def test_shards_without_voxel_labels_are_refused_by_name(blocks, tiny_store, tmp
     assert not (tmp_path / "a" / "last.pt").exists()
 
 
+def test_a_block_without_labels_in_version_3_shards_is_one_line_naming_the_shards(blocks, tmp_path):
+    from shards.tario import iter_grouped, write_shard
+
+    shards, manifest = blocks
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    for shard in manifest["shards"]:  # every block loses its labels; the manifest still says version 3
+        path = damaged / shard["name"]
+        with open(path, "rb") as f:
+            records = [(key, {k: v for k, v in fields.items() if k != "labels.npy"}) for key, fields in iter_grouped(f)]
+        write_shard(path, records)
+    before = {p.name: p.read_bytes() for p in damaged.iterdir()}
+    with pytest.raises(TrainError, match=f"^{damaged}: a record of .* has no voxel labels"):
+        _quiet(_cfg(damaged, tmp_path / "run", steps_per_epoch=2))
+    assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before  # the inputs as they were
+
+
 def test_flips_move_labels_and_sampled_offsets_with_their_block(blocks):
     shards, _ = blocks
     batch = _batch(shards, 4)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 
 from shards.common.atomic import atomic_write_text, check_output_dir
+from shards.block_batches import NoVoxelLabels
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible, sampling_rates
 from shards.reader import ShardStream
@@ -361,6 +362,9 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "shards unreachable"
         log(f"\n{why} at step {state.step}: checkpoint {run.out / ckpt_io.LAST}; continue with --resume")
         raise
+    except NoVoxelLabels as exc:  # a version-3 shard whose block lost its labels: damage a dense run cannot skip
+        _save(run, state)
+        raise TrainError(f"{cfg.shards}: {exc}; check the shards with atlas-shards verify, or rebuild them") from None
     finally:
         bar.close()
     return seen
