@@ -296,8 +296,12 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
 
 
 def _voxel_totals(shards: list[dict]) -> dict:
-    """``{"voxels": {"lesion", "background"}}``: the labelled voxels the shards' records carry (blocks: their
-    cores' voxels; what dense training learns from), or nothing for a format whose records carry none."""
+    """``{"voxels": {"lesion", "background"}, "draws": {...}}``: the labelled voxels the shards' records carry
+    (blocks: their cores' voxels; what dense training learns from) and their expected draws, or nothing for a
+    format whose records carry none."""
     if not shards or not all("voxels" in s for s in shards):
         return {}
-    return {"voxels": {k: sum(int(s["voxels"][k]) for s in shards) for k in ("lesion", "background")}}
+    totals = {"voxels": {k: sum(int(s["voxels"][k]) for s in shards) for k in ("lesion", "background")}}
+    if all("draws" in s for s in shards):
+        totals["draws"] = {k: sum(float(s["draws"][k]) for s in shards) for k in ("lesion", "background")}
+    return totals

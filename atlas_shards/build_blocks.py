@@ -3,8 +3,9 @@
 *spill* (per scan): draw the scan's samples (``plan.draw_voxels``, the same
 samples a pairs build takes), group them by the ``block``^3 tile of the grid
 they fall in, order the blocks heaviest first (seeded among equals), and
-write each block pair (``shards.blocks.BlockCutter``) with its samples and
-its core's lesion and brain masks (bit-packed) to ``.build/spill/``.
+write each block pair (``shards.blocks.BlockCutter``) with its samples,
+its core's lesion and brain masks (bit-packed) and its lesion voxels'
+expected draws (``expected_draws``) to ``.build/spill/``.
 
 *shard* (per shard): the blocks of scan i, heaviest first, are dealt over
 the S shards in a snake from shard offset_i on (``shard_blocks``), offset_i
@@ -25,7 +26,7 @@ import numpy as np
 
 from atlas_shards import store as zstore
 from atlas_shards.build_jobs import ShardJob, SpillJob
-from atlas_shards.plan import BuildConfig, draw_voxels, scan_hardness, shards_for
+from atlas_shards.plan import BuildConfig, component_draws, draw_voxels, lesion_components, scan_hardness, shards_for
 from atlas_shards.spill import write_spill
 from shards.common.atomic import atomic_write_text
 from shards.blocks import BlockCutter, block_size, group_by_block
@@ -67,7 +68,8 @@ def spill_blocks(job: SpillJob) -> dict:
     counts = np.array([len(m) for m in members], dtype=np.int64)
     sample = np.concatenate(members) if members else np.zeros(0, np.int64)
     off = (locs[sample] - np.repeat(origins, counts, axis=0)).astype(LOC_DTYPE)
-    packed, voxels = _core_labels(data["lesion"] > 0, data["brain"] > 0, origins, n)
+    lesion_draws, background_draws = expected_draws(data["lesion"] > 0, job.entry, config)
+    packed, voxels, draws = _core_labels(data["lesion"] > 0, data["brain"] > 0, lesion_draws, origins, n)
     mirror = float(root[scan_id].attrs["mirror_index"])
     cutter = BlockCutter(normalise(data.pop("t1"), data["brain"], config.norm), mirror, config.patch, n)
     s = block_size(n, config.patch)
@@ -76,23 +78,56 @@ def spill_blocks(job: SpillJob) -> dict:
         "blocks",
         (nb, 2, s, s, s),
         (cutter(o) for o in origins),
-        {"y": labels[sample], "off": off, "origins": origins, "counts": counts, "labels": packed, "voxels": voxels},
+        {
+            "y": labels[sample],
+            "off": off,
+            "origins": origins,
+            "counts": counts,
+            "labels": packed,
+            "voxels": voxels,
+            "draws": draws,
+            "background_draws": np.array([background_draws]),
+        },
         {"samples": int(len(sample)), "lesion_samples": int(labels.sum()), "blocks": int(nb)},
     )
 
 
-def _core_labels(lesion: np.ndarray, brain: np.ndarray, origins: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each block's core masks, bit-packed (``(B, 2, ceil(n^3/8))``), and its lesion and background voxel counts
-    (``(B, 2)``; background: brain voxels that are not lesion, as the plan counts them)."""
+def expected_draws(lesion: np.ndarray, entry: dict, config: BuildConfig) -> tuple[np.ndarray, float]:
+    """How often the plan's sampling draws each voxel, in expectation: a float32 volume for the lesion voxels
+    (0 elsewhere) and one number for every background voxel (uniform draws; a hard-negative build's background
+    draws follow its maps, which this number averages).
+
+    Sampling by component gives a component of size s its ``component_draws`` d, each voxel d / s times
+    (``plan._draw_lesions``); otherwise every lesion voxel of the scan is drawn alike.
+    """
+    out = np.zeros(lesion.shape, np.float32)
+    if config.component_samples is not None:
+        labels, sizes = lesion_components(lesion)
+        rate = np.concatenate([[0.0], component_draws(config, sizes) / np.maximum(sizes, 1)]).astype(np.float32)
+        out = rate[labels]
+    elif entry["lesion_voxels"]:
+        out[lesion] = entry["lesion_draws"] / entry["lesion_voxels"]
+    background = entry["background_draws"] / entry["background_voxels"] if entry["background_voxels"] else 0.0
+    return out, float(background)
+
+
+def _core_labels(
+    lesion: np.ndarray, brain: np.ndarray, lesion_draws: np.ndarray, origins: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each block's core masks, bit-packed (``(B, 2, ceil(n^3/8))``), its lesion and background voxel counts
+    (``(B, 2)``; background: brain voxels that are not lesion, as the plan counts them), and its lesion voxels'
+    expected draws (every block's, in block then C order: ``(sum of the lesion counts,)``)."""
     pad = ((0, n), (0, n), (0, n))  # past the volume's end: no lesion, no brain
-    lesion, brain = np.pad(lesion, pad), np.pad(brain, pad)
+    lesion, brain, lesion_draws = np.pad(lesion, pad), np.pad(brain, pad), np.pad(lesion_draws, pad)
     packed = np.zeros((len(origins), 2, -(-(n**3) // 8)), np.uint8)
     voxels = np.zeros((len(origins), 2), np.int64)
+    draws = []
     for b, (i, j, k) in enumerate(origins):
         core = np.stack([lesion[i : i + n, j : j + n, k : k + n], brain[i : i + n, j : j + n, k : k + n]])
         packed[b] = pack_labels(core)
         voxels[b] = int(core[0].sum()), int((core[1] & ~core[0]).sum())
-    return packed, voxels
+        draws.append(lesion_draws[i : i + n, j : j + n, k : k + n][core[0]])
+    return packed, voxels, np.concatenate(draws).astype(np.float32) if draws else np.zeros(0, np.float32)
 
 
 def block_layout(config: BuildConfig, plan: dict, spilled: list[dict]) -> dict:
@@ -159,21 +194,27 @@ def write_block_shard(job: ShardJob) -> None:
                 starts,
                 np.load(f"{base}.labels.npy", mmap_mode="r"),
                 np.load(f"{base}.voxels.npy"),
+                np.load(f"{base}.draws.npy", mmap_mode="r"),
+                float(np.load(f"{base}.background_draws.npy")[0]),
             )
             picks += [(i, int(r)) for r in mine]
     perm = np.random.default_rng([config.seed, k, 0x5EED]).permutation(len(picks))
     samples = lesion = 0
     voxels = np.zeros(2, np.int64)  # the cores' lesion and background voxels
+    draws = np.zeros(2, np.float64)  # and their expected draws
 
     def records() -> Iterable[tuple[str, dict[str, bytes]]]:
-        nonlocal samples, lesion, voxels
+        nonlocal samples, lesion, voxels, draws
         n = config.block
         for r, j in enumerate(perm):
             i, b = picks[j]
-            blocks, off, y, origins, starts, packed, counts = spills[i]
+            blocks, off, y, origins, starts, packed, counts, lesion_draws, background_draws = spills[i]
             a, z = starts[b], starts[b + 1]
             samples, lesion = samples + int(z - a), lesion + int(y[a:z].sum())
             voxels = voxels + counts[b]
+            first = int(counts[:b, 0].sum())  # this block's lesion voxels' draws, in the scan's concatenation
+            core_draws = np.asarray(lesion_draws[first : first + counts[b, 0]])
+            draws = draws + (float(core_draws.sum(dtype=np.float64)), background_draws * int(counts[b, 1]))
             yield (
                 record_key(k, r),
                 encode_block_record(
@@ -184,6 +225,7 @@ def write_block_shard(job: ShardJob) -> None:
                     origins[b],
                     config.patch,
                     labels=unpack_labels(np.asarray(packed[b]), n),
+                    draws=(core_draws, background_draws),
                 ),
             )
 
@@ -195,6 +237,7 @@ def write_block_shard(job: ShardJob) -> None:
         "lesion_samples": lesion,
         "records": len(picks),
         "voxels": {"lesion": int(voxels[0]), "background": int(voxels[1])},
+        "draws": {"lesion": float(draws[0]), "background": float(draws[1])},
         "bytes": path.stat().st_size,
         "sha256": sha,
     }

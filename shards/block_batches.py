@@ -7,6 +7,8 @@ order with 0). A batch is::
 
     block   (B, 2, S, S, S) uint8   the blocks' padded pairs (S = N + P - 1)
     labels  (B, 2, N, N, N) uint8   their cores' lesion (row 0) and brain (row 1) masks
+    draws   (B, N, N, N) float32    (version 4 records) each labelled voxel's expected
+                                    draws by the build's sampling, 0 where unlabelled
     off     (K, 3) int64            the blocks' sampled voxels (the per-sample
     owner   (K,) int64              build's draw): offset in the core, and which
     y       (K,) uint8              block of the batch holds it; label
@@ -57,7 +59,7 @@ def batch_blocks(
 
 def _stack(records: list[dict]) -> dict:
     counts = [len(r["y"]) for r in records]
-    return {
+    out = {
         "block": np.stack([r["block"] for r in records]),
         "labels": np.stack([r["labels"] for r in records]),
         "off": np.concatenate([r["off"] for r in records]).astype(np.int64),
@@ -66,3 +68,14 @@ def _stack(records: list[dict]) -> dict:
         "loc": np.concatenate([r["loc"] for r in records]),
         "scan": np.array([r["scan"] for r, k in zip(records, counts) for _ in range(k)], dtype=object),
     }
+    if all("draws" in r for r in records):
+        out["draws"] = np.stack([draws_plane(r) for r in records])
+    return out
+
+
+def draws_plane(record: dict) -> np.ndarray:
+    """``(N, N, N) float32``: a block record's expected draws at every voxel of its core (0 outside the brain)."""
+    lesion, brain = record["labels"][0].astype(bool), record["labels"][1].astype(bool)
+    plane = np.where(brain & ~lesion, np.float32(record["background_draws"]), np.float32(0))
+    plane[lesion] = record["draws"]
+    return plane

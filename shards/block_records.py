@@ -10,6 +10,7 @@ are ``shards.blocks``.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from shards.schema import (
     BLOCK,
     BLOCK_FIELDS,
     BLOCK_NPY,
+    DRAWS,
     LABELS,
     LOC_DTYPE,
     META,
@@ -47,11 +49,23 @@ def unpack_labels(packed: np.ndarray, side: int) -> np.ndarray:
 
 
 def encode_block_record(
-    block: np.ndarray, off: np.ndarray, y: np.ndarray, scan: str, origin, patch: int, labels: np.ndarray | None = None
+    block: np.ndarray,
+    off: np.ndarray,
+    y: np.ndarray,
+    scan: str,
+    origin,
+    patch: int,
+    labels: np.ndarray | None = None,
+    draws: tuple[np.ndarray, float] | None = None,
 ) -> dict[str, bytes]:
     """Member payloads of one blocks record. ``labels (2, N, N, N)``: the core's lesion and brain masks (None
-    writes a version-2 record, without them)."""
+    writes a version-2 record, without them). ``draws``: (each lesion voxel's expected draws, in C order; each
+    background voxel's), written since version 4 (None: a version-3 record)."""
     meta = {"scan": scan, "origin": [int(v) for v in origin], "patch": int(patch)}
+    if draws is not None:
+        if labels is None:
+            raise RecordError("a block's voxel draws need its voxel labels")
+        meta["background_draws"] = float(draws[1])
     validate_block(block, off, y, meta)
     fields = {
         BLOCK_NPY: encode_npy(block),
@@ -65,13 +79,19 @@ def encode_block_record(
             raise RecordError(f"labels are {np.shape(labels)}, expected (2, {side}, {side}, {side})")
         _check_labels(np.asarray(labels, dtype=np.uint8), off, y)
         fields[LABELS] = encode_npy(pack_labels(labels))
+    if draws is not None:
+        lesion_draws = np.asarray(draws[0], dtype=np.float32)
+        _check_draws(lesion_draws, np.asarray(labels, dtype=np.uint8))
+        fields[DRAWS] = encode_npy(lesion_draws)
     return fields
 
 
 def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> dict:
     """One blocks record: ``block (2,S,S,S) uint8``, ``off (K,3) int16``, ``y (K,)``,
     ``loc (K,3) int16`` (origin + off), ``scan`` (str), ``origin (3,)``, ``patch``, and, since version 3,
-    ``labels (2,N,N,N) uint8`` (the core's lesion and brain masks; absent from older records).
+    ``labels (2,N,N,N) uint8`` (the core's lesion and brain masks; absent from older records), since version 4
+    ``draws (L,) float32`` and ``background_draws`` (float): the expected draws of the core's lesion voxels and
+    of each background voxel.
 
     Raises:
         RecordError: a field is missing or does not match the schema.
@@ -95,7 +115,23 @@ def decode_block_record(fields: dict[str, bytes], patch: int | None = None) -> d
             raise RecordError(f"labels are {packed.dtype} {packed.shape}, expected uint8 (2, {-(-(side**3) // 8)})")
         record["labels"] = unpack_labels(packed, side)
         _check_labels(record["labels"], off, y)
+    if DRAWS in fields:
+        if "labels" not in record:
+            raise RecordError(f"{DRAWS} without {LABELS}")
+        record["draws"] = decode_npy(fields[DRAWS])
+        _check_draws(record["draws"], record["labels"])
+        record["background_draws"] = float(meta["background_draws"])
     return record
+
+
+def _check_draws(draws: np.ndarray, labels: np.ndarray) -> None:
+    """One finite, non-negative float32 a lesion voxel of the core."""
+    lesion = int(labels[0].sum())
+    if draws.dtype != np.float32 or draws.shape != (lesion,) or not np.all(np.isfinite(draws)) or np.any(draws < 0):
+        raise RecordError(
+            f"draws are {draws.dtype} {draws.shape}, expected float32 ({lesion},): "
+            "one finite, non-negative value a lesion voxel of the core"
+        )
 
 
 def _check_labels(labels: np.ndarray, off: np.ndarray, y: np.ndarray) -> None:
@@ -124,6 +160,9 @@ def validate_block(block: np.ndarray, off: np.ndarray, y: np.ndarray, meta, patc
         isinstance(origin, list) and len(origin) == 3 and all(isinstance(v, int) for v in origin)
     ):
         raise RecordError('meta.json must be {"scan": str, "origin": [i, j, k], "patch": P}')
+    rate = meta.get("background_draws", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+        raise RecordError(f"meta.json: background_draws {rate!r} is not a finite, non-negative number")
 
 
 def block_bytes(block: int = BLOCK, patch: int = PATCH) -> int:
@@ -183,6 +222,7 @@ class BlockStore:
 
 
 def _estimate_bytes(samples: int, records: int, patch: int, block: int = BLOCK) -> int:
+    # lesion voxels' draws (4 bytes each) are not known before the cut: left out, ~1% of a block's bytes
     return records * (block_bytes(block, patch) + label_bytes(block) + RECORD_OVERHEAD) + samples * 7
 
 

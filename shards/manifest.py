@@ -1,9 +1,10 @@
 """``manifest.json``: what a shard directory holds, and how to check it.
 
-Keys (schema version 3; version 1, from before blocks, is read as pairs;
-version 2 blocks records carry no voxel labels)::
+Keys (schema version 4; version 1, from before blocks, is read as pairs;
+version 2 blocks records carry no voxel labels, version 3 none of their
+expected draws)::
 
-    schema, schema_version   "atlas-patch-pairs", 3
+    schema, schema_version   "atlas-patch-pairs", 4
     format                   "blocks" or "pairs" (see ``shards.schema``)
     config                   the full build configuration (split, patch,
                              format, block, mode, rates, norm,
@@ -17,10 +18,11 @@ version 2 blocks records carry no voxel labels)::
     shards                   [{name, samples, lesion_samples, records,
                                bytes, sha256}]   (blocks: one record a block,
                                and voxels {lesion, background}: the labelled
-                               voxels of the blocks' cores)
+                               voxels of the blocks' cores; draws {lesion,
+                               background}: their expected draws, summed)
     totals                   {samples, lesion_samples, lesion_fraction,
                               shards, records, bytes, bytes_per_sample,
-                              voxels (blocks)}
+                              voxels, draws (blocks)}
 """
 
 from __future__ import annotations

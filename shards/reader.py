@@ -139,14 +139,15 @@ def to_tensors(batch: dict) -> dict:
     """numpy batch -> ``x (B,2,P,P,P) uint8``, ``y (B,) int64``, ``loc (B,3) int64`` tensors, ``scan`` list.
 
     A device-cut batch has ``blocks``, ``block_slots``, ``slot`` and ``off`` tensors instead of ``x``; a batch of
-    whole blocks (``unit="blocks"``) has ``block``, ``labels``, ``off`` and ``owner`` (``shards.block_batches``).
+    whole blocks (``unit="blocks"``) has ``block``, ``labels``, ``off``, ``owner`` and, from version-4 records,
+    ``draws`` (``shards.block_batches``).
     """
     out = {
         "y": torch.from_numpy(batch["y"].astype(np.int64)),
         "loc": torch.from_numpy(batch["loc"].astype(np.int64)),
         "scan": list(batch["scan"]),
     }
-    for key in ("x", "blocks", "block_slots", "slot", "off", "block", "labels", "owner"):
+    for key in ("x", "blocks", "block_slots", "slot", "off", "block", "labels", "owner", "draws"):
         if key in batch:
             out[key] = torch.from_numpy(np.ascontiguousarray(batch[key]))
     return out

@@ -27,9 +27,13 @@ N^3 tile of voxels, with every sample that lies in it::
     <key>.off.npy    (K, 3) int16            each sample's offset in the block,
                                              0 <= off < N; its voxel is origin + off
     <key>.y.npy      (K,) uint8              labels, as in pairs
-    <key>.meta.json  {"scan": str, "origin": [i, j, k], "patch": P}: the
-                                             block's scan, its first voxel
-                                             (canonical RAS indices), and P
+    <key>.meta.json  {"scan": str, "origin": [i, j, k], "patch": P,
+                      "background_draws": r}: the block's scan, its first
+                                             voxel (canonical RAS indices), P,
+                                             and (version 4) how often the
+                                             build's sampling draws each of
+                                             the scan's background voxels,
+                                             in expectation
     <key>.labels.npy (2, ceil(N^3/8)) uint8  every voxel of the block's N^3 core
                                              (voxels origin .. origin + N - 1):
                                              its lesion label (row 0) and brain
@@ -37,6 +41,12 @@ N^3 tile of voxels, with every sample that lies in it::
                                              (``numpy.packbits``); zero past the
                                              volume's end. Since version 3: what
                                              dense training learns from
+    <key>.draws.npy  (L,) float32            since version 4: how often the
+                                             build's sampling draws each of the
+                                             core's L lesion voxels (row 0's
+                                             ones, C order), in expectation
+                                             (sampling by component: its
+                                             component's draws / its size)
 
 The pair of sample k is ``block[:, o0:o0+P, o1:o1+P, o2:o2+P]`` with
 ``o = off[k]``: byte-identical to the pair a pairs build stores for it.
@@ -59,8 +69,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SCHEMA = "atlas-patch-pairs"
-SCHEMA_VERSION = 3  # 2 added the blocks format, 3 the voxel labels of a block's core; 1 and 2 are still read
-READABLE_VERSIONS = (1, 2, 3)
+SCHEMA_VERSION = 4  # 2 added the blocks format, 3 the voxel labels of a block's core, 4 their expected draws
+READABLE_VERSIONS = (1, 2, 3, 4)
 PATCH = 25
 BLOCK = 32  # the default core edge N (bytes per sample by block size: BENCHMARKS.md, "Blocks against pairs")
 MANIFEST = "manifest.json"
@@ -68,8 +78,8 @@ RECORD_OVERHEAD = 3 * 1024  # tar headers, padding and .npy headers of one recor
 
 X, Y, LOC, SCAN = "x.npy", "y.npy", "loc.npy", "scan.json"
 FIELDS = (X, Y, LOC, SCAN)
-BLOCK_NPY, OFF, META, LABELS = "block.npy", "off.npy", "meta.json", "labels.npy"
-BLOCK_FIELDS = (BLOCK_NPY, OFF, Y, META)  # LABELS too, since version 3
+BLOCK_NPY, OFF, META, LABELS, DRAWS = "block.npy", "off.npy", "meta.json", "labels.npy", "draws.npy"
+BLOCK_FIELDS = (BLOCK_NPY, OFF, Y, META)  # LABELS too, since version 3; DRAWS since version 4
 X_DTYPE, Y_DTYPE, LOC_DTYPE = np.uint8, np.uint8, np.int16
 
 

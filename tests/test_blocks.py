@@ -106,7 +106,7 @@ def test_manifest_records_format_block_and_bytes(both):
     base, blocks, pairs = both
     assert read_manifest(base / "blocks") == blocks
     assert blocks["format"] == blocks["config"]["format"] == "blocks" and blocks["config"]["block"] == 8
-    assert pairs["format"] == "pairs" and blocks["schema_version"] == 3
+    assert pairs["format"] == "pairs" and blocks["schema_version"] == 4
     assert blocks["totals"]["records"] == sum(s["records"] for s in blocks["shards"])
     assert blocks["totals"]["bytes"] == sum((base / "blocks" / s["name"]).stat().st_size for s in blocks["shards"])
     assert blocks["totals"]["bytes_per_sample"] < pairs["totals"]["bytes_per_sample"] / 3
@@ -222,6 +222,21 @@ def test_block_records_round_trip_and_refuse_bad_offsets():
     fields = encode_block_record(block, off, y, "s", (16, 0, 32), 7, labels=labels)
     with pytest.raises(ValueError, match="labels are"):
         decode_block_record({**fields, "labels.npy": encode_npy(np.zeros((2, 7), np.uint8))})
+    assert "draws" not in decode_block_record(fields)  # a version-3 record
+    fields = encode_block_record(block, off, y, "s", (16, 0, 32), 7, labels=labels, draws=([2.5], 0.01))
+    rec = decode_block_record(fields)
+    assert rec["draws"].tolist() == [2.5] and rec["background_draws"] == 0.01
+    for bad in ([1.0, 2.0], [np.nan], [-1.0]):  # one a lesion voxel (there is one), finite, not negative
+        with pytest.raises(ValueError, match="draws are"):
+            decode_block_record({**fields, "draws.npy": encode_npy(np.array(bad, np.float32))})
+        with pytest.raises(ValueError, match="draws are"):
+            encode_block_record(block, off, y, "s", (16, 0, 32), 7, labels=labels, draws=(bad, 0.01))
+    meta = json.loads(fields["meta.json"])
+    for bad in (-0.5, "0.1", True, None):
+        with pytest.raises(ValueError, match="background_draws"):
+            decode_block_record({**fields, "meta.json": json.dumps({**meta, "background_draws": bad}).encode()})
+    with pytest.raises(ValueError, match="draws.npy without labels.npy"):
+        decode_block_record({k: v for k, v in fields.items() if k != "labels.npy"})
 
 
 def test_resume_workers_and_reruns_give_the_same_bytes(tiny_store, both, tmp_path, monkeypatch):

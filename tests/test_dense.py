@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ from trainer.config import TrainConfig
 from trainer.dense import DenseCNN
 from trainer.fit import TrainError, fit
 from trainer.models import ModelConfig, build_model
-from trainer.objectives import dense_loss, dense_weights, sampled_loss
+from trainer.objectives import dense_loss, dense_weights, draws_scale, sampled_loss
 
 BLOCK = 8  # tiny volumes: many small blocks a scan
 
@@ -107,6 +108,13 @@ def test_dense_loss_weighs_every_labelled_voxel_of_the_core(blocks):
     per_voxel = torch.where(lesion, w[1], w[0]) * counted
     assert count == int(counted.sum()) > 100 and int(counted.sum()) < len(counted)  # the core's edge is outside
     assert abs(loss.item() - ((per_voxel * ce).sum() / counted.sum()).item()) <= 1e-5 * loss.item()
+    # --voxel-weights draws: one weight a voxel, its expected draws (the records'), by the same sum
+    plane = batch["draws"] * draws_scale(manifest, "")
+    with torch.no_grad():
+        loss, _ = dense_loss(DenseCNN(model)(model.prepare(batch["block"])), batch["labels"], plane)
+    per_voxel = plane[owner, off[:, 0], off[:, 1], off[:, 2]]
+    assert torch.equal(per_voxel > 0, counted)  # every labelled voxel is drawn with some chance
+    assert abs(loss.item() - ((per_voxel * ce).sum() / counted.sum()).item()) <= 1e-5 * loss.item()
 
 
 def test_dense_weights_give_the_lesion_share_and_the_prior(blocks, tmp_path):
@@ -115,7 +123,7 @@ def test_dense_weights_give_the_lesion_share_and_the_prior(blocks, tmp_path):
     w0, w1 = dense_weights(manifest, 0.437)
     assert w1 * voxels["lesion"] / (w1 * voxels["lesion"] + w0 * voxels["background"]) == pytest.approx(0.437)
     assert (w0 * voxels["background"] + w1 * voxels["lesion"]) == pytest.approx(sum(voxels.values()))  # mean 1
-    _quiet(_cfg(shards, tmp_path / "run", steps_per_epoch=2, lesion_share=0.3))
+    _quiet(_cfg(shards, tmp_path / "run", steps_per_epoch=2, voxel_weights="share", lesion_share=0.3))
     from evaluate.predictors import load_run
 
     pred = load_run(tmp_path / "run")
@@ -127,15 +135,74 @@ def test_dense_weights_give_the_lesion_share_and_the_prior(blocks, tmp_path):
     assert pred.prior_shift() != pytest.approx(math.log(manifest["config"]["lesion_rate"] / 0.01))
 
 
+@pytest.fixture(scope="module")
+def by_component(tiny_store, tmp_path_factory):
+    """Blocks shards sampled by lesion component (the tiny store's lesions: 80 and 100 voxels): 270 draws a
+    lesion, at most 3 a voxel."""
+    out = tmp_path_factory.mktemp("dense-comp") / "blocks"
+    return out, build_quietly(tiny_store, out, split="train", num_shards=2, component_samples=270, max_repeat=3)
+
+
+def test_each_voxels_expected_draws_follow_its_lesion_component_in_the_store(tiny_store, by_component):
+    from scipy import ndimage
+
+    from atlas_shards import store as zstore
+    from shards.reader import read_records
+    from shards.sources import resolve
+
+    shards, manifest = by_component
+    root, pad = zstore.open_store(tiny_store), ((0, BLOCK),) * 3
+    entries = {s["scan_id"]: s for s in manifest["scans"]}
+    rates, totals = {}, [0.0, 0.0]
+    for scan in entries:  # the oracle: each component's draws over its size, from the store's mask
+        labels, n = ndimage.label(zstore.read_scan(root, scan, ("lesion",))["lesion"] > 0)
+        sizes = np.bincount(labels.ravel())[1:]
+        rates[scan] = np.pad(np.concatenate([[0], np.minimum(270, 3 * sizes) / sizes])[labels], pad)
+    seen = set()
+    for rec in read_records(resolve(str(shards))[0]):
+        (i, j, k), e = rec["origin"].tolist(), entries[rec["scan"]]
+        core = rates[rec["scan"]][i : i + BLOCK, j : j + BLOCK, k : k + BLOCK]
+        lesion = rec["labels"][0].astype(bool)
+        assert rec["draws"].dtype == np.float32 and np.allclose(rec["draws"], core[lesion], rtol=1e-6)
+        assert rec["background_draws"] == pytest.approx((e["samples"] - e["lesion_samples"]) / e["background_voxels"])
+        seen |= {round(float(v), 4) for v in rec["draws"]}
+        totals[0] += float(rec["draws"].sum())
+        totals[1] += rec["background_draws"] * int((rec["labels"][1].astype(bool) & ~lesion).sum())
+    assert seen == {2.7, 3.0}  # 270 / 100 a voxel of the larger lesions; the smaller ones' capped at 3
+    assert [manifest["totals"]["draws"][k] for k in ("lesion", "background")] == pytest.approx(totals, rel=1e-6)
+    # every lesion voxel is drawn (rate > 1), so lies in a stored core: the expected lesion draws are the draws
+    assert totals[0] == pytest.approx(manifest["totals"]["lesion_samples"], rel=1e-6)
+
+
+def test_draws_weights_give_the_builds_prior(by_component, tmp_path):
+    from evaluate.predictors import load_run
+    from shards.manifest import sampling_rates
+
+    shards, manifest = by_component
+    _quiet(_cfg(shards, tmp_path / "dense", steps_per_epoch=2))  # --voxel-weights draws, the default
+    draws = manifest["totals"]["draws"]
+    lesion = sum(s["lesion_voxels"] for s in manifest["scans"])
+    background = sum(s["background_voxels"] for s in manifest["scans"])
+    expected = math.log((draws["lesion"] / lesion) / (draws["background"] / background))
+    shift = load_run(tmp_path / "dense").prior_shift()
+    assert shift == pytest.approx(expected)
+    build = sampling_rates(manifest)  # the per-sample run's shift on the same shards: nearly the same
+    assert abs(shift - math.log(build["lesion_rate"] / build["background_rate"])) < 0.15
+
+
 def test_shards_without_voxel_labels_are_refused_by_name(blocks, tiny_store, tmp_path):
     shards, _ = blocks
     old = tmp_path / "v2"
     shutil.copytree(shards, old)
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["schema_version"] = 2
-    manifest["totals"].pop("voxels")
+    manifest["totals"].pop("voxels"), manifest["totals"].pop("draws")
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TrainError, match=f"{old}: blocks shards of schema version 2 carry no voxel labels"):
+        _quiet(_cfg(old, tmp_path / "a"))
+    manifest["schema_version"], manifest["totals"]["voxels"] = 3, {"lesion": 9, "background": 99}
+    (old / "manifest.json").write_text(json.dumps(manifest))  # version 3: labels, no draws
+    with pytest.raises(TrainError, match=f"{old}: .* version 3 carry no expected draws .* --voxel-weights share"):
         _quiet(_cfg(old, tmp_path / "a"))
     pairs = build_quietly(tiny_store, tmp_path / "pairs", split="train", num_shards=2, format="pairs")
     assert pairs["format"] == "pairs"
@@ -148,19 +215,23 @@ def test_shards_without_voxel_labels_are_refused_by_name(blocks, tiny_store, tmp
     assert not (tmp_path / "a" / "last.pt").exists()
 
 
-def test_a_block_without_labels_in_version_3_shards_is_one_line_naming_the_shards(blocks, tmp_path):
+@pytest.mark.parametrize(
+    "lost, message",
+    [({"labels.npy", "draws.npy"}, "a record of .* has no voxel labels"), ({"draws.npy"}, "a batch of blocks .* carries no expected draws")],
+)
+def test_a_block_without_labels_or_draws_is_one_line_naming_the_shards(blocks, tmp_path, lost, message):
     from shards.tario import iter_grouped, write_shard
 
     shards, manifest = blocks
     damaged = tmp_path / "damaged"
     shutil.copytree(shards, damaged)
-    for shard in manifest["shards"]:  # every block loses its labels; the manifest still says version 3
+    for shard in manifest["shards"]:  # every block loses them; the manifest still says version 4
         path = damaged / shard["name"]
         with open(path, "rb") as f:
-            records = [(key, {k: v for k, v in fields.items() if k != "labels.npy"}) for key, fields in iter_grouped(f)]
+            records = [(key, {k: v for k, v in fields.items() if k not in lost}) for key, fields in iter_grouped(f)]
         write_shard(path, records)
     before = {p.name: p.read_bytes() for p in damaged.iterdir()}
-    with pytest.raises(TrainError, match=f"^{damaged}: a record of .* has no voxel labels"):
+    with pytest.raises(TrainError, match=f"^{damaged}: {message}"):
         _quiet(_cfg(damaged, tmp_path / "run", steps_per_epoch=2))
     assert {p.name: p.read_bytes() for p in damaged.iterdir()} == before  # the inputs as they were
 
@@ -243,11 +314,11 @@ def test_torchrun_two_ranks_dense(blocks, tmp_path):
     per_rank = [list(ShardStream(str(shards), 2, 1024 // 64, rank=r, **kw)) for r in range(2)]  # fit's settings
     blocks_seen = [{(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())} for batches in per_rank]
     assert not blocks_seen[0] & blocks_seen[1]
-    weight = torch.tensor(dense_weights(manifest, 0.437), dtype=torch.float32)
+    scale = draws_scale(manifest, str(shards))  # --voxel-weights draws, the default
 
     def loss_of(model, pair):
         dense = DenseCNN(model)
-        return sum(dense_loss(dense(model.prepare(b["block"])), b["labels"], weight)[0] for b in pair) / len(pair)
+        return sum(dense_loss(dense(model.prepare(b["block"])), b["labels"], b["draws"] * scale)[0] for b in pair) / 2
 
     init, both, one = replay_ranks(ckpt, per_rank, 1e-2, loss_of)
     gaps, control = {}, {}

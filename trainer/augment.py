@@ -37,14 +37,17 @@ def flip_pairs(x: torch.Tensor, gen: torch.Generator, labels: torch.Tensor | Non
     result, when the caller flips something else alike (``flip_offsets``).
     """
     draws = flip_draws(x.shape[0], gen) if draws is None else draws
-    x = x.clone()
-    labels = labels.clone() if labels is not None else None
-    for axis, chosen in zip((2, 3, 4), draws):
-        chosen = chosen.to(x.device)
-        x[chosen] = x[chosen].flip(axis)
-        if labels is not None:
-            labels[chosen] = labels[chosen].flip(axis)
-    return x if labels is None else (x, labels)
+    x = flip_cores(x, draws)
+    return x if labels is None else (x, flip_cores(labels, draws))
+
+
+def flip_cores(t: torch.Tensor, draws) -> torch.Tensor:
+    """A copy of ``t (B, ..., A, A, A)`` with sample b flipped along its last three axes as ``draws`` say."""
+    t = t.clone()
+    for axis, chosen in zip((-3, -2, -1), draws):
+        chosen = chosen.to(t.device)
+        t[chosen] = t[chosen].flip(axis)
+    return t
 
 
 def flip_offsets(off: torch.Tensor, owner: torch.Tensor, side: int, draws) -> torch.Tensor:

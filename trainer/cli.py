@@ -12,7 +12,7 @@ import click
 from shards.common.cli_errors import OneLineErrors, expected, one_line
 from shards.common.params import POSITIVE, SEED, FiniteFloat, from_options
 from trainer.config import LAYOUTS, MODELS, OPTIMIZERS, RECIPES, SCHEDULES, ModelConfig, ModelError, TrainConfig
-from trainer.objectives import BATCH, OBJECTIVES
+from trainer.objectives import BATCH, OBJECTIVES, VOXEL_WEIGHTS
 
 
 def _pair(text: str | None) -> tuple[float, float] | None:
@@ -69,11 +69,19 @@ def main() -> None:
     help=f"Samples a batch, or blocks with a dense objective [{', '.join(f'{k} {v}' for k, v in BATCH.items())}].",
 )
 @click.option(
+    "--voxel-weights",
+    type=click.Choice(VOXEL_WEIGHTS),
+    default=TrainConfig.voxel_weights,
+    show_default=True,
+    help="--objective dense: each voxel weighted by how often the build's sampling draws it (draws: sampling by "
+    "component then weighs every lesion alike), or one weight a class (share).",
+)
+@click.option(
     "--lesion-share",
     type=FiniteFloat(0, 1, min_open=True, max_open=True),
     default=TrainConfig.lesion_share,
     show_default=True,
-    help="--objective dense: the share of the loss's weight lesion voxels carry (the paper's sample: 43.7%).",
+    help="--voxel-weights share: the share of the loss's weight lesion voxels carry (the paper's sample: 43.7%).",
 )
 @click.option(
     "--recipe",

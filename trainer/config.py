@@ -51,7 +51,8 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     objective: str = "patch"  # trainer/objectives.py: patch, dense, dense-sampled
     batch_size: int | None = None  # samples, or blocks for a dense objective (None: objectives.BATCH)
-    lesion_share: float = LESION_SHARE  # --objective dense: lesion voxels' share of the loss's weight (43.7%)
+    voxel_weights: str = "draws"  # --objective dense: each voxel's expected draws, or "share" (one a class)
+    lesion_share: float = LESION_SHARE  # --voxel-weights share: lesion voxels' share of the loss's weight (43.7%)
     recipe: str = "modern"
     lr: float | None = None  # None: the recipe's (as for the five below)
     optimizer: str | None = None

@@ -36,7 +36,7 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows
 from trainer.devices import resolve_device
-from trainer.augment import flip_draws, flip_offsets, flip_pairs, jitter, step_generator
+from trainer.augment import flip_cores, flip_draws, flip_offsets, flip_pairs, jitter, step_generator
 from trainer.clock import Clock
 from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
 from trainer.dense import DenseCNN
@@ -50,8 +50,11 @@ from trainer.objectives import (
     dense_loss,
     dense_rates,
     dense_weights,
+    draws_scale,
     is_dense,
     sampled_loss,
+    weight_totals,
+    VOXEL_WEIGHTS,
 )
 from trainer.optim import learning_rate, make_optimizer
 
@@ -94,6 +97,8 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise TrainError(f"--budget-clock is wall or cpu, got {cfg.budget_clock!r}")
     if is_dense(cfg.objective) and cfg.cut_on_device:
         raise TrainError("--cut-on-device is for --objective patch: a dense objective's input is the block itself")
+    if cfg.voxel_weights not in VOXEL_WEIGHTS:
+        raise TrainError(f"--voxel-weights is one of {', '.join(VOXEL_WEIGHTS)}, got {cfg.voxel_weights!r}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise TrainError(f"--time-budget must be a positive number of minutes, got {cfg.time_budget}")
 
@@ -231,16 +236,29 @@ class Run:
     def preprocessing(self) -> dict:
         """What the checkpoint carries to evaluation, so that it cannot drift (computed once a run)."""
         manifest = self.data.manifest
-        rates = dense_rates(manifest, self.voxel_weights) if self.cfg.objective == "dense" else sampling_rates(manifest)
+        if self.cfg.objective == "dense":
+            rates = dense_rates(manifest, weight_totals(manifest, self.voxel_weights, self.draws_scale))
+        else:
+            rates = sampling_rates(manifest)
         return {"norm": manifest["norm"], "build": manifest["config"], "sampling": rates, "shards": self.cfg.shards}
 
     @functools.cached_property
     def voxel_weights(self) -> tuple[float, float] | None:
-        """(background, lesion) weights of the dense loss; None for the other objectives."""
-        if self.cfg.objective != "dense":
+        """(background, lesion) weights of the dense loss (``--voxel-weights share``); None otherwise."""
+        if self.cfg.objective != "dense" or self.cfg.voxel_weights != "share":
             return None
         try:
             return dense_weights(self.data.manifest, self.cfg.lesion_share)
+        except ObjectiveError as exc:
+            raise TrainError(str(exc)) from None
+
+    @functools.cached_property
+    def draws_scale(self) -> float | None:
+        """``--voxel-weights draws``: what the records' expected draws are multiplied by (mean weight 1)."""
+        if self.cfg.objective != "dense" or self.cfg.voxel_weights != "draws":
+            return None
+        try:
+            return draws_scale(self.data.manifest, self.cfg.shards)
         except ObjectiveError as exc:
             raise TrainError(str(exc)) from None
 
@@ -406,13 +424,22 @@ def _loss(run: Run, state: State, batch: dict, to_device: DeviceCutter, gen) -> 
     draws = flip_draws(len(x), gen) if cfg.augment else None
     if cfg.objective == "dense":
         labels = batch["labels"].to(device, non_blocking=True)
+        weight = state.weight if run.draws_scale is None else _draws(run, batch) * run.draws_scale
         if draws is not None:
             x, labels = flip_pairs(x, gen, labels, draws)
-        return dense_loss(_forward(run, state, x, gen), labels, state.weight)
+            weight = weight if run.draws_scale is None else flip_cores(weight, draws)
+        return dense_loss(_forward(run, state, x, gen), labels, weight)
     owner, off = batch["owner"].to(device), batch["off"].to(device)
     if draws is not None:
         x, off = flip_pairs(x, gen, draws=draws), flip_offsets(off, owner, x.shape[2] - run.data.patch + 1, draws)
     return sampled_loss(_forward(run, state, x, gen), owner, off, y, state.weight)
+
+
+def _draws(run: Run, batch: dict) -> torch.Tensor:
+    """The batch's expected draws a voxel; a block without them (a version-3 record) ends the run by name."""
+    if "draws" not in batch:
+        raise NoVoxelLabels(f"a batch of blocks ({', '.join(sorted(set(batch['scan'])))}) carries no expected draws")
+    return batch["draws"].to(run.ranks.device, non_blocking=True)
 
 
 def _forward(run: Run, state: State, x: torch.Tensor, gen) -> torch.Tensor:
@@ -433,7 +460,7 @@ def _after_step(run: Run, state: State, window: Window, epoch: int, bar) -> Wind
         window = Window()
         if data.val is not None and (step % data.eval_every == 0 or last):
             with state.clock.paused():  # validation time is neither throughput nor budget
-                weight = None if run.voxel_weights else state.weight  # validation: the pairs' loss, as for patch
+                weight = None if cfg.objective == "dense" else state.weight  # validation: the pairs' loss
                 row.update(_validate(state.model, state.raw, data.val, run.ranks.device, cfg.workers, weight))
             window = Window()
         bar.set_postfix(

@@ -4,9 +4,19 @@
   loss is the cross-entropy over the batch's samples.
 - ``dense``: batches of whole blocks (``shards.block_batches``); the model
   runs densely over each block (``trainer.dense.DenseCNN``) and the loss
-  covers every brain or lesion voxel of the blocks' cores, lesion voxels
-  weighted so that they carry ``lesion_share`` of the total weight over the
-  shards (43.7% by default, the paper's balance). The weights act as the
+  covers every brain or lesion voxel of the blocks' cores, each weighted
+  (``--voxel-weights``) by
+
+  - ``draws`` (the default): how often the build's sampling draws it, in
+    expectation (version-4 records carry it). The loss is then the
+    expectation of the ``patch`` loss over the build's draw, every voxel
+    seen at once: sampling by component gives every lesion the same weight,
+    whatever its size, as it gives a ``patch`` run the same samples;
+  - ``share``: one weight a class, lesion voxels carrying ``lesion_share``
+    of the total weight over the shards (43.7% by default, the paper's
+    balance), every lesion voxel alike.
+
+  Weights have mean 1 over the shards' labelled voxels. They act as the
   sampling rates of a per-sample build: the evaluator's prior correction
   uses them (``dense_rates``).
 - ``dense-sampled``: the same dense forward, the loss only at each block's
@@ -17,12 +27,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
 OBJECTIVES = ("patch", "dense", "dense-sampled")
+VOXEL_WEIGHTS = ("draws", "share")  # --objective dense: each voxel's expected draws, or one weight a class
 LESION_SHARE = 0.437  # the paper's training sample: 43.7% lesion
 BATCH = {"patch": 64, "dense": 4, "dense-sampled": 4}  # samples, or blocks, a batch by default
 
@@ -60,13 +72,43 @@ def dense_weights(manifest: dict, share: float) -> tuple[float, float]:
     return (1 - share) * total / background, share * total / lesion
 
 
-def dense_rates(manifest: dict, weights: tuple[float, float]) -> dict | None:
+def draws_scale(manifest: dict, where: str) -> float:
+    """``--voxel-weights draws``: the factor that turns the cores' expected draws into loss weights of mean 1."""
+    draws, voxels = manifest["totals"].get("draws"), manifest["totals"]["voxels"]
+    if not isinstance(draws, dict):
+        raise ObjectiveError(
+            f"{where}: blocks shards of schema version {manifest.get('schema_version')} carry no expected draws "
+            "of their voxels; rebuild them with this version of atlas-shards, or train with --voxel-weights share"
+        )
+    if manifest["config"].get("hard_negatives") is not None:
+        raise ObjectiveError(
+            f"{where}: built with --hard-negatives, whose background draws follow probability maps the records "
+            "do not hold; train with --voxel-weights share"
+        )
+    total = float(draws["lesion"]) + float(draws["background"])
+    if not (math.isfinite(total) and total > 0 and float(draws["lesion"]) > 0):
+        raise ObjectiveError(f"{where}: the blocks' expected draws are {draws}; dense training needs lesion draws")
+    return (int(voxels["lesion"]) + int(voxels["background"])) / total
+
+
+def weight_totals(manifest: dict, weights: tuple[float, float] | None, scale: float | None) -> tuple[float, float]:
+    """(background, lesion): the dense loss's weight summed over the cores' voxels of each class, for the class
+    weights ``weights`` (``--voxel-weights share``) or the expected draws times ``scale`` (``draws``)."""
+    if weights is not None:
+        voxels = manifest["totals"]["voxels"]
+        return weights[0] * int(voxels["background"]), weights[1] * int(voxels["lesion"])
+    draws = manifest["totals"]["draws"]
+    return scale * float(draws["background"]), scale * float(draws["lesion"])
+
+
+def dense_rates(manifest: dict, totals: tuple[float, float]) -> dict | None:
     """The sampling rates a dense run's weights stand for, over the split's voxels (for the prior correction).
 
-    A voxel in a streamed block's core counts ``weight`` times; voxels outside
-    the streamed blocks count 0. So the lesion rate is ``w_lesion * (lesion
-    voxels in the cores) / (lesion voxels of the split)``, and the background
-    rate likewise; ``log(lesion rate / background rate)`` is the shift.
+    A voxel in a streamed block's core counts its weight times; voxels
+    outside the streamed blocks count 0. So the lesion rate is the lesion
+    voxels' total weight (``weight_totals``) over the lesion voxels of the
+    split, and the background rate likewise; ``log(lesion rate / background
+    rate)`` is the shift.
     """
     scans = manifest.get("scans") or []
     try:
@@ -76,17 +118,13 @@ def dense_rates(manifest: dict, weights: tuple[float, float]) -> dict | None:
         return None
     if lesion <= 0 or background <= 0:
         return None
-    voxels = manifest["totals"]["voxels"]
-    return {
-        "lesion_rate": weights[1] * int(voxels["lesion"]) / lesion,
-        "background_rate": weights[0] * int(voxels["background"]) / background,
-        "objective": "dense",
-    }
+    return {"lesion_rate": totals[1] / lesion, "background_rate": totals[0] / background, "objective": "dense"}
 
 
 def dense_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Weighted cross-entropy over the labelled voxels of ``logits (B, 2, N, N, N)``; ``labels (B, 2, N, N, N)``
-    (lesion, brain); ``weights`` (background, lesion). Returns the loss and how many voxels it covers.
+    (lesion, brain); ``weights``: (background, lesion), or one a voxel ``(B, N, N, N)``. Returns the loss and
+    how many voxels it covers.
 
     The weighted sum is divided by the number of labelled voxels, not by the batch's sum of weights: the
     weights have mean 1 over the shards (``dense_weights``), so a batch's loss is an unbiased estimate of the
@@ -100,7 +138,8 @@ def dense_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     counted = (labels[:, 0] | labels[:, 1]).bool()
     ce = F.cross_entropy(logits, lesion, reduction="none")
     n = int(counted.sum())
-    return (weights[lesion] * counted * ce).sum() / max(n, 1), n
+    per_voxel = weights[lesion] if weights.dim() == 1 else weights
+    return (per_voxel * counted * ce).sum() / max(n, 1), n
 
 
 def sampled_loss(
