@@ -217,7 +217,10 @@ def test_shards_without_voxel_labels_are_refused_by_name(blocks, tiny_store, tmp
 
 @pytest.mark.parametrize(
     "lost, message",
-    [({"labels.npy", "draws.npy"}, "a record of .* has no voxel labels"), ({"draws.npy"}, "a batch of blocks .* carries no expected draws")],
+    [
+        ({"labels.npy", "draws.npy"}, "a record of .* has no voxel labels"),
+        ({"draws.npy"}, "a batch of blocks .* carries no expected draws"),
+    ],
 )
 def test_a_block_without_labels_or_draws_is_one_line_naming_the_shards(blocks, tmp_path, lost, message):
     from shards.tario import iter_grouped, write_shard
