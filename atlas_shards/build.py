@@ -41,6 +41,7 @@ from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.manifest import ManifestError, read_manifest, write_manifest
 from shards.norm import dequantisation
 from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION
+from atlas_shards.split import split_fingerprint
 
 BUILD_DIR = ".build"
 TEMP_SHARDS = ".*-[0-9][0-9][0-9][0-9][0-9][0-9].tar.*.tmp"  # what shards.common.atomic names a shard being written
@@ -267,7 +268,12 @@ def _manifest(plan: dict, config: BuildConfig, shards: list[dict], spilled: list
             "outside_volume": 0,
             "stored_as": stored,
         },
-        "store": {"path": str(store_path), "layout": root.attrs.get("layout"), "space": root.attrs.get("space")},
+        "store": {
+            "path": str(store_path),
+            "layout": root.attrs.get("layout"),
+            "space": root.attrs.get("space"),
+            "split_fingerprint": split_fingerprint(root.attrs.get("split") or {}),
+        },
         "scans": [
             {
                 "scan_id": s["scan_id"],

@@ -18,7 +18,7 @@ from shards.common.atomic import atomic_write_text, check_output_dir
 from atlas_shards import metadata, store
 from atlas_shards.discover import ScanSource, discover, release_layout
 from atlas_shards.scan import ScanError, prepare_scan
-from atlas_shards.split import make_split
+from atlas_shards.split import make_split, moved_subjects, split_fingerprint, split_sizes
 from atlas_shards.workers import Workers
 
 REPORT = "ingest-report.csv"
@@ -80,10 +80,13 @@ def ingest(
             f"{store_path}: the store must not be inside the release {release} (the release is read-only)"
         )
     sources = discover(release, space=space)
+    subjects = {s.subject_id for s in sources if s.labelled and not s.problem}
+    split_sizes(len(subjects), split_counts, split_fractions)  # counts the release cannot meet: before any scan
     root = store.open_store(store_path, mode="a")
     previous = root.attrs.get("release_dir")
     if previous and previous != str(release):
         raise IngestError(f"{store_path}: store was built from {previous}, not {release}; use a new store path")
+    _check_same_split(store_path, root.attrs.get("split_config"), seed, split_counts, split_fractions)
     root.attrs.update({"release_dir": str(release)})
     store.clear_partial(store_path)
     done = set(store.complete_scans(store_path))
@@ -107,6 +110,33 @@ def ingest(
     bar.close()
     ordered = [(src, results[_key(src)]) for src in sources]
     return _finish(store_path, root, release, sources, ordered, notes, seed, split_counts, split_fractions)
+
+
+def _split_options(seed: int, counts, fractions) -> dict:
+    as_list = lambda v: list(v) if v else None  # noqa: E731
+    return {"seed": seed, "counts": as_list(counts), "fractions": as_list(fractions)}
+
+
+def _check_same_split(store_path: Path, config: dict | None, seed: int, counts, fractions) -> None:
+    """A store's split is fixed once written: re-ingesting asks for the same one, or is refused before any work."""
+    if not config:
+        return
+    had = {k: config.get(k) for k in ("seed", "counts", "fractions")}
+    asked = _split_options(seed, counts, fractions)
+    if had != asked:
+        show = lambda o: (
+            f"--seed {o['seed']}"
+            + "".join(  # noqa: E731
+                f" --{k.replace('counts', 'split').replace('fractions', 'split-fractions')} {','.join(map(str, o[k]))}"
+                for k in ("counts", "fractions")
+                if o[k]
+            )
+        )
+        raise IngestError(
+            f"{store_path}: its subject split was made with {show(had)}; this ingest asks for {show(asked)}. "
+            "A store's split is fixed once written (runs trained on it must never be scored on their own "
+            "training subjects): ingest with the same options, or into a new store"
+        )
 
 
 def _key(src: ScanSource) -> str:
@@ -157,6 +187,13 @@ def _finish(store_path, root, release, sources, ordered, notes, seed, split_coun
     for a in labelled.values():
         volumes.setdefault(a["subject_id"], []).append(a["lesion_voxels"])
     split = make_split({s: sum(v) / len(v) for s, v in volumes.items()}, seed, split_counts, split_fractions)
+    moved = moved_subjects(root.attrs.get("split") or {}, split)
+    if moved:  # the same options, other subjects (scans added or lost since): the old split stays as it was
+        raise IngestError(
+            f"{store_path}: this ingest would move {len(moved)} subject(s) of the store's split: "
+            f"{', '.join(moved[:5])}{' ...' if len(moved) > 5 else ''}; the scans are stored, the split is kept "
+            "as it was. A store's split is fixed once written: ingest a changed release into a new store"
+        )
     split_of = {s: name for name, subjects in split.items() for s in subjects}
     excluded = [(src.scan_id, src.t1 or ",".join(src.masks), a["excluded"]) for src, a in ordered if "excluded" in a]
     layout = release_layout(sources)
@@ -172,10 +209,9 @@ def _finish(store_path, root, release, sources, ordered, notes, seed, split_coun
             "subjects": sorted(volumes),
             "excluded": [{"scan_id": s, "path": p, "reason": r} for s, p, r in excluded],
             "split": split,
+            "split_fingerprint": split_fingerprint(split),
             "split_config": {
-                "seed": seed,
-                "counts": list(split_counts) if split_counts else None,
-                "fractions": list(split_fractions) if split_fractions else None,
+                **_split_options(seed, split_counts, split_fractions),
                 "default": "paper proportions 100:25:25" if not (split_counts or split_fractions) else None,
                 "unit": "subject",
                 "stratified_by": "lesion volume",

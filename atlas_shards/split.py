@@ -1,6 +1,9 @@
-"""Seeded, subject-level train/val/test split, stratified by lesion size."""
+"""Seeded, subject-level train/val/test split, stratified by lesion size; fixed once a store holds it."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 
@@ -77,3 +80,17 @@ def make_split(
     for subject, label in zip(order, labels):
         out[label].append(subject)
     return {k: sorted(v) for k, v in out.items()}
+
+
+def split_fingerprint(split: dict) -> str:
+    """A short hash of which subject is in which split (train, val, test): what a run records of its store."""
+    key = json.dumps({k: sorted(split.get(k, [])) for k in SPLITS}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def moved_subjects(before: dict, after: dict) -> list[str]:
+    """Subjects that a split ``before`` put in train, val or test and ``after`` puts elsewhere, as
+    ``"sub (train -> val)"``."""
+    old = {s: k for k in SPLITS for s in before.get(k, [])}
+    new = {s: k for k in (*SPLITS, "unassigned") for s in after.get(k, [])}
+    return [f"{s} ({k} -> {new.get(s, 'gone')})" for s, k in sorted(old.items()) if new.get(s) != k]

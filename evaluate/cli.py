@@ -103,6 +103,11 @@ def main() -> None:
 @tta_flips("none", TTA_HELP)
 @click.option("--save-probabilities", is_flag=True, help="Also write probability maps (float32 NIfTI).")
 @click.option("--patchwise", is_flag=True, help="Force the patch-by-patch path (the reference; slow).")
+@click.option(
+    "--allow-training-subjects",
+    is_flag=True,
+    help="Score a split that holds subjects the model trained on (refused by default; the report says so).",
+)
 def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
     """Predict and score every scan of a split; masks, metrics.json, subjects.csv, report.md."""
     from evaluate.postprocess import PostProcessing

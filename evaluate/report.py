@@ -107,6 +107,7 @@ def write_report(out: Path, metrics: dict, rows: list[dict], masks: dict, root) 
         + (f"on (logit - {metrics['prior_shift']:.3f})" if metrics["prior_correction"] else "off")
         + ".",
         "",
+        *[f"**Warning: {w}.**\n" for w in metrics.get("warnings", [])],
         "| metric | value |",
         "|---|---|",
         *[f"| {k} | {_fmt(metrics.get(k))} |" for k in KEYS],

@@ -15,9 +15,15 @@ from evaluate.postprocess import PostProcessing, choose
 from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
 from evaluate.tta import flips_label
+from evaluate.unseen import check_unseen
 from evaluate.volume import lesion_logits, to_probability
 from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.common.tables import write_csv
+
+OPTIMISTIC = (
+    "--threshold auto chose the rule on the validation split, the split reported here: its scores are optimistic "
+    "(report the test split)"
+)
 
 SUBJECT_COLUMNS = (
     "scan_id",
@@ -126,12 +132,14 @@ def evaluate_split(
     use_dense: bool = True,
     stride: int = 1,
     tta_flips: tuple[int, ...] = (),
+    allow_training_subjects: bool = False,
     progress: bool = True,
     log=print,
 ) -> dict:
     """Evaluate a trained run (or several: their ensemble) on every labelled scan of ``split``; returns
     ``metrics.json``'s content. ``tta_flips`` (axes, ``evaluate.tta.parse_flips``): the mean logit over those
-    flips of the input, for the chosen rule as for the scores."""
+    flips of the input, for the chosen rule as for the scores. A split holding subjects the model trained on is
+    refused (``evaluate.unseen``) unless ``allow_training_subjects``."""
     from tqdm import tqdm
 
     from evaluate.report import write_report
@@ -145,12 +153,19 @@ def evaluate_split(
     inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
     inference += f", mean over flips {flips}" if flips != "none" else ""
     root, scans = open_split(store_path, split, empty=f"{store_path}: split {split!r} has no labelled scans")
+    unseen = check_unseen(pred, root, scans, split, store_path, allow_training_subjects, log)
     shift = pred.prior_shift() if prior_correction else 0.0
+    warnings = []
     if threshold == "auto":
+        if split == "val":
+            warnings.append(OPTIMISTIC)
+            log(f"warning: {OPTIMISTIC}")
         rule = choose_postprocessing(pred, root, shift, tile, use_dense, progress, log, stride)
         log(f"chosen on the validation split: {rule.describe()}")
     else:
         rule = PostProcessing(float(threshold), min_component, fill_holes, min_peak)
+    if unseen.get("training_subjects_scored"):
+        warnings.append(f"{len(unseen['training_subjects_scored'])} of the scored subjects are training subjects")
     source = "chosen on the validation split" if threshold == "auto" else "given"
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -199,6 +214,8 @@ def evaluate_split(
         "run_dir": run_dirs_label(run_dir),
         "store": str(store_path),
         "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],
+        "unseen_subjects": unseen,
+        "warnings": warnings,
         "by_hemisphere": _breakdown(done, "hemisphere"),
         "by_size_tertile": _breakdown(done, "size_tertile"),
     }

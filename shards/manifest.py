@@ -124,6 +124,18 @@ def sampling_rates(manifest: dict) -> dict | None:
     return {"lesion_rate": drawn / lesion, "background_rate": other / background}
 
 
+def provenance(manifest: dict) -> dict:
+    """What a run keeps of where its samples came from: the store, its split's fingerprint, the subjects (so that
+    the evaluator can refuse to score a model on its own training subjects)."""
+    store = manifest.get("store") or {}
+    return {
+        "store": store.get("path"),
+        "split_fingerprint": store.get("split_fingerprint"),
+        "split": (manifest.get("config") or {}).get("split"),
+        "subjects": sorted({str(s["subject_id"]) for s in manifest.get("scans") or [] if "subject_id" in s}),
+    }
+
+
 def check_compatible(a: dict, a_name: str, b: dict, b_name: str) -> None:
     """Refuse to mix samples cut or normalised differently (patch size, normalisation method and parameters).
 

@@ -28,7 +28,7 @@ from torch import distributed as dist
 from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.block_batches import NoVoxelLabels
 from shards.blocks import DeviceCutter
-from shards.manifest import check_compatible, sampling_rates
+from shards.manifest import check_compatible, provenance, sampling_rates
 from shards.reader import ShardStream
 from shards.sources import ShardSourceError
 from shards.common.scores import confusion, voxel_scores
@@ -240,7 +240,13 @@ class Run:
             rates = dense_rates(manifest, weight_totals(manifest, self.voxel_weights, self.draws_scale))
         else:
             rates = sampling_rates(manifest)
-        return {"norm": manifest["norm"], "build": manifest["config"], "sampling": rates, "shards": self.cfg.shards}
+        return {
+            "norm": manifest["norm"],
+            "build": manifest["config"],
+            "sampling": rates,
+            "shards": self.cfg.shards,
+            "trained_on": provenance(manifest),
+        }
 
     @functools.cached_property
     def voxel_weights(self) -> tuple[float, float] | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.common.atomic import atomic_path, atomic_write_text
-from shards.manifest import sampling_rates
+from shards.manifest import provenance, sampling_rates
 from shards.reader import ShardStream
 
 PAPER = {"n_estimators": 50, "max_depth": 6, "min_samples_split": 2}
@@ -146,7 +146,12 @@ def train_forest(
         "seed": seed,
         "shards": spec,
         "preprocessing": (
-            {"norm": manifest["norm"], "build": manifest["config"], "sampling": sampling_rates(manifest)}
+            {
+                "norm": manifest["norm"],
+                "build": manifest["config"],
+                "sampling": sampling_rates(manifest),
+                "trained_on": provenance(manifest),
+            }
             if manifest
             else None
         ),
