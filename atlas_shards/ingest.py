@@ -117,6 +117,14 @@ def _split_options(seed: int, counts, fractions) -> dict:
     return {"seed": seed, "counts": as_list(counts), "fractions": as_list(fractions)}
 
 
+def _shown(options: dict) -> str:
+    """Split options as the command line gives them."""
+    flags = {"counts": "--split", "fractions": "--split-fractions"}
+    return f"--seed {options['seed']}" + "".join(
+        f" {flags[k]} {','.join(map(str, options[k]))}" for k in flags if options[k]
+    )
+
+
 def _check_same_split(store_path: Path, config: dict | None, seed: int, counts, fractions) -> None:
     """A store's split is fixed once written: re-ingesting asks for the same one, or is refused before any work."""
     if not config:
@@ -124,16 +132,8 @@ def _check_same_split(store_path: Path, config: dict | None, seed: int, counts, 
     had = {k: config.get(k) for k in ("seed", "counts", "fractions")}
     asked = _split_options(seed, counts, fractions)
     if had != asked:
-        show = lambda o: (
-            f"--seed {o['seed']}"
-            + "".join(  # noqa: E731
-                f" --{k.replace('counts', 'split').replace('fractions', 'split-fractions')} {','.join(map(str, o[k]))}"
-                for k in ("counts", "fractions")
-                if o[k]
-            )
-        )
         raise IngestError(
-            f"{store_path}: its subject split was made with {show(had)}; this ingest asks for {show(asked)}. "
+            f"{store_path}: its subject split was made with {_shown(had)}; this ingest asks for {_shown(asked)}. "
             "A store's split is fixed once written (runs trained on it must never be scored on their own "
             "training subjects): ingest with the same options, or into a new store"
         )
