@@ -38,6 +38,7 @@ from atlas_shards.plan import BuildConfig, BuildError, describe_plan, lesion_com
 from atlas_shards.workers import Workers
 from shards import remote
 from shards.common.atomic import atomic_write_text, check_output_dir
+from shards.common.lock import OutputBusy, owned
 from shards.manifest import ManifestError, read_manifest, write_manifest
 from shards.norm import dequantisation
 from shards.schema import MANIFEST, SCHEMA, SCHEMA_VERSION
@@ -58,12 +59,23 @@ def build(
 ) -> dict:
     """Build the shards of ``config.split`` from the store into ``out_dir``; return the manifest.
 
-    With ``dry_run`` only the plan is computed and returned (nothing written).
+    With ``dry_run`` only the plan is computed and returned (nothing written). One build at a time writes a
+    directory (``shards.common.lock``): a second is refused by name.
     """
     config.check()
     if remote.is_remote(str(out_dir)):
         return _build_into_object_store(store_path, str(out_dir), config, workers, progress, dry_run, log)
     check_output_dir(out_dir)
+    if dry_run:
+        return _build(store_path, out_dir, config, workers, progress, dry_run, log)
+    try:
+        with owned(out_dir, "atlas-shards build"):
+            return _build(store_path, out_dir, config, workers, progress, dry_run, log)
+    except OutputBusy as exc:
+        raise BuildError(str(exc)) from None
+
+
+def _build(store_path, out_dir, config: BuildConfig, workers: int, progress: bool, dry_run: bool, log) -> dict:
     out_dir = Path(out_dir).resolve()
     if not remote.is_remote(str(store_path)):  # a store on object storage is read through zarr's fsspec store
         store_path = Path(store_path).resolve()

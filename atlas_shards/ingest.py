@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shards.common.atomic import atomic_write_text, check_output_dir
+from shards.common.lock import OutputBusy, owned
 
 from atlas_shards import metadata, store
 from atlas_shards.discover import ScanSource, discover, release_layout
@@ -69,9 +70,8 @@ def ingest(
     space: str = "auto",
     progress: bool = True,
 ) -> IngestSummary:
-    """Ingest every usable scan of ``release`` into the store at ``store_path``."""
-    from tqdm import tqdm
-
+    """Ingest every usable scan of ``release`` into the store at ``store_path`` (which it owns meanwhile:
+    ``shards.common.lock``)."""
     check_output_dir(store_path)
     release = Path(release).resolve()
     store_path = Path(store_path).resolve()
@@ -82,7 +82,17 @@ def ingest(
     sources = discover(release, space=space)
     subjects = {s.subject_id for s in sources if s.labelled and not s.problem}
     split_sizes(len(subjects), split_counts, split_fractions)  # counts the release cannot meet: before any scan
-    root = store.open_store(store_path, mode="a")
+    root = store.open_store(store_path, mode="a")  # made first: the lock file lives in the store's directory
+    try:
+        with owned(store_path, "atlas-shards ingest"):
+            return _ingest(release, store_path, root, sources, workers, split_counts, split_fractions, seed, progress)
+    except OutputBusy as exc:
+        raise IngestError(str(exc)) from None
+
+
+def _ingest(release, store_path, root, sources, workers, split_counts, split_fractions, seed, progress):
+    from tqdm import tqdm
+
     previous = root.attrs.get("release_dir")
     if previous and previous != str(release):
         raise IngestError(f"{store_path}: store was built from {previous}, not {release}; use a new store path")

@@ -217,11 +217,12 @@ def fit(resume: bool, **options) -> None:
 @click.option("--seed", type=SEED, default=0, show_default=True)
 def rf(shards, run_dir, max_samples, grid, val_shards, seed) -> None:
     """Random-forest baseline on the 25x25 axial slice (paper: 50 trees, depth 6, split 2)."""
+    from shards.common.lock import OutputBusy
     from shards.manifest import ManifestError
     from shards.sources import ShardSourceError
     from trainer.forest import FOREST, train_forest
 
-    with expected(ShardSourceError, ManifestError, ValueError):
+    with expected(ShardSourceError, ManifestError, ValueError, OutputBusy):
         result = train_forest(
             shards, run_dir, max_samples=max_samples, grid=grid, seed=seed, val_spec=val_shards, log=click.echo
         )

@@ -12,9 +12,11 @@ batches.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import distributed as dist
 
 from shards.common.atomic import atomic_write_text, check_output_dir
+from shards.common.lock import OutputBusy, owned
 from shards.block_batches import NoVoxelLabels
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible, provenance, sampling_rates
@@ -36,6 +39,7 @@ from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows
 from trainer.devices import resolve_device
+from trainer.forest import FOREST
 from trainer.augment import flip_cores, flip_draws, flip_offsets, flip_pairs, jitter, step_generator
 from trainer.clock import Clock
 from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
@@ -73,15 +77,23 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
         raise TrainError(str(exc)) from None
     _check_recipe(cfg)
     check_output_dir(cfg.out)
-    ranks = setup_distributed(chosen)
-    stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
+    if (Path(cfg.out) / FOREST).exists():
+        raise TrainError(f"{cfg.out}: holds a random forest ({FOREST}); a run directory holds one model")
+    # rank 0 writes the run directory: it owns it (shards.common.lock) before the ranks meet
+    owner = owned(cfg.out, "atlas-train fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
     try:
-        quiet = not ranks.master  # rank 0 logs and checkpoints
-        return _train(cfg, model_cfg, resume, ranks, progress and not quiet, (lambda m: None) if quiet else log)
-    finally:
-        stop()
-        if ranks.ddp:
-            dist.destroy_process_group()
+        with owner:
+            ranks = setup_distributed(chosen)
+            stop = _sigterm_interrupts()  # `docker stop`, a batch scheduler: a checkpoint, as for Ctrl-C
+            try:
+                quiet = not ranks.master  # rank 0 logs and checkpoints
+                return _train(cfg, model_cfg, resume, ranks, progress and not quiet, (lambda m: None) if quiet else log)
+            finally:
+                stop()
+                if ranks.ddp:
+                    dist.destroy_process_group()
+    except OutputBusy as exc:
+        raise TrainError(str(exc)) from None
 
 
 def _check_recipe(cfg: TrainConfig) -> None:

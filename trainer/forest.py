@@ -121,7 +121,17 @@ def train_forest(
     workers: int = -1,
     log=print,
 ) -> dict:
-    """Fit the forest (paper settings, or a 3-fold grid search) and save it to ``out``."""
+    """Fit the forest (paper settings, or a 3-fold grid search) and save it to ``out`` (which it owns meanwhile:
+    ``shards.common.lock``; a directory holding a trained network is refused)."""
+    from shards.common.lock import owned
+
+    if (Path(out) / "last.pt").exists():
+        raise ValueError(f"{out}: holds a trained network (last.pt); a run directory holds one model")
+    with owned(out, "atlas-train rf"):
+        return _train_forest(spec, out, max_samples, grid, seed, val_spec, workers, log)
+
+
+def _train_forest(spec, out, max_samples: int, grid: bool, seed: int, val_spec, workers: int, log) -> dict:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.model_selection import GridSearchCV
 
