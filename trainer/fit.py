@@ -153,8 +153,10 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     ckpt = _resume_point(out, resume, model_cfg.name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     data = _open_streams(cfg, ranks.world)
+    changed = []
     if ckpt is not None:
         _check_resumable(ckpt, model_cfg, data.manifest, out, cfg.shards)
+        changed = _check_same_run(ckpt, cfg, data.manifest, out)
     model_cfg = replace(model_cfg, patch=data.patch, norm=data.manifest["norm"])  # the caller's stays
     run = Run(cfg, model_cfg, ranks, out, data)
     state = _start(run, ckpt)
@@ -164,7 +166,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
             return _summary(out, state.step, state.rows, ranks.world, None)
         log(f"resuming {out} at step {state.step}")
     if ranks.master:
-        _write_config(run)
+        _write_config(run, None if ckpt is None else {"resumed_at_step": state.step, "changed": changed})
     seen = _loop(run, state, progress, log)
     _save(run, state)
     rank_audit = audit.audit(state.raw, seen, ranks.world, out if ranks.master else None)
@@ -217,6 +219,51 @@ def _open_streams(cfg: TrainConfig, world: int) -> Streams:
             check_compatible(manifest, train_name, val.manifest, val_name)
     total_steps = cfg.epochs * steps_per_epoch
     return Streams(train, val, manifest, steps_per_epoch, total_steps, cfg.eval_every or max(1, total_steps // 10))
+
+
+# What a run is: resuming with any of these changed would make the checkpoint a claim about another run. How it
+# runs (device, workers, amp, compile, layout, logging, validation) may change between its sessions.
+RUN_DEFINING = (
+    "objective",
+    "batch_size",
+    "voxel_weights",
+    "lesion_share",
+    "recipe",
+    "lr",
+    "optimizer",
+    "schedule",
+    "warmup",
+    "weight_decay",
+    "augment",
+    "class_weights",
+    "clip_grad",
+    "seed",
+    "shuffle",
+    "budget_clock",
+)
+EXTENDABLE = ("epochs", "steps_per_epoch", "time_budget")  # a resumed run may be given longer: config.json says so
+
+
+def _check_same_run(ckpt: dict, cfg: TrainConfig, manifest: dict, out: Path) -> list[str]:
+    """``--resume`` continues the run the checkpoint holds: its training settings and the same samples (the
+    shards may have moved: the build and the subjects they came from must not have changed). Returns the
+    changes it allows (a longer run: ``EXTENDABLE``), for the run's history."""
+    saved = ckpt.get("train_config")
+    if saved is None:  # a checkpoint of an earlier version: nothing recorded to compare
+        return []
+    asked = json.loads(json.dumps(asdict(cfg), default=list))
+    changes = [f"{k} {saved.get(k)} -> {asked[k]}" for k in RUN_DEFINING if k in saved and saved[k] != asked[k]]
+    before, now = ckpt["preprocessing"], {"build": manifest["config"], "trained_on": provenance(manifest)}
+    for key, what in (("build", "the shards' build"), ("trained_on", "the shards' subjects and split")):
+        if key in before and before[key] != json.loads(json.dumps(now[key])):
+            changes.append(f"{what} ({cfg.shards} is not the {saved.get('shards')} it trained on)")
+    if changes:
+        raise TrainError(
+            f"{out / ckpt_io.LAST}: --resume continues the same run, and this command changes "
+            + "; ".join(changes)
+            + ". Train into another --out"
+        )
+    return [f"{k} {saved.get(k)} -> {asked[k]}" for k in EXTENDABLE if k in saved and saved[k] != asked[k]]
 
 
 def _check_resumable(ckpt: dict, model_cfg: ModelConfig, manifest: dict, out: Path, shards: str) -> None:
@@ -328,7 +375,16 @@ def _start(run: Run, ckpt: dict | None) -> State:
     return state
 
 
-def _write_config(run: Run) -> None:
+def _write_config(run: Run, resumed: dict | None) -> None:
+    """``config.json``: the run's settings as this session runs it; ``history`` lists each resume (with what it
+    changed), kept from the file a resumed run finds."""
+    history = []
+    if resumed is not None:
+        try:
+            history = json.loads((run.out / "config.json").read_text()).get("history", [])
+        except (OSError, ValueError):
+            history = [{"note": "config.json of the earlier sessions missing or unreadable"}]
+        history = history + [resumed]
     config = {
         "train": asdict(run.cfg),
         "model": run.model_cfg.to_dict(),
@@ -336,6 +392,7 @@ def _write_config(run: Run) -> None:
         "world_size": run.ranks.world,
         "steps_per_epoch": run.data.steps_per_epoch,
         "total_steps": run.data.total_steps,
+        "history": history,
     }
     run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.json", json.dumps(config, indent=1, default=list))
