@@ -69,6 +69,10 @@ def worker_split() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+class ShortShard(EOFError):
+    """A shard that ends, cleanly, before the records or samples its manifest lists: damage, not a shorter epoch."""
+
+
 @dataclass
 class Stats:
     """Counters a stage updates while the stream runs."""
@@ -101,7 +105,8 @@ def read_records(
     """
     stats = stats if stats is not None else Stats()
     for shard in shards:
-        index, seen, warned = -1, 0, False
+        index, seen, samples, warned = -1, 0, 0, False
+        expected = _kept(shard.records, keep)
         stream = open_shard(shard.url, timeout=timeout, retries=retries)
         try:
             for key, fields in iter_grouped(stream):
@@ -119,13 +124,28 @@ def read_records(
                         warned = True
                     continue
                 stats.records += 1
+                samples += len(record["y"])
                 yield record
         except STREAM_ERRORS as exc:
-            expected = _kept(shard.records, keep)
             stats.skipped += max(1, expected - seen) if expected is not None else 1
             handler(exc, f"{shard.url} (truncated or unreadable after {index + 1} records)")
+        else:
+            short = _short(shard, expected, seen, samples, keep is None and not warned)
+            if short:
+                stats.skipped += max(1, (expected or 0) - seen)
+                handler(ShortShard(short), f"{shard.url} (shorter than its manifest)")
         finally:
             stream.close()
+
+
+def _short(shard: Shard, expected: int | None, seen: int, samples: int, whole: bool) -> str | None:
+    """Why a shard that ended cleanly is short of its manifest, or None. ``whole``: every record was read and
+    decoded, so its samples can be counted against the manifest's too."""
+    if expected is not None and seen < expected:
+        return f"{seen} of its {expected} records"
+    if whole and shard.samples is not None and samples < shard.samples:
+        return f"{samples} of its {shard.samples} samples"
+    return None
 
 
 def _kept(records: int | None, keep: tuple[int, int] | None) -> int | None:
@@ -300,14 +320,26 @@ class ShardStream(torch.utils.data.IterableDataset):
             batches = batch_samples(
                 records, self.batch_size, self.shuffle, rng, drop_last, self.pool_blocks, self.device_cut, **kw
             )
-        reported = 0
-        for i, batch in enumerate(batches):
-            if quota is not None and i >= quota:
-                return
+        reported, held = 0, None
+
+        def handed(batch: dict) -> dict:  # damage counted so far rides on the batch handed out
+            nonlocal reported
             out = to_tensors(batch)
             out["skipped"], reported = stats.skipped - reported, stats.skipped
             out["worker"] = worker
-            yield out
+            return out
+
+        for i, batch in enumerate(batches):
+            if quota is not None:  # the shards cycle: damage found rides on the next batch
+                if i >= quota:
+                    return
+                yield handed(batch)
+                continue
+            if held is not None:  # one batch ahead: the last one is handed out after the shards end, so it
+                yield handed(held)  # carries the damage found at their end too
+            held = batch
+        if held is not None:
+            yield handed(held)
 
     def _read(self, shards: list[Shard], keep, stats: Stats) -> Iterator[dict]:
         return read_records(shards, keep, self.handler, stats, self.timeout, self.retries, self.patch, self.format)

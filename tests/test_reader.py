@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -136,6 +137,52 @@ def test_damaged_shards_are_skipped_counted_and_named_once(pairs_dir, tmp_path, 
         list(ShardStream(str(copy / names[3]), batch_size=16, handler=stop_at_damage))
 
 
+def test_a_shard_shorter_than_its_manifest_is_damage_not_a_shorter_epoch(shard_dir, tmp_path, caplog):
+    from shards.tario import iter_grouped, write_shard
+
+    copy = tmp_path / "short"
+    shutil.copytree(shard_dir, copy)
+    names = sorted(p.name for p in copy.glob("*.tar"))
+    with open(copy / names[0], "rb") as f:
+        records = list(iter_grouped(f))
+    write_shard(copy / names[0], records[:-2])  # a whole tar, cut at a record boundary: two records gone
+    (copy / names[2]).write_bytes(b"")  # a zero-byte shard
+    counts = {s.url.rsplit("/", 1)[1]: s.records for s in resolve(str(shard_dir))[0]}
+    with caplog.at_level(logging.WARNING, logger="shards"):
+        batches = list(ShardStream(str(copy), batch_size=4, shuffle=0))
+    assert sum(b["skipped"] for b in batches) == 2 + counts[names[2]]
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned  # once a shard, each named
+    assert any(names[0] in w and f"{len(records) - 2} of its {len(records)} records" in w for w in warned)
+    assert any(names[2] in w for w in warned)
+    with pytest.raises(ShardSourceError, match=f"{names[0]} .*ShortShard"):
+        list(ShardStream(str(copy / names[0]), batch_size=4, handler=stop_at_damage))
+
+
+def test_a_record_that_lost_samples_is_named(pairs_dir, tmp_path, caplog):
+    from shards.schema import decode_npy, encode_npy
+    from shards.tario import iter_grouped, write_shard
+
+    copy = tmp_path / "fewer"
+    shutil.copytree(pairs_dir, copy)
+    name = sorted(p.name for p in copy.glob("*.tar"))[0]
+    with open(copy / name, "rb") as f:
+        records = list(iter_grouped(f))
+    key, fields = records[0]
+    k = len(decode_npy(fields["y.npy"])) - 1  # one sample fewer in the first record, consistently
+    fields = {
+        "x.npy": encode_npy(decode_npy(fields["x.npy"])[:k]),
+        "y.npy": encode_npy(decode_npy(fields["y.npy"])[:k]),
+        "loc.npy": encode_npy(decode_npy(fields["loc.npy"])[:k]),
+        "scan.json": json.dumps(json.loads(fields["scan.json"])[:k]).encode(),
+    }
+    write_shard(copy / name, [(key, fields)] + records[1:])
+    with caplog.at_level(logging.WARNING, logger="shards"):
+        batches = list(ShardStream(str(copy / name), batch_size=4, shuffle=0))
+    assert any("samples" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+    assert sum(b["skipped"] for b in batches) == 1
+
+
 def test_ddp_ranks_stay_equal_when_a_shard_is_damaged(shard_dir, tmp_path):
     copy, _ = _damaged_copy(shard_dir, tmp_path)
     counts = [len(list(ShardStream(str(copy), batch_size=20, rank=r, world_size=2))) for r in range(2)]
@@ -181,7 +228,7 @@ def test_plain_webdataset_reads_the_shards(pairs_dir, blocks_dir):
     sample = next(iter(wds.WebDataset(str(blocks_dir / "train-000000.tar"), shardshuffle=False).decode()))
     k = len(sample["y.npy"])
     assert sample["block.npy"].shape == (2, 32, 32, 32) and sample["off.npy"].shape == (k, 3)
-    assert set(sample["meta.json"]) == {"scan", "origin", "patch"}
+    assert set(sample["meta.json"]) == {"scan", "origin", "patch", "background_draws"}
 
 
 def test_views():

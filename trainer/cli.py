@@ -198,6 +198,7 @@ def fit(resume: bool, **options) -> None:
         f"trained {summary['steps']} steps (world size {summary['world_size']}); "
         f"last loss {float(last.get('loss') or 'nan'):.4f}"
         + (f", validation Dice {float(last['val_dice']):.3f}" if last.get("val_dice") not in (None, "") else "")
+        + (f"; {summary['skipped']} damaged records skipped (see the warnings)" if summary.get("skipped") else "")
     )
     click.echo(f"run: {run_dir} (checkpoint {summary['checkpoint']}, metrics.csv, curves.png, config.json)")
 

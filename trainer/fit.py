@@ -562,6 +562,7 @@ def _summary(out: Path, step: int, rows: list[dict], world: int, rank_audit: dic
         "last": last,
         "world_size": world,
         "audit": rank_audit,
+        "skipped": sum(int(float(r.get("skipped") or 0)) for r in rows),  # damaged records, over the run
     }
 
 
