@@ -194,7 +194,7 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
     rule = PostProcessing(threshold, min_component, fill_holes, min_peak)
     if rule_from:
         with expected(ValueError):
-            rule = rule_of_report(rule_from)
+            rule = rule_of_report(rule_from, run_dir)
             if options["tta_flips"] is None:  # the rule was chosen on these flips' probabilities
                 options["tta_flips"] = flips_of_report(rule_from)
         click.echo(f"rule from {rule_from}: {rule.describe()}, test-time flips {flips_label(options['tta_flips'])}")

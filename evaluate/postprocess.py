@@ -19,6 +19,7 @@ lesion-wise F1 counts them); hole filling is ``scipy.ndimage.binary_fill_holes``
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -70,17 +71,48 @@ class PostProcessing:
         )
 
 
-def rule_of_report(report: str | os.PathLike) -> PostProcessing:
-    """The rule a report of ``atlas-evaluate run`` applied (its directory or ``metrics.json``).
+def rule_of_report(report: str | os.PathLike, run_dirs=None) -> PostProcessing:
+    """The rule a report of ``atlas-evaluate run`` applied (its directory or ``metrics.json``), each value
+    checked as its option would be. With ``run_dirs`` (the run, or an ensemble's runs, it is for), a report of
+    other runs is refused: a threshold is a property of one model's probabilities.
 
     Raises:
-        ValueError: not such a report.
+        ValueError: not such a report, or a value out of range: naming the file and the key.
     """
     path, metrics = _report(report)
-    try:
-        return PostProcessing.from_dict(metrics.get("postprocessing") or {"threshold": metrics["threshold"]})
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run ({type(exc).__name__}: {exc})") from None
+    rule = metrics.get("postprocessing")
+    if rule is None and "threshold" not in metrics:
+        raise ValueError(f"{path}: not a metrics.json of atlas-evaluate run (no postprocessing, no threshold)")
+    rule = {"threshold": metrics["threshold"]} if rule is None else rule
+    if not isinstance(rule, dict):
+        raise ValueError(f"{path}: postprocessing is a JSON {type(rule).__name__}, not an object")
+    unknown = sorted(set(rule) - {"threshold", "min_component", "fill_holes", "min_peak", "source"})
+    if unknown:
+        raise ValueError(f"{path}: postprocessing has unknown key(s) {', '.join(unknown)}")
+    checks = {
+        "threshold": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+        "min_component": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "a voxel count >= 0"),
+        "fill_holes": (lambda v: isinstance(v, bool), "true or false"),
+        "min_peak": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    }
+    for key, (ok, what) in checks.items():
+        if key in rule and not ok(rule[key]):
+            raise ValueError(f"{path}: postprocessing.{key} is {json.dumps(rule[key])}, not {what}")
+    if run_dirs is not None and metrics.get("run_dir") is not None:
+        given = sorted(
+            str(Path(r).resolve()) for r in (run_dirs if isinstance(run_dirs, (list, tuple)) else [run_dirs])
+        )
+        made = metrics["run_dir"] if isinstance(metrics["run_dir"], list) else [metrics["run_dir"]]
+        if sorted(str(Path(r).resolve()) for r in made) != given:
+            raise ValueError(
+                f"{path}: a report of {', '.join(map(str, made))}, not of {', '.join(given)}: its rule was chosen "
+                "on another model's probabilities"
+            )
+    return PostProcessing.from_dict(rule)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def flips_of_report(report: str | os.PathLike) -> tuple[int, ...]:

@@ -84,9 +84,31 @@ def read_manifest(where: str | os.PathLike, timeout: float = 10.0) -> dict:
     missing = [k for k, kind in REQUIRED.items() if not isinstance(manifest.get(k), kind)]
     if missing or not isinstance(manifest["config"].get("patch"), int):
         raise ManifestError(f"{where}: damaged manifest: {', '.join(missing) or 'config.patch'} missing or malformed")
+    _check_shard_entries(manifest["shards"], where)
     manifest.setdefault("format", "pairs")
     manifest["config"].setdefault("format", manifest["format"])
     return manifest
+
+
+def _check_shard_entries(shards: list, where: str) -> None:
+    """Each shard entry names a file of the shard directory itself (never a path out of it) and counts with
+    non-negative integers.
+
+    Raises:
+        ManifestError: naming the manifest, the entry and the key.
+    """
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{where}: shards[{i}] is a JSON {type(entry).__name__}, not an object")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ManifestError(
+                f"{where}: shards[{i}].name {json.dumps(name)} is not a file name in the shard directory"
+            )
+        for key in ("samples", "records"):
+            value = entry.get(key)
+            if key in entry and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ManifestError(f"{where}: shards[{i}].{key} is {json.dumps(value)}, not a count")
 
 
 def preprocessing_of(m: dict) -> dict:

@@ -394,6 +394,45 @@ def test_rule_of_an_older_report_has_no_peak(tmp_path):
     assert rule_of_report(tmp_path) == PostProcessing(0.4)
 
 
+@pytest.mark.parametrize(
+    "rule, message",
+    [
+        ({"threshold": 1.5}, "postprocessing.threshold is 1.5, not a number in \\(0, 1\\)"),
+        ({"threshold": "0.5"}, 'postprocessing.threshold is "0.5"'),
+        ({"threshold": True}, "postprocessing.threshold is true"),
+        ({"threshold": 0.5, "min_component": -3}, "postprocessing.min_component is -3, not a voxel count"),
+        ({"threshold": 0.5, "min_component": 2.5}, "postprocessing.min_component is 2.5"),
+        ({"threshold": 0.5, "fill_holes": "false"}, 'postprocessing.fill_holes is "false", not true or false'),
+        ({"threshold": 0.5, "min_peak": 1.0}, "postprocessing.min_peak is 1.0"),
+        ({"threshold": 0.5, "treshold": 0.2}, "postprocessing has unknown key\\(s\\) treshold"),
+        ([0.5], "postprocessing is a JSON list"),
+    ],
+)
+def test_a_rule_from_a_file_is_checked_like_its_options(tmp_path, rule, message):
+    from evaluate.postprocess import rule_of_report
+
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"postprocessing": rule}))
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        rule_of_report(tmp_path)
+    assert path.read_bytes() == before
+
+
+def test_a_rule_chosen_for_another_model_is_refused(tmp_path):
+    from evaluate.postprocess import PostProcessing, rule_of_report
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "metrics.json").write_text(json.dumps({"postprocessing": {"threshold": 0.3}, "run_dir": "a"}))
+    with pytest.raises(ValueError, match="a report of a, not of .*/b: its rule was chosen on another model"):
+        rule_of_report(tmp_path, str(tmp_path / "b"))
+    import os
+
+    os.chdir(tmp_path)  # the report's run_dir is as the command gave it: relative to where it ran
+    assert rule_of_report(tmp_path, (str(tmp_path / "a"),)) == PostProcessing(0.3)
+
+
 class _CentreVoxel:
     """A predictor whose logit is the stored value of the voxel itself (an oracle for where each logit came from)."""
 

@@ -239,3 +239,29 @@ def test_views():
     assert torch.equal(cat[:, 0, :5], x[:, 0]) and torch.equal(cat[:, 0, 5:], x[:, 1])
     assert torch.equal(axial_slice(x), x[:, 0, :, :, 2])
     assert dequantise(torch.tensor([0, 255], dtype=torch.uint8), {"offset": 0, "scale": 1 / 255}).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "../../outside.tar"}, 'shards\\[0\\].name "../../outside.tar" is not a file name'),
+        ({"name": "/etc/hostname"}, 'shards\\[0\\].name "/etc/hostname" is not a file name'),
+        ({"name": ".."}, 'shards\\[0\\].name ".." is not a file name'),
+        ({"samples": -5}, "shards\\[0\\].samples is -5, not a count"),
+        ({"records": "12"}, 'shards\\[0\\].records is "12", not a count'),
+    ],
+)
+def test_manifest_shard_entries_stay_in_the_directory_and_count(pairs_dir, tmp_path, entry, message):
+    import json
+
+    from shards.manifest import ManifestError, read_manifest
+
+    copy = tmp_path / "shards"
+    shutil.copytree(pairs_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["shards"][0].update(entry)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=f"^{copy}: {message}"):
+        read_manifest(copy)
+    with pytest.raises(ShardSourceError, match=message):  # the trainer's and evaluator's reader: the same words
+        ShardStream(str(copy), batch_size=4)
