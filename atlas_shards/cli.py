@@ -259,7 +259,7 @@ def _verify(path: str) -> None:
     from shards.manifest import ManifestError, verify as verify_shards
     from shards.schema import MANIFEST
 
-    with expected(StoreError, ManifestError):
+    with expected(StoreError, ManifestError, remote.RemoteError):
         if remote.exists(remote.join(path, MANIFEST)):
             problems = verify_shards(path)
             for problem in problems:

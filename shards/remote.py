@@ -65,8 +65,28 @@ def parent(where: str) -> str:
     return str(where).rstrip("/").rsplit("/", 1)[0] if is_remote(where) else str(Path(where).parent)
 
 
+TIMEOUT_ENV = "ATLAS_TIMEOUT"  # seconds: caps every connect and read timeout below, for every command
+
+
+def deadline(timeout: float) -> float:
+    """``timeout``, capped by ``$ATLAS_TIMEOUT`` when set (a positive number of seconds)."""
+    cap = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        return min(timeout, float(cap)) if cap and float(cap) > 0 else timeout
+    except ValueError:
+        raise RemoteError(f"${TIMEOUT_ENV} is {cap!r}, not a number of seconds") from None
+
+
 def storage_options(where: str, timeout: float = 30.0) -> dict:
-    """fsspec options of one read: timeouts for S3 (botocore's own retries kept few: ours wrap them)."""
+    """fsspec options of one read: timeouts for S3 (botocore's own retries kept few: ours wrap them) and for
+    HTTP (aiohttp's own default is 5 minutes in all: a server that accepts and never answers held a command
+    that long)."""
+    timeout = deadline(timeout)
+    if scheme(where) in ("http", "https"):
+        import aiohttp
+
+        limit = aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=timeout, sock_read=timeout)
+        return {"client_kwargs": {"timeout": limit}}
     if scheme(where) == "s3":
         return {
             "config_kwargs": {
@@ -139,7 +159,7 @@ class _Guarded:
 
 
 def _open_once(where: str, timeout: float) -> BinaryIO:
-    kind = scheme(where)
+    kind, timeout = scheme(where), deadline(timeout)
     if kind in ("http", "https"):
         try:
             return urllib.request.urlopen(where, timeout=timeout)
@@ -209,8 +229,16 @@ def upload(local: str | os.PathLike, where: str, timeout: float = 60.0, retries:
 
 
 def exists(where: str, timeout: float = 10.0) -> bool:
+    """Whether a location exists. A server that does not answer is ``Unreachable``, never "no" (fsspec's HTTP
+    ``exists`` says False for any error, a timeout included)."""
     if not is_remote(where):
         return Path(where).exists()
+    if scheme(where) in ("http", "https"):
+        try:
+            _open_once(where, timeout).close()
+        except NotFound:
+            return False
+        return True
     fs, path = filesystem(where, timeout)
     try:
         return fs.exists(path)
