@@ -96,6 +96,12 @@ def _build(store_path, out_dir, config: BuildConfig, workers: int, progress: boo
         usable = [(s, c) for s, c in zip(scans, counts) if "problem" not in c]
         if not usable:
             raise BuildError(f"{store_path}: no usable scan in split {config.split!r}: " + "; ".join(skipped))
+        unmapped = [(s, c["hard_problem"]) for s, c in usable if "hard_problem" in c]
+        if config.hard_negatives is not None and len(unmapped) == len(usable):
+            raise BuildError(
+                f"--hard-negatives {config.hard_negatives}: no usable probability map for any of the {len(usable)} "
+                f"scans of split {config.split!r} (e.g. {unmapped[0][0]}: {unmapped[0][1]}); nothing would be hard"
+            )
         scans, counts = (list(v) for v in zip(*usable))
         plan = make_plan(config, scans, counts, {s: root.attrs["scans"][s] for s in scans}, skipped)
         if dry_run:  # both formats' sizes: blocks need the samples drawn to count their blocks
@@ -123,6 +129,13 @@ def _build(store_path, out_dir, config: BuildConfig, workers: int, progress: boo
         spilled = [json.loads((spill / f"{i:06d}.done").read_text()) for i in range(len(plan["scans"]))]
         layout = fmt.layout(config, plan, spilled)
         num_shards = layout["num_shards"]
+        if config.num_shards is not None and num_shards < config.num_shards:
+            note = (
+                f"--num-shards {config.num_shards} cannot be met: {num_shards} shards hold every "
+                f"{'block' if config.format == 'blocks' else 'sample'} once; building {num_shards}"
+            )
+            log(note)
+            plan["notes"].append(note)
         shard_jobs = [
             ShardJob(str(out_dir), str(work), k, shard_name(config.split, k), plan, layout, config)
             for k in range(num_shards)

@@ -66,7 +66,12 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def discover(root: str | os.PathLike, space: str = "auto") -> list[ScanSource]:
+def escaped(name: str) -> str:
+    """A file name as text that can be printed and stored: bytes that are not UTF-8 as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def discover(root: str | os.PathLike, space: str = "auto", skipped: list[str] | None = None) -> list[ScanSource]:
     """List every scan folder under ``root``, sorted by scan id.
 
     Args:
@@ -74,6 +79,9 @@ def discover(root: str | os.PathLike, space: str = "auto") -> list[ScanSource]:
         space: ``auto``, ``mni`` or ``native``; with ``auto`` a tree holding
             the same scans in both spaces (R1.2 unpacked whole) is refused, so
             the caller must choose.
+        skipped: gets a line for each file or folder whose name is not UTF-8
+            (escaped: ``escaped``), which is left out: such a name would break
+            the store's JSON attributes and every later build.
 
     Raises:
         DiscoveryError: missing directory, no scans, or mixed spaces under auto.
@@ -82,10 +90,14 @@ def discover(root: str | os.PathLike, space: str = "auto") -> list[ScanSource]:
     if not root.is_dir():
         raise DiscoveryError(f"{root}: not a directory")
     folders: dict[Path, list[str]] = defaultdict(list)
+    skipped = [] if skipped is None else skipped
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        for name in [*dirnames, *filenames]:
+            if not is_hidden(name) and not _utf8(name):
+                skipped.append(f"{escaped(os.path.join(dirpath, name))}: skipped, its name is not UTF-8")
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and _utf8(d))
         for name in sorted(filenames):
-            if not is_hidden(name) and is_nifti(name):
+            if not is_hidden(name) and is_nifti(name) and _utf8(name):
                 folders[Path(dirpath).relative_to(root)].append(name)
     scans = [_describe(rel, names) for rel, names in sorted(folders.items())]
     if not scans:
@@ -104,6 +116,14 @@ def discover(root: str | os.PathLike, space: str = "auto") -> list[ScanSource]:
             raise DiscoveryError(f"{root}: no {space}-space scans found")
     _mark_duplicates(scans)
     return sorted(scans, key=lambda s: (s.scan_id, s.t1 or ""))
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.walk gives undecodable bytes as surrogates
+        return False
+    return True
 
 
 def release_layout(scans: list[ScanSource]) -> str:

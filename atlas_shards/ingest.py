@@ -79,18 +79,21 @@ def ingest(
         raise IngestError(
             f"{store_path}: the store must not be inside the release {release} (the release is read-only)"
         )
-    sources = discover(release, space=space)
+    odd_names: list[str] = []
+    sources = discover(release, space=space, skipped=odd_names)
     subjects = {s.subject_id for s in sources if s.labelled and not s.problem}
     split_sizes(len(subjects), split_counts, split_fractions)  # counts the release cannot meet: before any scan
     root = store.open_store(store_path, mode="a")  # made first: the lock file lives in the store's directory
     try:
         with owned(store_path, "atlas-shards ingest"):
-            return _ingest(release, store_path, root, sources, workers, split_counts, split_fractions, seed, progress)
+            split = (split_counts, split_fractions, seed)
+            return _ingest(release, store_path, root, sources, odd_names, workers, split, progress)
     except OutputBusy as exc:
         raise IngestError(str(exc)) from None
 
 
-def _ingest(release, store_path, root, sources, workers, split_counts, split_fractions, seed, progress):
+def _ingest(release, store_path, root, sources, odd_names, workers, split, progress) -> IngestSummary:
+    split_counts, split_fractions, seed = split
     from tqdm import tqdm
 
     previous = root.attrs.get("release_dir")
@@ -101,6 +104,7 @@ def _ingest(release, store_path, root, sources, workers, split_counts, split_fra
     store.clear_partial(store_path)
     done = set(store.complete_scans(store_path))
     rows_meta, notes = metadata.join_metadata(release, sorted({s.subject_id for s in sources}))
+    notes = odd_names + notes  # printed, and kept in the store's attributes
 
     results: dict[str, dict] = {}
     todo: list[ScanSource] = []

@@ -53,6 +53,8 @@ def predict_file(
     inputs = {t1} | ({Path(brain_mask).resolve()} if brain_mask else set())
     outputs = [Path(p).resolve() for p in (out_mask, probabilities) if p]
     for path in outputs:
+        if not path.name.endswith((".nii", ".nii.gz")):
+            raise EvaluateError(f"{path}: a mask is written as NIfTI: name it .nii.gz (or .nii)")
         check_output_dir(path.parent)
     for path in outputs:
         if path in inputs:

@@ -169,6 +169,8 @@ def evaluate_split(
     source = "chosen on the validation split" if threshold == "auto" else "given"
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    for stale in [*(out / "masks").glob("*_desc-lesion_mask.nii.gz"), *(out / "masks").glob("*_probability.nii.gz")]:
+        stale.unlink()  # a report directory used again (another split, other scans): only this report's masks
     rows, masks = [], {}
     scans_shown = tqdm(scans, desc=f"evaluate {split}", unit="scan", disable=not progress)
     for scan_id, logits, data in predicted_scans(pred, root, scans_shown, tile, use_dense, stride, log):

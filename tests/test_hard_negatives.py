@@ -106,6 +106,12 @@ def test_unusable_maps_are_named_and_the_build_goes_on(tiny_store, tmp_path):
     _write_maps(tiny_store, tmp_path / "maps", train[:1], shape_of=(10, 10, 10))
     bad = tmp_path / "maps" / f"{train[1]}{SUFFIX}"
     bad.write_bytes(b"not a nifti")
+    with pytest.raises(
+        BuildError, match=f"no usable probability map for any of the {len(train)} scans .* {train[0]}: "
+    ):
+        build_quietly(tiny_store, tmp_path / "none", split="train", hard_negatives=str(tmp_path / "maps"))
+    assert not (tmp_path / "none").exists()  # refused before anything was written
+    _write_maps(tiny_store, tmp_path / "maps", train[2:3])  # one usable map: the build goes on, naming the others
     manifest = build_quietly(tiny_store, tmp_path / "out", split="train", hard_negatives=str(tmp_path / "maps"))
     notes = "\n".join(manifest["notes"])
     assert f"{train[0]}{SUFFIX}: grid (10, 10, 10) is not the scan's (31, 28, 24)" in notes
