@@ -29,9 +29,20 @@ class NoVoxelLabels(ValueError):
 
 
 def batch_blocks(
-    records: Iterable[dict], batch_size: int, shuffle: int, rng: np.random.Generator, drop_last: bool
+    records: Iterable[dict],
+    batch_size: int,
+    shuffle: int,
+    rng: np.random.Generator,
+    drop_last: bool,
+    heavy: tuple[int, float] | None = None,
 ) -> Iterator[dict]:
-    """Batches of ``batch_size`` blocks records (numpy), each record once, shuffled through ``shuffle`` of them."""
+    """Batches of ``batch_size`` blocks records (numpy), each record once, shuffled through ``shuffle`` of them.
+
+    ``heavy``: ``(most, mean)``: a block whose expected draws sum to k times ``mean`` enters the pool
+    ``min(most, round(k))`` times, each copy's weights divided by that count (``repeats``): the same
+    expected loss, with a rare heavy block (a small lesion under sampling by component) spread over many
+    batches instead of dominating one.
+    """
     pool: list[dict] = []
     stream, exhausted = iter(records), False
     while True:
@@ -42,7 +53,8 @@ def batch_blocks(
             elif "labels" not in rec:
                 raise NoVoxelLabels(f"a record of {rec.get('scan')} has no voxel labels (pairs, or blocks before v3)")
             else:
-                pool.append(rec)
+                copies = repeats(rec, *heavy) if heavy is not None else 1
+                pool += [rec] * copies if copies == 1 else [{**rec, "weight_scale": 1 / copies}] * copies
         size = min(batch_size, len(pool))
         if size == 0 or (size < batch_size and drop_last):
             return
@@ -73,9 +85,18 @@ def _stack(records: list[dict]) -> dict:
     return out
 
 
+def repeats(record: dict, most: int, mean: float) -> int:
+    """How many times a block enters the pool: its expected draws over ``mean``, rounded, from 1 to ``most``."""
+    if "draws" not in record or most <= 1 or mean <= 0:
+        return 1
+    background = int((record["labels"][1].astype(bool) & ~record["labels"][0].astype(bool)).sum())
+    weight = float(record["draws"].sum()) + record["background_draws"] * background
+    return int(min(most, max(1, round(weight / mean))))
+
+
 def draws_plane(record: dict) -> np.ndarray:
     """``(N, N, N) float32``: a block record's expected draws at every voxel of its core (0 outside the brain)."""
     lesion, brain = record["labels"][0].astype(bool), record["labels"][1].astype(bool)
     plane = np.where(brain & ~lesion, np.float32(record["background_draws"]), np.float32(0))
     plane[lesion] = record["draws"]
-    return plane
+    return plane * np.float32(record.get("weight_scale", 1.0))

@@ -203,6 +203,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             training (``shards.block_batches``; blocks shards of schema version
             3); ``shuffle`` then counts blocks, and the epoch's length comes
             from the manifest's record counts.
+        heavy_repeat: blocks with expected draws (version 4): a block weighing
+            k times the mean is streamed up to this many times (``round(k)``),
+            its weights divided alike (``shards.block_batches.batch_blocks``).
 
     Each batch also carries ``skipped``: records skipped by this reader since
     its previous batch (sum them for the run's total), and ``worker``: the
@@ -225,6 +228,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         pool_blocks: int = 128,
         device_cut: bool = False,
         unit: str = "samples",
+        heavy_repeat: int = 1,
     ):
         super().__init__()
         if batch_size < 1:
@@ -238,6 +242,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.drop_last, self.handler, self.timeout, self.retries = drop_last, handler, timeout, retries
         self._rank, self._world = rank, world_size
         self.pool_blocks, self.device_cut, self.unit = pool_blocks, device_cut, unit
+        self.heavy = None  # blocks: (most repeats, mean expected draws of a block), ``batch_blocks``
+        if unit == "blocks" and heavy_repeat > 1 and self.manifest and "draws" in self.manifest.get("totals", {}):
+            totals = self.manifest["totals"]
+            self.heavy = (heavy_repeat, sum(totals["draws"].values()) / max(1, totals["records"]))
         config = (self.manifest or {}).get("config", {})
         self.patch, self.format = config.get("patch"), (config.get("format", "pairs") if self.manifest else None)
         self.epoch = 0
@@ -314,7 +322,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         records = self._cycle(shards, keep, stats, rng) if quota is not None else self._read(shards, keep, stats)
         drop_last = self.drop_last or quota is not None
         if self.unit == "blocks":
-            batches = batch_blocks(records, self.batch_size, self.shuffle, rng, drop_last)
+            batches = batch_blocks(records, self.batch_size, self.shuffle, rng, drop_last, self.heavy)
         else:
             kw = {"store_for": store_for}
             batches = batch_samples(

@@ -355,3 +355,17 @@ def test_clip_grad_bounds_each_step_and_the_norm_is_logged(blocks, tmp_path):
     for run in ("free", "clipped"):
         norms = [float(r["grad_norm"]) for r in read_rows(tmp_path / run / "metrics.csv")]
         assert len(norms) == 3 and min(norms) > 1e-6  # the norm before clipping
+
+
+def test_heavy_blocks_repeat_with_their_weights_divided(by_component):
+    shards, manifest = by_component
+    plain = list(ShardStream(str(shards), batch_size=2, shuffle=0, unit="blocks"))
+    repeated = list(ShardStream(str(shards), batch_size=2, shuffle=0, unit="blocks", heavy_repeat=4))
+    blocks = lambda batches: sum(len(b["block"]) for b in batches)  # noqa: E731
+    assert blocks(plain) == manifest["totals"]["records"] < blocks(repeated) <= 4 * blocks(plain)
+    # the same expected loss: every block's draws, summed over its copies, as once without repeats
+    total = lambda batches: sum(float(b["draws"].double().sum()) for b in batches)  # noqa: E731
+    assert total(repeated) == pytest.approx(total(plain), rel=1e-5)
+    assert total(plain) == pytest.approx(sum(manifest["totals"]["draws"].values()), rel=1e-5)
+    peak = lambda batches: max(float(b["draws"].max()) for b in batches)  # noqa: E731
+    assert peak(repeated) < peak(plain)  # the heavy blocks' voxels weigh less a copy

@@ -77,6 +77,14 @@ def main() -> None:
     "component then weighs every lesion alike), or one weight a class (share).",
 )
 @click.option(
+    "--heavy-repeat",
+    type=click.IntRange(min=1),
+    default=TrainConfig.heavy_repeat,
+    show_default=True,
+    help="--voxel-weights draws: a block weighing k times the mean is streamed up to this many times (round(k)), "
+    "its weights divided alike: the same expected loss, heavy blocks (small lesions) in many batches, not one.",
+)
+@click.option(
     "--lesion-share",
     type=FiniteFloat(0, 1, min_open=True, max_open=True),
     default=TrainConfig.lesion_share,

@@ -53,6 +53,7 @@ class TrainConfig:
     batch_size: int | None = None  # samples, or blocks for a dense objective (None: objectives.BATCH)
     voxel_weights: str = "draws"  # --objective dense: each voxel's expected draws, or "share" (one a class)
     lesion_share: float = LESION_SHARE  # --voxel-weights share: lesion voxels' share of the loss's weight (43.7%)
+    heavy_repeat: int = 1  # --voxel-weights draws: a block k times the mean weight streamed up to this many times
     recipe: str = "modern"
     lr: float | None = None  # None: the recipe's (as for the five below)
     optimizer: str | None = None

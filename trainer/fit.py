@@ -109,6 +109,10 @@ def _check_recipe(cfg: TrainConfig) -> None:
         raise TrainError(f"--budget-clock is wall or cpu, got {cfg.budget_clock!r}")
     if is_dense(cfg.objective) and cfg.cut_on_device:
         raise TrainError("--cut-on-device is for --objective patch: a dense objective's input is the block itself")
+    if cfg.heavy_repeat < 1 or (cfg.heavy_repeat > 1 and (cfg.objective, cfg.voxel_weights) != ("dense", "draws")):
+        raise TrainError(
+            f"--heavy-repeat is a count >= 1, for --objective dense --voxel-weights draws; got {cfg.heavy_repeat}"
+        )
     if cfg.voxel_weights not in VOXEL_WEIGHTS:
         raise TrainError(f"--voxel-weights is one of {', '.join(VOXEL_WEIGHTS)}, got {cfg.voxel_weights!r}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
@@ -195,8 +199,18 @@ def _open_streams(cfg: TrainConfig, world: int) -> Streams:
     stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries, "seed": cfg.seed}
     unit = "blocks" if is_dense(cfg.objective) else "samples"
     shuffle = cfg.shuffle if unit == "samples" else max(1, cfg.shuffle // 64)  # blocks: ~64 samples a block
+    heavy = cfg.heavy_repeat if cfg.objective == "dense" and cfg.voxel_weights == "draws" else 1
+    if heavy > 1:
+        shuffle = max(shuffle, 8 * heavy)  # a heavy block's copies spread over the batches of a wider pool
     train = ShardStream(  # the source resolved once; its length set below, from the manifest
-        cfg.shards, cfg.batch_size, shuffle, batches_per_epoch=1, device_cut=cfg.cut_on_device, unit=unit, **stream_kw
+        cfg.shards,
+        cfg.batch_size,
+        shuffle,
+        batches_per_epoch=1,
+        device_cut=cfg.cut_on_device,
+        unit=unit,
+        heavy_repeat=heavy,
+        **stream_kw,
     )
     manifest = train.manifest
     if manifest is None or train.total_units is None:
@@ -228,6 +242,7 @@ RUN_DEFINING = (
     "batch_size",
     "voxel_weights",
     "lesion_share",
+    "heavy_repeat",
     "recipe",
     "lr",
     "optimizer",
