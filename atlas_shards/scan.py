@@ -45,7 +45,12 @@ def _load(path: Path, what: str, repairs: list[str]) -> tuple[np.ndarray, np.nda
     """Read a NIfTI fully (so truncation shows now), as float32 3D."""
     try:
         img = nib.load(path)
+        if img.get_data_dtype().names:  # RGB(A) or other structured voxels: colour, not intensity
+            kind = "RGB" if set(img.get_data_dtype().names) >= {"R", "G", "B"} else "structured"
+            raise ScanError(f"{what} {path.name} is an {kind} image ({img.get_data_dtype()}), expected one intensity")
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except ScanError:
+        raise
     except Exception as exc:
         raise ScanError(f"{what} {path.name} unreadable or truncated: {type(exc).__name__}: {exc}") from None
     while data.ndim > 3 and data.shape[-1] == 1:

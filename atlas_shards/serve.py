@@ -67,6 +67,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse, naming it, a port another program listens on (before a server's own, longer, complaint)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ServeError(f"port {port} on {host} is in use ({exc.strerror}); choose another --port (0: any free)")
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -92,6 +102,7 @@ def serving(
     if not root.is_dir():
         raise ServeError(f"{root}: no such directory")
     port = port or free_port(host)
+    _check_port(host, port)
     nginx = find_nginx() if server in ("auto", "nginx") else None
     if server == "nginx" and (nginx is None or not CONF.is_file()):
         raise ServeError("nginx (or atlas_shards/nginx.conf) not found; install Debian's nginx or use --server python")

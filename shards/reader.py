@@ -33,7 +33,7 @@ from shards.block_batches import batch_blocks
 from shards.pool import batch_samples
 from shards.formats import decode_any, format_of, store_for
 from shards.schema import RecordError
-from shards.sources import Shard, ShardSourceError, open_shard, resolve
+from shards.sources import NoReadableRecords, Shard, ShardSourceError, open_shard, resolve
 from shards.tario import iter_grouped
 
 log = logging.getLogger("shards")
@@ -360,5 +360,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             before = stats.records
             yield from self._read(shards, keep, stats)
             if stats.records == before:
-                raise ShardSourceError(f"no readable records in {len(shards)} shard(s), e.g. {shards[0].url}")
+                raise NoReadableRecords(
+                    f"no readable records in {len(shards)} shard(s), e.g. {shards[0].url} (damaged, or not shards: "
+                    "see the warnings above; atlas-shards verify names each)"
+                )
             shards = [shards[i] for i in rng.permutation(len(shards))]

@@ -27,6 +27,10 @@ class ShardSourceError(Exception):
     """A shard spec is wrong, or a shard cannot be opened (after retries)."""
 
 
+class NoReadableRecords(ShardSourceError):
+    """The shards open, and not one record in them can be read: damaged or not shards at all, not unreachable."""
+
+
 @dataclass(frozen=True)
 class Shard:
     url: str

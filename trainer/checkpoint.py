@@ -74,6 +74,11 @@ def save(path: str | os.PathLike, payload: dict) -> Path:
     return path
 
 
+def _damaged(path: Path, exc: Exception) -> str:
+    why = f"torch.load: {type(exc).__name__}"
+    return f"{path}: damaged checkpoint, or not one ({why}); train again, or resume from a snapshot"
+
+
 def load(path: str | os.PathLike) -> dict:
     """Read a checkpoint safely.
 
@@ -89,10 +94,13 @@ def load(path: str | os.PathLike) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(f"{path}: refused: holds objects that only pickle can load{what}") from None
+        if found:  # a real pickle of objects (not random bytes, which the unpickler also rejects)
+            raise CheckpointError(
+                f"{path}: refused: holds objects that only pickle can load ({found.group(1)})"
+            ) from None
+        raise CheckpointError(_damaged(path, exc)) from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(_damaged(path, exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an atlas-train checkpoint")
     if ckpt.get("version") != VERSION:

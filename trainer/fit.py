@@ -33,7 +33,7 @@ from shards.block_batches import NoVoxelLabels
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible, provenance, sampling_rates
 from shards.reader import ShardStream
-from shards.sources import ShardSourceError
+from shards.sources import NoReadableRecords, ShardSourceError
 from shards.common.scores import confusion, voxel_scores
 from trainer import audit
 from trainer import checkpoint as ckpt_io
@@ -467,7 +467,13 @@ def _loop(run: Run, state: State, progress: bool, log) -> list:
                 break
     except (KeyboardInterrupt, ShardSourceError) as exc:
         _save(run, state)
-        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "shards unreachable"
+        why = (
+            "interrupted"
+            if isinstance(exc, KeyboardInterrupt)
+            else "shards unreadable"
+            if isinstance(exc, NoReadableRecords)
+            else "shards unreachable"
+        )
         log(f"\n{why} at step {state.step}: checkpoint {run.out / ckpt_io.LAST}; continue with --resume")
         raise
     except NoVoxelLabels as exc:  # a version-3 shard whose block lost its labels: damage a dense run cannot skip

@@ -72,8 +72,11 @@ class OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, KeyboardInterrupt):
+        except (click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # Ctrl-C: the shell's convention, 128 + SIGINT, in every command
+            click.echo("interrupted", err=True)
+            raise SystemExit(130) from None
         except click.ClickException as exc:
             cause = exc.__cause__ or exc.__context__
             if debugging(ctx) and cause is not None:
