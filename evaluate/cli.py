@@ -88,7 +88,7 @@ def main() -> None:
 @FILL_HOLES
 @MIN_PEAK
 @prior_correction(True, "Undo the balanced sample's prior: logit - log(lesion rate / background rate).")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto: CUDA when there is a GPU, else the CPU.")
 @click.option(
     "--tile", type=click.IntRange(min=8), default=64, show_default=True, help="Dense tile edge (output voxels)."
 )
@@ -138,7 +138,7 @@ def run(run_dir, store, split, out_dir, patchwise, **options) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
 @prior_correction(False, "Off by default: the same numbers as the training curve.")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto: CUDA when there is a GPU, else the CPU.")
 def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> None:
     """Voxel-level Dice, precision, recall, ROC AUC on a shard stream (any model, bounded memory)."""
     import json
@@ -183,7 +183,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @click.option(
     "--probabilities", type=click.Path(dir_okay=False), default=None, help="Also write the probability map here."
 )
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto: CUDA when there is a GPU, else the CPU.")
 def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_peak, rule_from, **options) -> None:
     """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
     from evaluate.postprocess import PostProcessing, flips_of_report, rule_of_report

@@ -38,7 +38,7 @@ from shards.common.scores import confusion, voxel_scores
 from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows
-from trainer.devices import resolve_device
+from trainer.devices import cpu_has_bf16, resolve_device
 from trainer.forest import FOREST
 from trainer.augment import flip_cores, flip_draws, flip_offsets, flip_pairs, jitter, step_generator
 from trainer.clock import Clock
@@ -76,6 +76,12 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     _check_recipe(cfg)
+    if cfg.amp and chosen.type == "cpu" and not cpu_has_bf16():
+        log(
+            "note: --amp: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), where bf16 runs about 10x "
+            "slower than float32; training in float32"
+        )
+        cfg = replace(cfg, amp=False)
     check_output_dir(cfg.out)
     if (Path(cfg.out) / FOREST).exists():
         raise TrainError(f"{cfg.out}: holds a random forest ({FOREST}); a run directory holds one model")
