@@ -15,7 +15,8 @@ from evaluate.postprocess import PostProcessing, choose
 from evaluate.ensemble import load_models, run_dirs_label
 from evaluate.predictors import EvaluateError, Predictor
 from evaluate.tta import flips_label
-from evaluate.unseen import check_unseen
+from evaluate.unseen import check_unseen, runs_of
+from shards.common.versions import software
 from evaluate.volume import lesion_logits, to_probability
 from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.common.tables import write_csv
@@ -153,6 +154,12 @@ def evaluate_split(
     inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
     inference += f", mean over flips {flips}" if flips != "none" else ""
     root, scans = open_split(store_path, split, empty=f"{store_path}: split {split!r} has no labelled scans")
+    device_used = str(getattr(runs_of(pred)[0], "device", "cpu"))
+    rule_said = "chosen on the validation split" if threshold == "auto" else f"threshold {threshold}"
+    log(
+        f"run {pred.name} on {device_used}: split {split} of {store_path}, {len(scans)} scans; {inference} "
+        f"inference; rule {rule_said}; report {out}"
+    )
     unseen = check_unseen(pred, root, scans, split, store_path, allow_training_subjects, log)
     shift = pred.prior_shift() if prior_correction else 0.0
     warnings = []
@@ -217,6 +224,8 @@ def evaluate_split(
         "store": str(store_path),
         "failed": [r["scan_id"] for r in rows if r["status"] != "ok"],
         "unseen_subjects": unseen,
+        "device": device_used,
+        "software": software(),
         "warnings": warnings,
         "by_hemisphere": _breakdown(done, "hemisphere"),
         "by_size_tertile": _breakdown(done, "size_tertile"),

@@ -29,6 +29,7 @@ from torch import distributed as dist
 
 from shards.common.atomic import atomic_write_text, check_output_dir
 from shards.common.lock import OutputBusy, owned
+from shards.common.versions import software
 from shards.block_batches import NoVoxelLabels
 from shards.blocks import DeviceCutter
 from shards.manifest import check_compatible, provenance, sampling_rates
@@ -169,6 +170,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
         changed = _check_same_run(ckpt, cfg, data.manifest, out)
     model_cfg = replace(model_cfg, patch=data.patch, norm=data.manifest["norm"])  # the caller's stays
     run = Run(cfg, model_cfg, ranks, out, data)
+    log(banner(run))
     state = _start(run, ckpt)
     if ckpt is not None:
         if state.step >= data.total_steps or state.clock.spent():  # a finished run asked to resume: nothing to do
@@ -396,6 +398,20 @@ def _start(run: Run, ckpt: dict | None) -> State:
     return state
 
 
+def banner(run: Run) -> str:
+    """What this run is, said first: model, device, ranks, objective, shards, steps, budget, output."""
+    cfg, data, m = run.cfg, run.data, run.model_cfg
+    unit = "blocks" if is_dense(cfg.objective) else "samples"
+    units = data.train.total_units
+    budget = f"{cfg.time_budget:g} {cfg.budget_clock.upper()}-minutes" if cfg.time_budget else "none"
+    return (
+        f"fit {m.name} ({m.layout}) on {run.ranks.device}, world size {run.ranks.world}, objective {cfg.objective}, "
+        f"{cfg.batch_size} {unit} a step a rank{', bf16' if cfg.amp else ''}\n"
+        f"  shards {cfg.shards}: {units} {unit}, {data.steps_per_epoch} steps an epoch x {cfg.epochs} epochs = "
+        f"{data.total_steps} steps; time budget {budget}; out {run.out}"
+    )
+
+
 def _write_config(run: Run, resumed: dict | None) -> None:
     """``config.json``: the run's settings as this session runs it; ``history`` lists each resume (with what it
     changed), kept from the file a resumed run finds."""
@@ -413,6 +429,8 @@ def _write_config(run: Run, resumed: dict | None) -> None:
         "world_size": run.ranks.world,
         "steps_per_epoch": run.data.steps_per_epoch,
         "total_steps": run.data.total_steps,
+        "device": str(run.ranks.device),  # as resolved (``--device auto`` says which)
+        "software": software(),
         "history": history,
     }
     run.out.mkdir(parents=True, exist_ok=True)
