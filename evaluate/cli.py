@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from shards.common.cli_errors import OneLineErrors, expected
@@ -165,7 +167,7 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 @main.command()
 @MODELS
 @click.argument("t1", type=click.Path())
-@click.argument("out_mask", type=click.Path(dir_okay=False))
+@click.argument("out_mask", type=click.Path())
 @click.option("--space", type=click.Choice(["auto", "mni", "native"]), default="auto", show_default=True)
 @click.option("--brain-mask", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own brain mask.")
 @click.option("--threshold", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
@@ -185,7 +187,9 @@ def stream(run_dir, shards, out_dir, threshold, prior_correction, device) -> Non
 )
 @click.option("--device", default="auto", show_default=True, help="auto: CUDA when there is a GPU, else the CPU.")
 def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_peak, rule_from, **options) -> None:
-    """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine."""
+    """Segment one T1 NIfTI (any orientation) into OUT_MASK on the input's grid and affine; or every NIfTI of a
+    folder (or a quoted glob) T1 into the folder OUT_MASK, the model loaded once, each mask named after its input
+    (<name>_desc-lesion_mask.nii.gz) with predictions.csv beside them."""
     from evaluate.postprocess import PostProcessing, flips_of_report, rule_of_report
     from evaluate.predictors import EvaluateError
     from evaluate.predict import predict_file
@@ -199,6 +203,19 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
                 options["tta_flips"] = flips_of_report(rule_from)
         click.echo(f"rule from {rule_from}: {rule.describe()}, test-time flips {flips_label(options['tta_flips'])}")
     options["tta_flips"] = options["tta_flips"] or ()
+    if Path(t1).is_dir() or any(c in t1 for c in "*?["):
+        from evaluate.batch import predict_many
+
+        if options["probabilities"] or options["brain_mask"]:
+            raise click.UsageError("--probabilities and --brain-mask are for one scan, not a folder")
+        options.pop("probabilities"), options.pop("brain_mask")
+        with expected(EvaluateError):
+            rows = predict_many(run_dir, t1, out_mask, rule=rule, log=click.echo, **options)
+        done = sum(r["status"] == "ok" for r in rows)
+        click.echo(f"{out_mask}: {done} of {len(rows)} scans segmented (predictions.csv)")
+        if done < len(rows):
+            raise SystemExit(1)
+        return
     with expected(EvaluateError):
         r = predict_file(run_dir, t1, out_mask, rule=rule, **options)
     click.echo(
@@ -207,6 +224,48 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
     )
     for note in r["notes"]:
         click.echo(f"  note: {note}")
+
+
+@main.command()
+@MODELS
+@click.option("--store", required=True, type=click.Path(), help="A store with unlabelled scans (Testing/).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Masks and predictions.csv.")
+@click.option(
+    "--threshold",
+    default="0.5",
+    show_default=True,
+    help="Probability threshold, or 'auto': threshold and post-processing chosen on the store's val split.",
+)
+@MIN_COMPONENT
+@FILL_HOLES
+@MIN_PEAK
+@click.option("--rule-from", type=click.Path(exists=True), default=None, help="As for predict.")
+@prior_correction(True, "As for run.")
+@tta_flips("none", "As for run.")
+@click.option("--device", default="auto", show_default=True, help="auto: CUDA when there is a GPU, else the CPU.")
+@click.option("--tile", type=click.IntRange(min=8), default=64, show_default=True)
+def segment(run_dir, store, out_dir, threshold, min_component, fill_holes, min_peak, rule_from, **options) -> None:
+    """Masks for a store's unlabelled scans (the release's Testing part) on their original grids, unscored."""
+    from evaluate.batch import segment_store
+    from evaluate.postprocess import PostProcessing, rule_of_report
+    from evaluate.predictors import EvaluateError
+
+    if rule_from:
+        with expected(ValueError):
+            rule = rule_of_report(rule_from, run_dir)
+    elif threshold == "auto":
+        rule = "auto"
+    else:
+        try:
+            if not 0 < float(threshold) < 1:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter("a number in (0, 1) or 'auto'", param_hint="--threshold") from None
+        rule = PostProcessing(float(threshold), min_component, fill_holes, min_peak)
+    with expected(EvaluateError):
+        rows = segment_store(run_dir, store, out_dir, rule=rule, log=click.echo, **options)
+    done = sum(r["status"] == "ok" for r in rows)
+    click.echo(f"{out_dir}: {done} of {len(rows)} unlabelled scans segmented (masks/, predictions.csv)")
 
 
 @main.command()

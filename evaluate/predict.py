@@ -44,9 +44,11 @@ def predict_file(
     tile: int = 64,
     probabilities: str | os.PathLike | None = None,
     tta_flips: tuple[int, ...] = (),
+    pred=None,
 ) -> dict:
     """Preprocess exactly as at ingestion and training, predict (``tta_flips``: the mean over flips along those
-    axes of the input, ``evaluate.tta``), write the mask on the input's grid."""
+    axes of the input, ``evaluate.tta``), write the mask on the input's grid. ``pred``: the model, when the caller
+    has loaded it already (``evaluate.batch``: one load for many scans)."""
     t1 = Path(t1).resolve()
     if not t1.is_file():
         raise EvaluateError(f"{t1}: no such file")
@@ -69,7 +71,7 @@ def predict_file(
         scan = preprocess(t1, brain_mask=Path(brain_mask).resolve() if brain_mask else None, space=space)
     except ScanError as exc:
         raise EvaluateError(f"{t1}: {exc}") from None
-    pred = load_models(run_dir, device=device, tta_flips=tta_flips)
+    pred = pred if pred is not None else load_models(run_dir, device=device, tta_flips=tta_flips)
     logits = lesion_logits(pred, scan.t1, scan.brain, float(scan.attrs["mirror_index"]), tile=tile)
     logits[scan.brain == 0] = -np.inf
     prob = to_probability(logits, pred.prior_shift() if prior_correction else 0.0)
