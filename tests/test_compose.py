@@ -111,7 +111,11 @@ def test_every_project_service_runs_a_real_command_with_valid_options(compose):
         ("atlas-shards", "build"),
         ("atlas-train", "fit"),
         ("atlas-evaluate", "run"),
+        ("atlas-evaluate", "predict"),
     } <= seen
+    segment = command_of(compose["services"]["segment"])
+    assert segment[:2] == ["atlas-evaluate", "predict"] and segment[4:6] == ["/input", "/output"]  # folder in, out
+    assert _mounts(compose["services"]["segment"])["/input"] == "ro"
 
 
 def test_the_trainer_knobs_reach_its_command(compose):
