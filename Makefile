@@ -9,18 +9,33 @@ WORKERS ?= 2
 LADDER ?= ladder-out
 BUDGET ?= 20
 
-.PHONY: install test test-isa lint demo bench ladder clean compose-test compose-up
+.PHONY: install constraints test test-isa lint demo bench ladder clean compose-test compose-up
 
-$(STAMP): setup.cfg pyproject.toml
+# TORCH=cuda (default: PyPI's torch, a CUDA build that also runs on the CPU, ~5.5 GB) or TORCH=cpu (PyTorch's
+# CPU wheels from download.pytorch.org, ~0.2 GB, for CPU-only machines).
+TORCH ?= cuda
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision pinned: these builds lie on the machines' disk; a bare
 	# `torch` requirement would download several GB.
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	case "$(TORCH)" in \
+	  cuda) index="" ;; \
+	  cpu) index="--index-url https://download.pytorch.org/whl/cpu" ;; \
+	  *) echo "TORCH must be cuda or cpu, not $(TORCH)" >&2; exit 1 ;; \
+	esac; \
+	$(PY) -m pip install -q $$index torch==2.14.1 torchvision==0.29.1
+	# every other package at the version the tests passed with (constraints.txt)
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# After a green `make test`: record the versions of .venv as the tested ones.
+constraints: $(STAMP)
+	{ head -2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|torchvision|nvidia-|triton)=='; } \
+		> constraints.txt.new && mv constraints.txt.new constraints.txt
 
 # tests/no_leftovers.py: fails, naming them, if any process the suite started outlives it.
 test: $(STAMP)
