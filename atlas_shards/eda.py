@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.common.atomic import atomic_write_text, check_output_dir, save_figure
+from shards.common.figures import SEQUENTIAL, TRUTH, mark_sides
 
 from atlas_shards import store
 
@@ -134,7 +135,8 @@ def _examples(group, records: list[dict], out: Path) -> str:
         arrays = store.read_scan(group, rec["scan_id"], ("t1", "lesion"))
         z = int(np.argmax(arrays["lesion"].sum(axis=(0, 1))))
         ax.imshow(arrays["t1"][:, :, z].T, origin="lower", cmap="gray")
-        ax.contour(arrays["lesion"][:, :, z].T, levels=[0.5], colors="r", linewidths=1, origin="lower")
+        ax.contour(arrays["lesion"][:, :, z].T, levels=[0.5], colors=TRUTH, linewidths=1.2, origin="lower")
+        mark_sides(ax, arrays["t1"].shape[0])
         ax.set_title(f"{label}: {rec['scan_id']}\n{rec['lesion_volume_ml']:.2f} mL, axial z={z}")
         ax.axis("off")
     return _save(fig, out / FIGURES[1])
@@ -166,11 +168,30 @@ def _frequency(group, records: list[dict], out: Path) -> str | None:
     if len(shapes) != 1:
         return None
     total = np.zeros(next(iter(shapes)), dtype=np.float32)
+    anatomy = np.zeros_like(total)  # the scans' mean T1: the anatomy under the map
     for r in records:
-        total += group[r["scan_id"]]["lesion"][...]
-    fig, ax = plt.subplots(figsize=(5, 5))
-    im = ax.imshow(total.max(axis=2).T / len(records), origin="lower", cmap="hot")
-    ax.set_title("Lesion frequency (axial maximum projection)\nleft hemisphere on the left")
-    ax.axis("off")
-    fig.colorbar(im, ax=ax, label="fraction of scans")
+        arrays = store.read_scan(group, r["scan_id"], ("t1", "lesion"))
+        total += arrays["lesion"]
+        anatomy += arrays["t1"] / len(records)
+    freq = total / len(records)
+    z = int(np.argmax(total.sum(axis=(0, 1))))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, shown, back, what in (
+        (axes[0], freq[:, :, z], anatomy[:, :, z], f"axial slice z={z}, where lesions are most frequent"),
+        (axes[1], freq.max(axis=2), anatomy.mean(axis=2), "maximum over the axial slices"),
+    ):
+        ax.imshow(back.T, origin="lower", cmap="gray")
+        im = ax.imshow(
+            np.ma.masked_where(shown.T == 0, shown.T),
+            origin="lower",
+            cmap=SEQUENTIAL,
+            vmin=0,
+            vmax=freq.max(),
+            alpha=0.75,
+        )
+        mark_sides(ax, freq.shape[0])
+        ax.set_title(what, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"Lesion frequency over the {len(records)} scans' mean T1")
+    fig.colorbar(im, ax=axes, label="fraction of scans", shrink=0.8)
     return _save(fig, out / FIGURES[3])

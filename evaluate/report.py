@@ -11,6 +11,7 @@ import numpy as np
 from atlas_shards import store as zstore
 from evaluate.postprocess import PostProcessing
 from shards.common.atomic import atomic_write_text, save_figure
+from shards.common.figures import PREDICTION, TRUTH, mark_sides
 from shards.common.tables import cell
 
 KEYS = (
@@ -40,21 +41,50 @@ def _save(fig, path: Path) -> str:
     return save_figure(fig, path, dpi=90, bbox_inches="tight")
 
 
+def overlay_slices(truth: np.ndarray, pred: np.ndarray) -> list[tuple[str, int]]:
+    """Axial slices worth looking at: where the truth is widest, and where the largest false-positive component
+    (predicted voxels outside the truth, 6-connected) is widest; ``(what, z)``, without repeats."""
+    from scipy import ndimage
+
+    picks = [("lesion", int(np.argmax(truth.sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2)]
+    labels, n = ndimage.label(pred & ~truth)
+    if n:
+        biggest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+        z = int(np.argmax((labels == biggest).sum(axis=(0, 1))))
+        if z != picks[0][1]:
+            picks.append(("largest false positive", z))
+    return picks
+
+
 def _overlays(out: Path, rows: list[dict], masks: dict, root) -> str | None:
+    """Best, median and worst scan (columns); the truth's widest slice and, where there is one, the slice of the
+    largest false positive (rows). Truth: an orange outline; prediction: blue, filled."""
+    from matplotlib.colors import ListedColormap
+
     ranked = sorted(rows, key=lambda r: r["dice"])
     chosen = [ranked[-1], ranked[len(ranked) // 2], ranked[0]] if len(ranked) >= 3 else ranked
     plt = _plt()
-    fig, axes = plt.subplots(1, len(chosen), figsize=(4 * len(chosen), 4.4), squeeze=False)
-    for ax, (label, row) in zip(axes[0], zip(("best", "median", "worst"), chosen)):
+    fig, axes = plt.subplots(2, len(chosen), figsize=(4 * len(chosen), 8.4), squeeze=False)
+    for col, (label, row) in enumerate(zip(("best", "median", "worst"), chosen)):
         data = zstore.read_scan(root, row["scan_id"], ("t1", "lesion"))
         truth = data["lesion"] > 0
         pred = np.unpackbits(masks[row["scan_id"]])[: truth.size].reshape(truth.shape).astype(bool)
-        z = int(np.argmax(truth.sum(axis=(0, 1)))) if truth.any() else truth.shape[2] // 2
-        ax.imshow(data["t1"][:, :, z].T, cmap="gray", origin="lower")
-        ax.contour(truth[:, :, z].T, levels=[0.5], colors="lime", linewidths=1)
-        ax.imshow(np.ma.masked_where(~pred[:, :, z].T, pred[:, :, z].T), cmap="autumn", alpha=0.5, origin="lower")
-        ax.set_title(f"{label}: {row['scan_id']}\nDice {row['dice']:.3f} (green truth, red prediction)", fontsize=8)
-        ax.axis("off")
+        slices = overlay_slices(truth, pred)
+        for r, ax in enumerate(axes[:, col]):
+            ax.axis("off")
+            if r >= len(slices):
+                ax.text(0.5, 0.5, "no false positive", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+                continue
+            what, z = slices[r]
+            ax.imshow(data["t1"][:, :, z].T, cmap="gray", origin="lower")
+            shown = pred[:, :, z].T
+            ax.imshow(np.ma.masked_where(~shown, shown), cmap=ListedColormap([PREDICTION]), alpha=0.55, origin="lower")
+            if truth[:, :, z].any():
+                ax.contour(truth[:, :, z].T, levels=[0.5], colors=TRUTH, linewidths=1.2)
+            mark_sides(ax, truth.shape[0])
+            head = f"{label}: {row['scan_id']}, Dice {row['dice']:.3f}\n" if r == 0 else ""
+            ax.set_title(f"{head}{what}, axial z={z}", fontsize=8)
+    fig.suptitle("orange outline: truth; blue: prediction", fontsize=9)
     return _save(fig, out / "overlays.png")
 
 
@@ -75,9 +105,12 @@ def _hemispheres(out: Path, metrics: dict) -> str:
 def _histogram(out: Path, rows: list[dict]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist([r["dice"] for r in rows], bins=np.linspace(0, 1, 21), color="C2")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.hist([r["dice"] for r in rows], bins=np.linspace(0, 1, 21), color=PREDICTION)
     ax.set_xlabel("Dice per scan")
     ax.set_ylabel("scans")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of scans
     return _save(fig, out / "dice_histogram.png")
 
 

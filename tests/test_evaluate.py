@@ -455,3 +455,27 @@ def test_stride_classifies_every_kth_voxel_and_fills_its_block(tiny_store):
     idx = np.indices(full.shape)
     corner = tuple(i // 2 * 2 for i in idx)
     np.testing.assert_array_equal(coarse, np.where(brain[corner], full[corner], -np.inf))
+
+
+def test_overlays_show_the_lesion_and_the_largest_false_positive():
+    from evaluate.report import overlay_slices
+
+    truth = np.zeros((10, 10, 12), bool)
+    truth[2:4, 2:4, 3] = True
+    pred = truth.copy()
+    pred[6, 6, 9] = True  # a one-voxel false positive at z=9
+    pred[5:9, 5:9, 7:9] = True  # the largest one, widest at z=7 (and 8)
+    assert overlay_slices(truth, pred) == [("lesion", 3), ("largest false positive", 7)]
+    assert overlay_slices(truth, truth) == [("lesion", 3)]  # none: one slice
+
+
+def test_training_curves_have_no_empty_validation_panel(tmp_path):
+    from PIL import Image
+
+    from trainer.logbook import plot
+
+    rows = [{"step": s, "loss": 1 / s} for s in range(1, 5)]
+    narrow = Image.open(plot(rows, tmp_path / "train.png")).size
+    rows[-1].update(val_loss=0.5, val_dice=0.4)
+    wide = Image.open(plot(rows, tmp_path / "both.png")).size
+    assert narrow[0] < 0.7 * wide[0]  # one panel without validation, two with

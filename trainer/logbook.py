@@ -45,17 +45,22 @@ def plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
         pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    validated = bool(series("val_dice")[0])  # no --val-shards: one panel, not an empty one
+    fig, axes = plt.subplots(1, 2 if validated else 1, figsize=(10 if validated else 5.5, 3.8), squeeze=False)
+    ax1 = axes[0][0]
     ax1.plot(*series("loss"), label="train loss")
-    ax1.plot(*series("val_loss"), "o-", label="validation loss")
+    if validated:
+        ax1.plot(*series("val_loss"), "o-", label="validation loss")
     ax1.set_xlabel("step")
     ax1.set_ylabel("cross-entropy")
     ax1.legend()
-    ax2.plot(*series("val_dice"), "o-", color="C2", label="validation Dice (voxels)")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("Dice")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
+    if validated:
+        ax2 = axes[0][1]
+        ax2.plot(*series("val_dice"), "o-", color="C2", label="validation Dice (voxels)")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("Dice")
+        ax2.set_ylim(0, 1)
+        ax2.legend()
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
