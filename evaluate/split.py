@@ -154,13 +154,13 @@ def evaluate_split(
     inference = "dense" if dense else "patch by patch" + (f", one voxel in {stride} per axis" if stride > 1 else "")
     inference += f", mean over flips {flips}" if flips != "none" else ""
     root, scans = open_split(store_path, split, empty=f"{store_path}: split {split!r} has no labelled scans")
+    unseen = check_unseen(pred, root, scans, split, store_path, allow_training_subjects, log)  # refusal: one line
     device_used = str(getattr(runs_of(pred)[0], "device", "cpu"))
     rule_said = "chosen on the validation split" if threshold == "auto" else f"threshold {threshold}"
     log(
         f"run {pred.name} on {device_used}: split {split} of {store_path}, {len(scans)} scans; {inference} "
         f"inference; rule {rule_said}; report {out}"
     )
-    unseen = check_unseen(pred, root, scans, split, store_path, allow_training_subjects, log)
     shift = pred.prior_shift() if prior_correction else 0.0
     warnings = []
     if threshold == "auto":

@@ -54,7 +54,7 @@ def test_samples_are_the_store_cubes_with_their_labels(tiny_store, built):
 def test_manifest_records_config_counts_and_checksums(built):
     out, manifest = built
     assert read_manifest(out) == manifest
-    assert manifest["schema_version"] == 3 and manifest["format"] == "pairs" and manifest["config"]["split"] == "train"
+    assert manifest["schema_version"] == 4 and manifest["format"] == "pairs" and manifest["config"]["split"] == "train"
     assert manifest["config"]["seed"] == 0 and manifest["norm"]["method"] == "histeq"
     assert sum(s["samples"] for s in manifest["shards"]) == manifest["totals"]["samples"]
     assert sum(s["lesion_samples"] for s in manifest["scans"]) == manifest["totals"]["lesion_samples"]

@@ -165,13 +165,14 @@ def test_every_option_of_every_command_lands_in_a_setting():
     from atlas_shards.synth import synthesize_release
     from evaluate.cli import main as evaluate_main
     from evaluate.split import evaluate_split
+    from evaluate.batch import segment_store
     from evaluate.predict import predict_file
     from shards.common.params import from_options
     from trainer.cli import main as train_main
     from trainer.config import ModelConfig, TrainConfig
 
     settings = {"build": (BuildConfig,), "fit": (TrainConfig, ModelConfig)}
-    functions = {"synth": synthesize_release, "run": evaluate_split, "predict": predict_file}
+    functions = {"synth": synthesize_release, "run": evaluate_split, "predict": predict_file, "segment": segment_store}
     checked = []
     for group in (main, train_main, evaluate_main):
         for name, command in group.commands.items():
@@ -185,6 +186,6 @@ def test_every_option_of_every_command_lands_in_a_setting():
             for param in command.params:
                 assert param.name in signature or param.name in names, (name, param.name)
             checked.append(name)
-    assert sorted(checked) == ["build", "fit", "predict", "run", "synth"]
+    assert sorted(checked) == ["build", "fit", "predict", "run", "segment", "synth"]
     with pytest.raises(TypeError, match=r"option\(s\) batchsize match no field of TrainConfig, ModelConfig"):
         from_options(TrainConfig, {"shards": "s", "out": "o", "batchsize": 8}, others=(ModelConfig,))

@@ -1,9 +1,11 @@
 """One owner per output directory: a lock file that a second writer finds taken, and a dead one leaves free.
 
-``owned(directory, what)`` holds an exclusive ``flock`` on ``directory/.atlas-lock`` for the block; the file
-names the owner (command, pid, host, start). The kernel drops the lock when its process dies, however it dies,
-so a lock file left by a killed run is stale by construction: the next writer takes it over. The file is removed
-on exit, and the directory too when the block made it and left it empty.
+``owned(directory, what)`` holds an exclusive POSIX record lock (``lockf``) on ``directory/.atlas-lock`` for the
+block; the file names the owner (command, pid, host, start). The kernel drops the lock when its process dies,
+however it dies, so a lock file left by a killed run is stale by construction: the next writer takes it over.
+A POSIX lock belongs to the process, not to its forked children (``flock`` would: a DataLoader worker orphaned
+by a ``kill -9`` would hold the directory until it noticed); a directory this process holds already is refused
+too (``_HELD``). The file is removed on exit, and the directory too when the block made it and left it empty.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 LOCK = ".atlas-lock"
+_HELD: dict[str, dict] = {}  # this process's lock files now, and what they say (its own locks never conflict)
 
 
 class OutputBusy(RuntimeError):
@@ -30,7 +33,7 @@ def _take(path: Path) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
@@ -56,10 +59,11 @@ def owned(directory: str | os.PathLike, what: str) -> Iterator[None]:
     made = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
-    fd = _take(path)
+    key = str(path.resolve())
+    fd = -1 if key in _HELD else _take(path)
     if fd < 0:
-        try:
-            owner = json.loads(path.read_text() or "{}")
+        try:  # never read the file of a lock this process holds: closing any of its fds would drop the lock
+            owner = _HELD.get(key) or json.loads(path.read_text() or "{}")
         except (OSError, ValueError):
             owner = {}
         who = f"{owner.get('what', 'another command')} (pid {owner.get('pid', '?')} on {owner.get('host', '?')}"
@@ -67,13 +71,15 @@ def owned(directory: str | os.PathLike, what: str) -> Iterator[None]:
             f"{directory}: in use by {who}, since {owner.get('since', '?')}); "
             "wait for it to end, or write to another directory"
         )
+    since = datetime.datetime.now().isoformat(timespec="seconds")
+    info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    _HELD[key] = info
     try:
         os.ftruncate(fd, 0)
-        since = datetime.datetime.now().isoformat(timespec="seconds")
-        info = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": since}
         os.write(fd, json.dumps(info).encode())
         yield
     finally:
+        _HELD.pop(key, None)
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(fd)
