@@ -73,10 +73,14 @@ demo: $(STAMP)
 	@echo "== 7/7 evaluate it on the whole validation volumes (dense inference, ATLAS challenge metrics) =="
 	$(VENV)/bin/atlas-evaluate run --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr --split val --out $(DEMO)/reports/cnn3d-sym
 	$(VENV)/bin/atlas-evaluate compare $(DEMO)/reports/cnn3d-sym --out $(DEMO)/reports/ladder.md
+	@echo "== and segment the release's unlabelled Testing scans (masks on their own grids, nothing scored) =="
+	$(VENV)/bin/atlas-evaluate segment --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr \
+		--out $(DEMO)/segmented --rule-from $(DEMO)/reports/cnn3d-sym
 	@echo "demo done: store $(DEMO)/store.zarr, report $(DEMO)/store.zarr/ingest-report.csv, figures $(DEMO)/eda/,"
 	@echo "           shards $(DEMO)/shards/train and $(DEMO)/shards/val (manifest.json in each),"
 	@echo "           run $(DEMO)/runs/cnn3d-sym (metrics.csv, curves.png, last.pt),"
-	@echo "           evaluation $(DEMO)/reports/cnn3d-sym/report.md (metrics.json, subjects.csv, masks/)"
+	@echo "           evaluation $(DEMO)/reports/cnn3d-sym/report.md (metrics.json, subjects.csv, masks/),"
+	@echo "           masks of the unlabelled scans $(DEMO)/segmented/masks/ (predictions.csv)"
 
 clean:
 	rm -rf $(DEMO) bench-out $(LADDER) .pytest_cache
