@@ -57,12 +57,12 @@ demo: $(STAMP)
 	$(VENV)/bin/atlas-shards ingest $(DEMO)/release $(DEMO)/store.zarr --workers $(WORKERS)
 	@echo "== 3/7 exploratory figures =="
 	$(VENV)/bin/atlas-shards eda $(DEMO)/store.zarr $(DEMO)/eda
-	@echo "== 4/7 balanced training shards at the paper's sample (every lesion voxel, 43.7% lesion), as 32^3 blocks =="
+	@echo "== 4/7 balanced training shards, the default recipe: sampling by lesion (3000 samples a lesion, 43.7% lesion), as 32^3 blocks =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/train --split train --shard-size-mb 64 --workers $(WORKERS)
 	@echo "== 5/7 un-upsampled validation stream (0.2% of brain voxels) =="
 	$(VENV)/bin/atlas-shards build $(DEMO)/store.zarr $(DEMO)/shards/val --split val --natural 0.002 --shard-size-mb 64 --workers $(WORKERS)
 	$(VENV)/bin/atlas-shards inspect $(DEMO)/shards/train --verify
-	@echo "== 6/7 serve the shards over HTTP, train cnn3d-sym streaming from it (200 steps, the modern recipe: batch norm, lr 1e-3) =="
+	@echo "== 6/7 serve the shards over HTTP, train cnn3d-sym streaming from it (200 steps, the modern recipe: batch norm, lr 1e-3, bf16 where it pays) =="
 	rm -rf $(DEMO)/runs/cnn3d-sym $(DEMO)/server-url
 	$(VENV)/bin/atlas-shards serve $(DEMO)/shards --port 0 --ready-file $(DEMO)/server-url & server=$$!; \
 	trap 'kill $$server 2>/dev/null' EXIT; \
@@ -70,8 +70,8 @@ demo: $(STAMP)
 	url=$$(cat $(DEMO)/server-url); echo "training from $$url/train/"; \
 	$(VENV)/bin/atlas-train fit --shards $$url/train/ --val-shards $$url/val/ --out $(DEMO)/runs/cnn3d-sym \
 		--model cnn3d-sym --steps-per-epoch 200 --batch-size 64 --val-batches 40 --workers 1
-	@echo "== 7/7 evaluate it on the whole validation volumes (dense inference, ATLAS challenge metrics) =="
-	$(VENV)/bin/atlas-evaluate run --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr --split val --out $(DEMO)/reports/cnn3d-sym
+	@echo "== 7/7 evaluate it on the whole test volumes, the rule chosen on validation (dense inference, ATLAS challenge metrics) =="
+	$(VENV)/bin/atlas-evaluate run --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr --out $(DEMO)/reports/cnn3d-sym
 	$(VENV)/bin/atlas-evaluate compare $(DEMO)/reports/cnn3d-sym --out $(DEMO)/reports/ladder.md
 	@echo "== and segment the release's unlabelled Testing scans (masks on their own grids, nothing scored) =="
 	$(VENV)/bin/atlas-evaluate segment --model $(DEMO)/runs/cnn3d-sym --store $(DEMO)/store.zarr \

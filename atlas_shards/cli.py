@@ -206,11 +206,26 @@ def _count(flag: str, metavar: str, default: int | None, help: str):
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--seed", type=SEED, default=BuildConfig.seed, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Print the plan (samples, shards, bytes of both formats) and stop.")
-def build(store, out_dir, workers, dry_run, **options) -> None:
+@click.option(
+    "--recipe",
+    type=click.Choice(["modern", "paper"]),
+    default="modern",
+    show_default=True,
+    help="modern: sampling by lesion (--component-samples 3000 --max-repeat 5), the best measured; paper: the "
+    "paper's sample (every lesion voxel, 43.7% lesion). --component-samples, --max-lesion-samples, "
+    "a --lesion-rate under 1 or --natural given decides the sampling instead.",
+)
+def build(store, out_dir, workers, dry_run, recipe, **options) -> None:
     """Cut balanced patch-pair WebDataset shards of one split of STORE into OUT_DIR."""
     from atlas_shards.build import BuildError, build as run_build
+    from atlas_shards.plan import MODERN_SAMPLING
     from shards.manifest import ManifestError, summarise
 
+    chosen = ("component_samples", "max_lesion_samples", "natural_rate")
+    if recipe == "modern" and all(options[k] is None for k in chosen) and options["lesion_rate"] == 1.0:
+        options.update(component_samples=MODERN_SAMPLING["component_samples"])
+        if options["max_repeat"] == BuildConfig.max_repeat:
+            options.update(max_repeat=MODERN_SAMPLING["max_repeat"])
     natural, fraction, background = (options[k] for k in ("natural_rate", "target_lesion_fraction", "background_rate"))
     if natural is not None and (fraction is not None or background is not None):
         raise click.UsageError("--natural samples without balancing: do not combine it with the balancing rates")

@@ -30,6 +30,12 @@ class BuildError(Exception):
     """The build cannot start or finish; the message says why."""
 
 
+# ``atlas-shards build --recipe modern`` (the command's default): sampling by lesion, the best measured sample
+# (BENCHMARKS.md, "The prior correction from the drawn rates; sampling by lesion", and the five-seed table of
+# "Batch norm by default"). ``--recipe paper`` and this dataclass's own defaults: the paper's sample.
+MODERN_SAMPLING = {"component_samples": 3000, "max_repeat": 5}
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """What to sample and how to store it. ``mode`` is ``balanced`` or ``natural``.

@@ -10,7 +10,7 @@ when its output is already there (rerun after an interruption: it goes on):
 
 1. a phantom v2.0 release (``--subjects``; the Testing part has no masks) and
    its store, split ``--split`` (train, val, test subjects);
-2. training shards at the paper's sample (every lesion voxel, 43.7% lesion;
+2. training shards at the paper's sample (``build --recipe paper``: every lesion voxel, 43.7% lesion;
    with ``--max-lesion-samples N`` at most N lesion samples a scan, the
    fraction kept; with ``--component-samples K``, K a lesion component) and
    an un-upsampled validation stream;
@@ -73,7 +73,7 @@ def data(out: Path, args, log: Path) -> tuple[Path, Path, Path]:
     repeat = f"-r{args.max_repeat}" if per and args.max_repeat else ""
     train = shards / (f"train-comp{per}{repeat}" if per else f"train-cap{cap}" if cap else "train")
     if not (train / "manifest.json").exists():
-        more = ["--component-samples", per] if per else ["--max-lesion-samples", cap] if cap else []
+        more = ["--component-samples", per] if per else ["--max-lesion-samples", cap] if cap else ["--recipe", "paper"]
         more += ["--max-repeat", args.max_repeat] if repeat else []
         sh(BIN / "atlas-shards", "build", store, train, "--split", "train", "--workers", 2, *more, log=log)
     if not (shards / "val" / "manifest.json").exists():
@@ -138,7 +138,7 @@ def main() -> None:
         "--component-samples", type=int, default=0, help="Sample by lesion: K samples a lesion component (0: off)."
     )
     p.add_argument("--max-repeat", type=int, default=0, help="With --component-samples: build --max-repeat.")
-    p.add_argument("--amp", action="store_true", help="Train with fit --amp (bf16 autocast of the forward).")
+    p.add_argument("--amp", action="store_true", help="Pass fit --amp; without it, fit's default (bf16 where it pays).")
     args = p.parse_args()
     if args.component_samples and args.max_lesion_samples:
         p.error("--component-samples and --max-lesion-samples are two ways to draw the lesions: give one")

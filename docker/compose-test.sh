@@ -95,7 +95,7 @@ PY
 for n in 0 1; do COMPOSE_PROJECT_NAME=atlas-compose-test-node$n "${compose[@]}" -f docker-compose.node.yml down >/dev/null 2>&1; done
 c stop
 
-report=$REPORTS_HOST_DIR/$MODEL-val
+report=$REPORTS_HOST_DIR/$MODEL-test  # the evaluator scores the test split, the rule chosen on val
 [ -f "$report/metrics.json" ] || fail "no evaluator report at $report"
 owners=$(find "$work" -mindepth 2 ! -user "$HOST_UID" | head -3)
 [ -z "$owners" ] || fail "outputs not owned by HOST_UID $HOST_UID: $owners"

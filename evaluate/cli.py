@@ -78,13 +78,14 @@ def main() -> None:
 @main.command()
 @MODELS
 @click.option("--store", required=True, type=click.Path(), help="The Zarr store the shards came from.")
-@click.option("--split", type=click.Choice(["val", "test", "train"]), default="val", show_default=True)
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="test", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option(
     "--threshold",
-    default="0.5",
+    default="auto",
     show_default=True,
-    help="Probability threshold, or 'auto': threshold and post-processing chosen together on the val split.",
+    help="'auto': threshold and post-processing chosen together on the val split (the best measured), or a "
+    "probability threshold (then --min-component, --fill-holes, --min-peak apply).",
 )
 @MIN_COMPONENT
 @FILL_HOLES
@@ -232,9 +233,10 @@ def predict(run_dir, t1, out_mask, threshold, min_component, fill_holes, min_pea
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Masks and predictions.csv.")
 @click.option(
     "--threshold",
-    default="0.5",
+    default="auto",
     show_default=True,
-    help="Probability threshold, or 'auto': threshold and post-processing chosen on the store's val split.",
+    help="'auto': threshold and post-processing chosen on the store's val split (as run does), or a probability "
+    "threshold; --rule-from a run report reuses the rule it chose.",
 )
 @MIN_COMPONENT
 @FILL_HOLES

@@ -133,7 +133,7 @@ def test_the_trainer_knobs_reach_its_command(compose):
     assert many[0] == "torchrun" and "--nproc_per_node=8" in many
     check_cli(many)
     evaluator = check_cli(command_of(compose["services"]["evaluator"], MODEL="cnn3d", RUN_NAME=""))[2]
-    assert list(evaluator["run_dir"]) == ["/runs/cnn3d"] and evaluator["out_dir"] == "/reports/cnn3d-val"
+    assert list(evaluator["run_dir"]) == ["/runs/cnn3d"] and evaluator["out_dir"] == "/reports/cnn3d-test"
 
 
 def test_cpu_hosts_by_default_gpus_and_nodes_by_file(compose):

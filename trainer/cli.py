@@ -125,7 +125,12 @@ def main() -> None:
 @click.option("--seed", type=SEED, default=TrainConfig.seed, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT/last.pt at its step.")
 @click.option("--device", default=TrainConfig.device, show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--amp", is_flag=True, help="bf16 autocast of the forward pass (a GPU, or a CPU with bf16 instructions).")
+@click.option(
+    "--amp/--no-amp",
+    default=None,
+    help="bf16 autocast of the forward pass. Default: on with the modern recipe where it pays (a GPU, or a CPU "
+    "with bf16 instructions: BENCHMARKS.md), off with the paper's.",
+)
 @click.option(
     "--channels-last/--no-channels-last",
     default=TrainConfig.channels_last,

@@ -66,7 +66,7 @@ class TrainConfig:
     workers: int = 2
     seed: int = 0
     device: str = "auto"
-    amp: bool = False
+    amp: bool | None = False  # None: on with the modern recipe where bf16 pays (a GPU, a CPU with bf16), else off
     channels_last: bool = True  # 3D CNNs: channels-last activations (more steps a CPU-second: BENCHMARKS.md)
     compile: bool = False  # torch.compile the training forward (needs a C compiler; compiling takes a while)
     cut_on_device: bool = False

@@ -77,7 +77,9 @@ def fit(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool = False, progress
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     _check_recipe(cfg)
-    if cfg.amp and chosen.type == "cpu" and not cpu_has_bf16():
+    if cfg.amp is None:  # the command's default: bf16 where it pays, under the modern recipe
+        cfg = replace(cfg, amp=cfg.recipe == "modern" and (chosen.type == "cuda" or cpu_has_bf16()))
+    elif cfg.amp and chosen.type == "cpu" and not cpu_has_bf16():
         log(
             "note: --amp: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), where bf16 runs about 10x "
             "slower than float32; training in float32"
