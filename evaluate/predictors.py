@@ -184,7 +184,10 @@ def _load_network(run_dir: Path, device: torch.device, dense: bool) -> TorchPred
     model.eval().to(device)
     pred = TorchPredictor(cfg.name, run_dir, cfg.to_dict(), ckpt["preprocessing"], model=model, device=device)
     if dense and model_entry(cfg.name).dense and cfg.layout == "channels":
-        pred.dense = DenseCNN(model).eval().to(device)
+        try:
+            pred.dense = DenseCNN(model).eval().to(device)
+        except ModelError:  # a patch its pooling does not tile (27, 31, ...): patch by patch, as fit said
+            pred.dense = None
     return pred
 
 

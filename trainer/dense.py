@@ -37,7 +37,8 @@ class DenseCNN(nn.Module):
         was = model.training
         try:
             with torch.no_grad():
-                probe = self.eval()(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3)).shape[2:]
+                at = next(model.parameters()).device  # the probe where the model is (a GPU's model on the GPU)
+                probe = self.eval()(torch.zeros(1, model.input_shape()[0], *(self.patch + 3,) * 3, device=at)).shape[2:]
         except RuntimeError:
             probe = None
         self.train(was)

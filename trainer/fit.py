@@ -47,7 +47,7 @@ from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
 from trainer.dense import DenseCNN
 from trainer.distributed import Ranks, finite_everywhere, setup_distributed
 from trainer.models import build_model, memory_format
-from trainer.registry import ModelError
+from trainer.registry import ModelError, model_entry
 from trainer.objectives import (
     BATCH,
     ObjectiveError,
@@ -174,6 +174,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
     run = Run(cfg, model_cfg, ranks, out, data)
     log(banner(run))
     state = _start(run, ckpt)
+    if ranks.master and (note := _no_dense_form(run, state.raw)):
+        log(note)
     if ckpt is not None:
         if state.step >= data.total_steps or state.clock.spent():  # a finished run asked to resume: nothing to do
             log(f"{out}: already finished ({state.step} of {data.total_steps} steps); nothing to do")
@@ -367,6 +369,22 @@ class State:
     step: int = 0
     rows: list = field(default_factory=list)
     lr: float = 0.0
+
+
+def _no_dense_form(run: Run, raw: torch.nn.Module) -> str | None:
+    """A note when whole-volume evaluation will have to run this model patch by patch (its pooling does not tile
+    the patch: 27, 31, ... for the 3D CNNs, whose dense form needs a patch of 4k + 1), so the user hears it now."""
+    cfg = run.model_cfg
+    if not model_entry(cfg.name).dense or cfg.layout != "channels":
+        return None  # the 2D and concat models run patch by patch anyway, as documented
+    try:
+        DenseCNN(raw)
+    except ModelError as exc:
+        return (
+            f"note: patch {cfg.patch}: {exc}; atlas-evaluate will predict whole volumes patch by patch, about "
+            f"300x slower (patches of 4k + 1 voxels, such as {cfg.patch - 2} or {cfg.patch + 2}, run densely)"
+        )
+    return None
 
 
 def _start(run: Run, ckpt: dict | None) -> State:
