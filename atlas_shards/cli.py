@@ -44,13 +44,37 @@ def main() -> None:
 )
 @click.option("--truncated", type=click.IntRange(min=0), default=0, help="Scans whose T1 file is cut short.")
 @click.option("--empty-masks", type=click.IntRange(min=0), default=0, help="Scans whose lesion masks are all zero.")
+@click.option(
+    "--lesion-scale",
+    type=FiniteFloat(0, 100, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="A held-out variant: every subject's lesion volume times this (0.2: mostly small lesions).",
+)
+@click.option(
+    "--locations",
+    default="left,right,bilateral,brainstem",
+    show_default=True,
+    help="A held-out variant: the lesion locations drawn (also midline: lesions across x = 0), comma-separated.",
+)
+@click.option(
+    "--lesion-level",
+    type=FiniteFloat(0, 1, max_open=True),
+    default=0.18,
+    show_default=True,
+    help="A held-out variant: the template intensity lesions are painted towards (grey matter is about 0.6; "
+    "higher: less contrast).",
+)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
-def synth(out_dir, layout, subjects, **options) -> None:
+def synth(out_dir, layout, subjects, lesion_scale, locations, lesion_level, **options) -> None:
     """Write a phantom ATLAS release (from the MNI152 template) to OUT_DIR."""
+    from atlas_shards.phantom import Variant
     from atlas_shards.synth import TRUTH_FILE, synthesize_release
 
     with expected(ValueError):
-        truth = synthesize_release(out_dir, layout, subjects, **options)
+        places = tuple(p.strip() for p in locations.split(",") if p.strip())
+        variant = Variant(lesion_scale=lesion_scale, locations=places, lesion_level=lesion_level)
+        truth = synthesize_release(out_dir, layout, subjects, variant=variant, **options)
     click.echo(f"wrote {len(truth['scans'])} {layout} phantom scans under {out_dir} (truth: {out_dir}/{TRUTH_FILE})")
 
 

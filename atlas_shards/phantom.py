@@ -29,6 +29,10 @@ LESION_MAX_MM3 = 500000.0
 # Lesion location categories and how often a subject falls in each.
 CATEGORIES = ("left", "right", "bilateral", "brainstem")
 CATEGORY_P = (0.42, 0.42, 0.09, 0.07)
+# Held-out variants may also ask for lesions across the midline (where a lesion's mirror cube is lesion too),
+# weighted as a bilateral subject when mixed with the others.
+LOCATIONS = {**dict(zip(CATEGORIES, CATEGORY_P)), "midline": 0.09}
+MIDLINE_HALF_WIDTH = 4  # voxels either side of x = 0 mm where a midline lesion is centred
 # Brainstem box in MNI millimetres (x, y, z ranges).
 BRAINSTEM_BOX_MM = ((-7.0, 7.0), (-38.0, -18.0), (-42.0, -12.0))
 # Template intensity (0-1 scale) that lesions are pulled towards: darker than
@@ -55,11 +59,34 @@ class Anatomy:
         return float(-self.affine[0, 3] / self.affine[0, 0])
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a phantom release departs from the default generator, for checks on data no recipe was tuned on:
+    lesion volumes scaled, other locations (``midline`` among them), another lesion intensity (contrast).
+    The default draws exactly what the generator always drew."""
+
+    lesion_scale: float = 1.0  # every subject's total lesion volume times this (clipped to 15 mm^3 .. 500 mL)
+    locations: tuple[str, ...] = CATEGORIES  # the location categories drawn, in LOCATIONS' proportions
+    lesion_level: float = LESION_LEVEL  # template intensity (0-1) lesions are pulled to; higher: less contrast
+
+    def __post_init__(self):
+        unknown = [loc for loc in self.locations if loc not in LOCATIONS]
+        if unknown or not self.locations:
+            raise ValueError(f"unknown lesion location(s) {unknown}; choose from {', '.join(LOCATIONS)}")
+        if not 0 < self.lesion_scale <= 100:
+            raise ValueError(f"lesion scale {self.lesion_scale}: a factor in (0, 100]")
+        if not 0 <= self.lesion_level < 1:
+            raise ValueError(f"lesion level {self.lesion_level}: a template intensity in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return {"lesion_scale": self.lesion_scale, "locations": list(self.locations), "lesion_level": self.lesion_level}
+
+
 @dataclass
 class Lesion:
     """One planted lesion: its side and volume in template voxels (1 mm^3)."""
 
-    side: str  # left, right or brainstem
+    side: str  # left, right, brainstem or midline
     voxels: int
     centre_mm: list[float] = field(default_factory=list)
 
@@ -112,19 +139,24 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], n_ctrl: tuple
     return out / max(float(out.std()), 1e-6)
 
 
-def draw_lesion_volume(rng: np.random.Generator) -> float:
-    """Total lesion volume (mm^3) from a split log-normal matching ATLAS v2.0."""
+def draw_lesion_volume(rng: np.random.Generator, scale: float = 1.0) -> float:
+    """Total lesion volume (mm^3) from a split log-normal matching ATLAS v2.0 (times ``scale``)."""
     z = rng.standard_normal()
     mu = np.log(LESION_MEDIAN_MM3)
     sigma = (mu - np.log(LESION_Q1_MM3)) / 0.6745 if z < 0 else (np.log(LESION_Q3_MM3) - mu) / 0.6745
-    return float(np.clip(np.exp(mu + sigma * z), LESION_MIN_MM3, LESION_MAX_MM3))
+    return float(np.clip(scale * np.exp(mu + sigma * z), LESION_MIN_MM3, LESION_MAX_MM3))
 
 
-def plan_lesions(rng: np.random.Generator, category: str | None = None) -> tuple[str, list[Lesion]]:
+def plan_lesions(
+    rng: np.random.Generator, category: str | None = None, variant: Variant = Variant()
+) -> tuple[str, list[Lesion]]:
     """Choose a location category and split a drawn total volume into lesions."""
-    if category is None:
-        category = str(rng.choice(CATEGORIES, p=CATEGORY_P))
-    total = draw_lesion_volume(rng)
+    if category is None and variant.locations == CATEGORIES:
+        category = str(rng.choice(CATEGORIES, p=CATEGORY_P))  # the default generator's draws, unchanged
+    elif category is None:
+        weights = np.array([LOCATIONS[loc] for loc in variant.locations])
+        category = str(rng.choice(variant.locations, p=weights / weights.sum()))
+    total = draw_lesion_volume(rng, variant.lesion_scale)
     if category == "brainstem":
         return category, [Lesion("brainstem", int(max(LESION_MIN_MM3, min(total, 6000.0))))]
     n = int(rng.choice([1, 2, 3, 4, 5], p=[0.55, 0.25, 0.12, 0.05, 0.03]))
@@ -150,7 +182,12 @@ def paint_lesions(rng: np.random.Generator, anatomy: Anatomy, lesions: list[Lesi
             allowed[int(np.ceil(mid)) - 2 :] = False
         elif lesion.side == "right":
             allowed[: int(np.floor(mid)) + 3] = False
-        if lesion.side == "brainstem":
+        if lesion.side == "midline":  # centred within a few voxels of x = 0 mm, free to grow into both sides
+            near = np.zeros(anatomy.shape[0], dtype=bool)
+            near[int(round(mid)) - MIDLINE_HALF_WIDTH : int(round(mid)) + MIDLINE_HALF_WIDTH + 1] = True
+            candidates = np.flatnonzero(allowed & near[:, None, None])
+            centre = np.array(np.unravel_index(rng.choice(candidates), anatomy.shape))
+        elif lesion.side == "brainstem":
             box = np.array(BRAINSTEM_BOX_MM)
             corner = rng.uniform(box[:, 0], box[:, 1])
             centre = np.round(inv[:3, :3] @ corner + inv[:3, 3]).astype(int)

@@ -19,6 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from atlas_shards import phantom
 from atlas_shards.workers import Workers
 from shards.common.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 
@@ -61,8 +62,10 @@ def synthesize_release(
     empty_masks: int = 0,
     workers: int = 1,
     progress: bool = True,
+    variant: phantom.Variant | None = None,
 ) -> dict:
-    """Synthesise a phantom release; return the truth record (also written)."""
+    """Synthesise a phantom release; return the truth record (also written). ``variant``: how its lesions depart
+    from the default generator (sizes, locations, contrast), for checks on data no recipe was tuned on."""
     from tqdm import tqdm
 
     if layout not in LAYOUTS:
@@ -71,11 +74,13 @@ def synthesize_release(
         raise ValueError("--subjects must be at least 1")
     out = Path(out_dir)
     defects = {"mismatched_masks": mismatched_masks, "truncated": truncated, "empty_masks": empty_masks}
-    _check_output(out, {"layout": layout, "seed": seed, "subjects": subjects, "defects": defects})
+    variant = variant or phantom.Variant()
+    params = {"layout": layout, "seed": seed, "subjects": subjects, "defects": defects, "variant": variant.to_dict()}
+    _check_output(out, params)
     rng = np.random.default_rng([seed, 7919])
     plans = _plan(layout, subjects, rng)
     _assign_defects(plans, rng, mismatched_masks=mismatched_masks, truncated=truncated, empty_masks=empty_masks)
-    jobs = [(out, p, seed) for p in plans]
+    jobs = [(out, p, seed, variant) for p in plans]
     done: list[ScanPlan] = []
     bar = tqdm(total=len(jobs), desc=f"synth {layout}", unit="scan", disable=not progress)
     with Workers(workers) as pool:
@@ -89,6 +94,7 @@ def synthesize_release(
         "seed": seed,
         "subjects": subjects,
         "defects": defects,
+        "variant": variant.to_dict(),
         "scans": [asdict(p) for p in done],
     }
     atomic_write_text(out / TRUTH_FILE, json.dumps(truth, indent=1))
@@ -105,12 +111,13 @@ def _check_output(out: Path, params: dict) -> None:
     try:
         previous = json.loads(truth.read_text())
         previous.setdefault("defects", {k: 0 for k in params["defects"]})
+        previous.setdefault("variant", phantom.Variant().to_dict())  # written before variants existed
         same = all(previous.get(k) == v for k, v in params.items())
     except (OSError, ValueError):
         same = False
     if not same:
         raise ValueError(
-            f"{out}: not empty (and not this phantom: layout, subjects, seed and defects); "
+            f"{out}: not empty (and not this phantom: layout, subjects, seed, defects and variant); "
             "synth writes into a new or empty directory"
         )
 
@@ -211,20 +218,18 @@ def _mask_names(plan: ScanPlan, n: int) -> list[str]:
     return [plan.mask_stem + ("" if k == 0 else f"_{k}") + suffix for k in range(max(n, 1))]
 
 
-def _write_scan(job: tuple[Path, ScanPlan, int]) -> ScanPlan:
-    from atlas_shards import phantom
-
-    out, plan, seed = job
+def _write_scan(job: tuple[Path, ScanPlan, int, phantom.Variant]) -> ScanPlan:
+    out, plan, seed, variant = job
     anatomy = phantom.load_anatomy()
     # Lesions depend on the subject only (a second timepoint shows the same
     # lesion); deformation, bias and noise on the scan.
     subject_rng = np.random.default_rng([seed, plan.subject_index])
-    category, lesions = phantom.plan_lesions(subject_rng)
+    category, lesions = phantom.plan_lesions(subject_rng, variant=variant)
     labels = (
         phantom.paint_lesions(subject_rng, anatomy, lesions) if plan.labelled else np.zeros(anatomy.shape, np.uint8)
     )
     scan_rng = np.random.default_rng([seed, plan.subject_index, plan.timepoint])
-    image, labels = phantom.render_subject(anatomy, labels, scan_rng)
+    image, labels = phantom.render_subject(anatomy, labels, scan_rng, lesion_level=variant.lesion_level)
     affine = anatomy.affine
     truth: dict = {
         "category": category if plan.labelled else None,
