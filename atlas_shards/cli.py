@@ -247,9 +247,7 @@ def build(store, out_dir, workers, dry_run, recipe, **options) -> None:
 
     chosen = ("component_samples", "max_lesion_samples", "natural_rate")
     if recipe == "modern" and all(options[k] is None for k in chosen) and options["lesion_rate"] == 1.0:
-        options.update(component_samples=MODERN_SAMPLING["component_samples"])
-        if options["max_repeat"] == BuildConfig.max_repeat:
-            options.update(max_repeat=MODERN_SAMPLING["max_repeat"])
+        options.update(component_samples=MODERN_SAMPLING)  # with --max-repeat's own default, 5
     natural, fraction, background = (options[k] for k in ("natural_rate", "target_lesion_fraction", "background_rate"))
     if natural is not None and (fraction is not None or background is not None):
         raise click.UsageError("--natural samples without balancing: do not combine it with the balancing rates")

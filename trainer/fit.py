@@ -375,8 +375,8 @@ def _no_dense_form(run: Run, raw: torch.nn.Module) -> str | None:
     """A note when whole-volume evaluation will have to run this model patch by patch (its pooling does not tile
     the patch: 27, 31, ... for the 3D CNNs, whose dense form needs a patch of 4k + 1), so the user hears it now."""
     cfg = run.model_cfg
-    if not model_entry(cfg.name).dense or cfg.layout != "channels":
-        return None  # the 2D and concat models run patch by patch anyway, as documented
+    if is_dense(run.cfg.objective) or not model_entry(cfg.name).dense or cfg.layout != "channels":
+        return None  # dense training built the dense form already; 2D and concat models run patch by patch anyway
     try:
         DenseCNN(raw)
     except ModelError as exc:
