@@ -93,6 +93,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_stages.py --subjects 8 --workers $(WORKERS) --out bench-out/stages
 	$(PY) bench/bench_train.py --shards bench-out/shards-16 --out bench-out
 	$(PY) bench/bench_dense.py --shards bench-out/blocks/full-blocks
+	$(PY) bench/bench_batch_mix.py bench-out/blocks/full-blocks --out bench-out/batch_mix.json
+	$(PY) bench/bench_fit_alloc.py bench-out/blocks/full-blocks --budget 1 --out bench-out/fit_alloc.json
 	$(PY) bench/bench_evaluate.py --store bench-out/store-16.zarr --out bench-out
 
 # The paper's model ladder measured on a 50-subject phantom (24/8/8): BUDGET CPU-minutes of training a model

@@ -73,6 +73,9 @@ def prior_correction(default: bool, help: str):
 @click.group(cls=OneLineErrors)
 def main() -> None:
     """Evaluate trained runs: whole volumes, shard streams, single scans, the model ladder."""
+    from shards.common.memory import keep_freed_memory
+
+    keep_freed_memory()  # whole-volume prediction frees and allocates large buffers scan after scan
 
 
 @main.command()

@@ -31,6 +31,8 @@ def test_fit_says_what_it_runs_first_and_records_it(tiny_store, tmp_path_factory
     assert first.startswith("fit cnn3d-sym (channels) on cpu, world size 1, objective patch, 8 samples a step a rank")
     assert second.startswith(f"  shards {shards}: ") and "3 steps an epoch x 2 epochs = 6 steps" in second
     assert "time budget 5 WALL-minutes" in second
+    samples = json.loads((shards / "manifest.json").read_text())["totals"]["samples"]
+    assert f"shuffle pool {min(samples, 65536)} samples" in second  # blocks shards; never past the epoch
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["device"] == "cpu"  # --device auto, resolved
     _software_ok(config["software"])

@@ -19,7 +19,7 @@ from shards.blocks import cut_pairs_torch
 from shards.reader import ShardStream
 from trainer import checkpoint as ckpt_io
 from trainer.augment import flip_draws, flip_offsets, flip_pairs, step_generator
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, shuffle_pool
 from trainer.dense import DenseCNN
 from trainer.fit import TrainError, fit
 from trainer.models import ModelConfig, build_model
@@ -314,7 +314,8 @@ def test_torchrun_two_ranks_dense(blocks, tmp_path):
     # Oracle: the two ranks' block batches replayed in one process; DDP averages the ranks' gradients, so the
     # replay's loss is the mean of the two ranks' losses (each normalised by its own voxels' weight).
     kw = dict(seed=0, world_size=2, batches_per_epoch=steps, unit="blocks")
-    per_rank = [list(ShardStream(str(shards), 2, 1024 // 64, rank=r, **kw)) for r in range(2)]  # fit's settings
+    pool = shuffle_pool(None, "blocks", "blocks", manifest["totals"]["records"], 2)  # fit's settings
+    per_rank = [list(ShardStream(str(shards), 2, pool, rank=r, **kw)) for r in range(2)]
     blocks_seen = [{(s, *loc) for b in batches for s, loc in zip(b["scan"], b["loc"].tolist())} for batches in per_rank]
     assert not blocks_seen[0] & blocks_seen[1]
     scale = draws_scale(manifest, str(shards))  # --voxel-weights draws, the default

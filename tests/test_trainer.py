@@ -15,6 +15,7 @@ from conftest import build_quietly, interrupt_training_at, replay_ranks, sample_
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import read_rows
 from trainer.fit import TrainConfig, TrainError, fit
+from trainer.config import shuffle_pool
 from trainer.forest import ForestModel, train_forest
 from trainer.models import ModelConfig, ModelError, build_model, probabilities
 
@@ -340,9 +341,10 @@ def test_torchrun_two_ranks_gloo(shards, tmp_path):
     # stream settings) in one process; DDP's averaged gradients equal the mean loss's over the 32 samples.
     from shards.reader import ShardStream
 
+    pool = shuffle_pool(None, manifest["config"].get("format", "pairs"), "samples", manifest["totals"]["samples"], 2)
     per_rank = [
         list(
-            ShardStream(str(train), batch_size=16, shuffle=1024, seed=0, rank=r, world_size=2, batches_per_epoch=steps)
+            ShardStream(str(train), batch_size=16, shuffle=pool, seed=0, rank=r, world_size=2, batches_per_epoch=steps)
         )
         for r in range(2)
     ]

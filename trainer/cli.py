@@ -156,6 +156,14 @@ def main() -> None:
     metavar="NORM",
     help="Clip the gradient's norm to NORM each step (its norm before clipping is logged either way).",
 )
+@click.option(
+    "--shuffle",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="SAMPLES",
+    help="The shuffle pool: batches are drawn from at least this many samples (0: stream order) [65536 for blocks "
+    "shards, 1024 for pairs]. A smaller pool fills batches with one block's samples (bench/bench_batch_mix.py).",
+)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Steps between validations [total/10].")
 @click.option("--val-batches", type=click.IntRange(min=1), default=None, help="Cap on validation batches per rank.")
 @click.option("--log-every", type=click.IntRange(min=1), default=TrainConfig.log_every, show_default=True)

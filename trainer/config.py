@@ -33,6 +33,19 @@ RECIPES = {
 # BENCHMARKS.md, "Batch norm"); ``paper`` does not. ``fit`` applies it where ``ModelConfig.batch_norm`` is None
 # (``ModelConfig.for_recipe``), as ``TrainConfig.resolved`` applies the recipe's other settings.
 RECIPE_BATCH_NORM = {"paper": False, "modern": True}
+# The shuffle pool's default size in samples, by the shards' format. A blocks record carries every sample of its
+# block, up to thousands for one small lesion sampled by component, so a pool of 1,024 made a third of the batches
+# a quarter or more one block's (bench/bench_batch_mix.py) and spiked the loss; 65,536 makes such batches rare
+# (~260 MB of blocks at 32^3). Pairs records are already mixed at build time, and a pair is 31 kB.
+SHUFFLE = {"blocks": 65536, "pairs": 1024}
+
+
+def shuffle_pool(shuffle: int | None, fmt: str | None, unit: str, units: int, world: int) -> int:
+    """The pool a rank's stream draws from, in its units (samples, or blocks for a dense objective): ``shuffle``
+    samples (None: ``SHUFFLE``'s for the format ``fmt``), never past the rank's share of the ``units``."""
+    pool = SHUFFLE.get(fmt, SHUFFLE["pairs"]) if shuffle is None else shuffle
+    pool = pool if unit == "samples" else max(1, pool // 64)  # blocks: ~64 samples a block
+    return min(pool, max(1, units // world))  # past a rank's share the pool would hold repeats
 
 
 def recipe_batch_norm(recipe: str, model: str) -> bool:
@@ -72,7 +85,7 @@ class TrainConfig:
     cut_on_device: bool = False
     class_weights: tuple[float, float] | None = None
     clip_grad: float | None = None  # clip the gradient's norm to this (None: no clipping; its norm is logged)
-    shuffle: int = 1024
+    shuffle: int | None = None  # the shuffle pool in samples (None: SHUFFLE's for the shards' format)
     log_every: int = 10
     eval_every: int | None = None
     val_batches: int | None = None

@@ -39,11 +39,12 @@ from shards.common.scores import confusion, voxel_scores
 from trainer import audit
 from trainer import checkpoint as ckpt_io
 from trainer.logbook import plot, read_rows, write_rows
+from shards.common.memory import keep_freed_memory
 from trainer.devices import cpu_has_bf16, resolve_device
 from trainer.forest import FOREST
 from trainer.augment import flip_cores, flip_draws, flip_offsets, flip_pairs, jitter, step_generator
 from trainer.clock import Clock
-from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig
+from trainer.config import OPTIMIZERS, SCHEDULES, ModelConfig, TrainConfig, shuffle_pool
 from trainer.dense import DenseCNN
 from trainer.distributed import Ranks, finite_everywhere, setup_distributed
 from trainer.models import build_model, memory_format
@@ -163,6 +164,7 @@ def _sigterm_interrupts():
 def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks, progress: bool, log) -> dict:
     """Set up, resume, loop, save: the run top to bottom."""
     out = Path(cfg.out)
+    kept = keep_freed_memory()  # more steps a CPU-second (shards/common/memory.py)
     ckpt = _resume_point(out, resume, model_cfg.name)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     data = _open_streams(cfg, ranks.world)
@@ -171,7 +173,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, resume: bool, ranks: Ranks,
         _check_resumable(ckpt, model_cfg, data.manifest, out, cfg.shards)
         changed = _check_same_run(ckpt, cfg, data.manifest, out)
     model_cfg = replace(model_cfg, patch=data.patch, norm=data.manifest["norm"])  # the caller's stays
-    run = Run(cfg, model_cfg, ranks, out, data)
+    run = Run(cfg, model_cfg, ranks, out, data, "glibc, freed memory kept" if kept else "the system's, as it comes")
     log(banner(run))
     state = _start(run, ckpt)
     if ranks.master and (note := _no_dense_form(run, state.raw)):
@@ -210,14 +212,11 @@ class Streams:
 def _open_streams(cfg: TrainConfig, world: int) -> Streams:
     stream_kw = {"timeout": cfg.timeout, "retries": cfg.retries, "seed": cfg.seed}
     unit = "blocks" if is_dense(cfg.objective) else "samples"
-    shuffle = cfg.shuffle if unit == "samples" else max(1, cfg.shuffle // 64)  # blocks: ~64 samples a block
     heavy = cfg.heavy_repeat if cfg.objective == "dense" and cfg.voxel_weights == "draws" else 1
-    if heavy > 1:
-        shuffle = max(shuffle, 8 * heavy)  # a heavy block's copies spread over the batches of a wider pool
-    train = ShardStream(  # the source resolved once; its length set below, from the manifest
+    train = ShardStream(  # the source resolved once; its length and pool set below, from the manifest
         cfg.shards,
         cfg.batch_size,
-        shuffle,
+        0,
         batches_per_epoch=1,
         device_cut=cfg.cut_on_device,
         unit=unit,
@@ -227,6 +226,9 @@ def _open_streams(cfg: TrainConfig, world: int) -> Streams:
     manifest = train.manifest
     if manifest is None or train.total_units is None:
         raise TrainError(f"{cfg.shards}: no manifest.json beside the shards: the preprocessing config lives there")
+    train.shuffle = shuffle_pool(cfg.shuffle, train.format, unit, train.total_units, world)
+    if heavy > 1:
+        train.shuffle = max(train.shuffle, 8 * heavy)  # a heavy block's copies spread over the batches of a wider pool
     if is_dense(cfg.objective):
         try:
             check_dense_shards(manifest, cfg.shards)
@@ -317,6 +319,7 @@ class Run:
     ranks: Ranks
     out: Path
     data: Streams
+    allocator: str = "the system's, as it comes"  # shards/common/memory.py
 
     @functools.cached_property
     def preprocessing(self) -> dict:
@@ -428,7 +431,7 @@ def banner(run: Run) -> str:
         f"fit {m.name} ({m.layout}) on {run.ranks.device}, world size {run.ranks.world}, objective {cfg.objective}, "
         f"{cfg.batch_size} {unit} a step a rank{', bf16' if cfg.amp else ''}\n"
         f"  shards {cfg.shards}: {units} {unit}, {data.steps_per_epoch} steps an epoch x {cfg.epochs} epochs = "
-        f"{data.total_steps} steps; time budget {budget}; out {run.out}"
+        f"{data.total_steps} steps; shuffle pool {data.train.shuffle} {unit}; time budget {budget}; out {run.out}"
     )
 
 
@@ -451,6 +454,7 @@ def _write_config(run: Run, resumed: dict | None) -> None:
         "total_steps": run.data.total_steps,
         "device": str(run.ranks.device),  # as resolved (``--device auto`` says which)
         "software": software(),
+        "allocator": run.allocator,
         "history": history,
     }
     run.out.mkdir(parents=True, exist_ok=True)
