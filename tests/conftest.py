@@ -133,7 +133,7 @@ def trained(tmp_path_factory):
             batch_size=32,
             lr=3e-3,
             workers=0,
-            steps_per_epoch=30,
+            steps_per_epoch=60,
             log_every=10,
         ),
         ModelConfig(batch_norm=False),  # the modern recipe's other settings, without its batch norm

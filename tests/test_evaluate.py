@@ -297,7 +297,7 @@ def test_cli_run_compare_and_errors(trained, tmp_path):
     r = runner.invoke(main, ["compare", str(tmp_path / "rep"), "--out", str(tmp_path / "ladder.md")])
     assert r.exit_code == 0 and "0.499" in (tmp_path / "ladder.md").read_text()
     r = runner.invoke(main, ["curve", "--model", str(run_dir), "--store", str(store), "--out", str(tmp_path / "c")])
-    assert r.exit_code == 0 and "best mean Dice" in r.output and "at step 30 (1 points)" in r.output, r.output
+    assert r.exit_code == 0 and "best mean Dice" in r.output and "at step 60 (1 points)" in r.output, r.output
     for args, message in [
         (["run", "--model", str(tmp_path), "--store", str(store), "--out", str(tmp_path / "x")], "no checkpoint"),
         (["run", "--model", str(run_dir), "--store", str(tmp_path), "--out", str(tmp_path / "x")], "Zarr"),
