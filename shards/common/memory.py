@@ -5,8 +5,8 @@ with fresh ``mmap`` pages and returns freed memory at the top of the heap to the
 the kernel to fault in and zero those pages again: measured, tens of thousands of minor page faults a
 second, and more the more memory the process holds (a wide shuffle pool of blocks); BENCHMARKS.md, "Steps a
 CPU-second and the allocator". ``keep_freed_memory`` turns both off (``mallopt``: no ``mmap`` for
-allocations, no trimming). The cost: the process keeps its peak
-memory until it exits, which a training process reaches in its first steps anyway.
+allocations, no trimming). The cost: the process keeps its peak memory until it exits, which a training
+process reaches in its first steps anyway.
 
 ``ATLAS_MALLOC=glibc`` leaves glibc's settings as they are. Elsewhere than glibc (macOS, musl) nothing changes.
 """
@@ -28,10 +28,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-        gnu = libc.gnu_get_libc_version  # glibc only: musl has a mallopt that ignores its arguments
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl has a mallopt that ignores its arguments
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP))
